@@ -1,0 +1,1 @@
+"""servesim's discrete-event simulator and the pure scheduling code it shares with the runtime."""

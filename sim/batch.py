@@ -1,0 +1,140 @@
+"""What one engine step does: the scheduler's output and the executor's input.
+
+A :class:`Batch` lists, per running request, how many new tokens the step computes and from
+which offset. Its :class:`StepShape` is the summary a cost model prices. Swap traffic and the
+padding of static batching are part of the step because the engine really spends time on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sim.request import Request
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The features of one engine step that its cost depends on.
+
+    ``prefill_context_tokens`` are the tokens already in the KV cache before this step's
+    prefill chunks, summed over the prefilling sequences. ``prefill_attention_tokens`` is the
+    attention work of the prefill chunks, sum over chunks of ``chunk * (context + (chunk + 1) / 2)``
+    (query-key pairs under a causal mask); 0 means "estimate it from the sums".
+    ``decode_context_tokens`` are the cached tokens each decoding sequence attends to, summed.
+    """
+
+    prefill_tokens: int = 0
+    prefill_seqs: int = 0
+    prefill_context_tokens: int = 0
+    decode_seqs: int = 0
+    decode_context_tokens: int = 0
+    prefill_attention_tokens: float = 0.0
+    swap_in_tokens: int = 0
+    swap_out_tokens: int = 0
+    """KV token slots copied host -> device / device -> host before the step (whole blocks)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", "decode_seqs",
+                     "decode_context_tokens", "swap_in_tokens", "swap_out_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"StepShape.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def attention_work(self) -> float:
+        """Prefill query-key pairs, exact when known, else estimated assuming equal chunks."""
+        if self.prefill_attention_tokens > 0 or self.prefill_tokens == 0:
+            return self.prefill_attention_tokens
+        seqs = max(self.prefill_seqs, 1)
+        chunk = self.prefill_tokens / seqs
+        context = self.prefill_context_tokens / seqs
+        return seqs * chunk * (context + (chunk + 1) / 2)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the forward pass computes."""
+        return self.prefill_tokens + self.decode_seqs
+
+    def __add__(self, other: StepShape) -> StepShape:
+        return StepShape(
+            prefill_tokens=self.prefill_tokens + other.prefill_tokens,
+            prefill_seqs=self.prefill_seqs + other.prefill_seqs,
+            prefill_context_tokens=self.prefill_context_tokens + other.prefill_context_tokens,
+            decode_seqs=self.decode_seqs + other.decode_seqs,
+            decode_context_tokens=self.decode_context_tokens + other.decode_context_tokens,
+            prefill_attention_tokens=self.prefill_attention_tokens + other.prefill_attention_tokens,
+            swap_in_tokens=self.swap_in_tokens + other.swap_in_tokens,
+            swap_out_tokens=self.swap_out_tokens + other.swap_out_tokens,
+        )
+
+
+def chunk_attention(chunk: int, context: int) -> float:
+    """Query-key pairs of a causal prefill chunk of ``chunk`` tokens after ``context`` cached ones."""
+    return chunk * (context + (chunk + 1) / 2)
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """``num_new_tokens`` of ``request`` computed this step, starting at cache offset ``start``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.request.num_generated >= 1 and (
+            self.start == self.request.num_tokens - 1
+        )
+
+    @property
+    def samples_token(self) -> bool:
+        """Whether this step ends with every token cached, so the next output is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class Batch:
+    """One engine step: the sequences it computes plus swap traffic and padding.
+
+    Before the forward pass the executor copies ``swap_out_blocks`` (device, host) pairs to host
+    memory, then ``swap_in_blocks`` (host, device) pairs back to the device. ``preempted``
+    lists the requests this step's scheduling preempted (for the executor's bookkeeping; their
+    blocks are already accounted). ``padding`` is work the engine does for no request (static
+    batching pads every sequence to the longest prompt and keeps finished slots busy until the
+    whole batch ends).
+    """
+
+    seqs: list[ScheduledSeq]
+    swap_out_blocks: list[tuple[int, int]] = field(default_factory=list)
+    swap_in_blocks: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    padding: StepShape = field(default_factory=StepShape)
+    block_size: int = 16
+
+    def shape(self) -> StepShape:
+        prefill_tokens = prefill_seqs = prefill_context = decode_seqs = decode_context = 0
+        attention = 0.0
+        for s in self.seqs:
+            if s.is_decode:
+                decode_seqs += 1
+                decode_context += s.start
+            else:
+                prefill_tokens += s.num_new_tokens
+                prefill_seqs += 1
+                prefill_context += s.start
+                attention += chunk_attention(s.num_new_tokens, s.start)
+        own = StepShape(
+            prefill_tokens=prefill_tokens,
+            prefill_seqs=prefill_seqs,
+            prefill_context_tokens=prefill_context,
+            decode_seqs=decode_seqs,
+            decode_context_tokens=decode_context,
+            prefill_attention_tokens=attention,
+            swap_in_tokens=len(self.swap_in_blocks) * self.block_size,
+            swap_out_tokens=len(self.swap_out_blocks) * self.block_size,
+        )
+        return own + self.padding
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)

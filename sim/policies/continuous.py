@@ -1,0 +1,263 @@
+"""Iteration-level scheduling (Orca, vLLM): requests join and leave the batch at every step.
+
+``continuous`` prefills a whole prompt in one step; :mod:`sim.policies.chunked` reuses this
+class with chunking switched on. One step is built in four phases:
+
+1. priority preemption - with queue order ``priority`` and preemption on, a waiting request
+   that cannot be admitted may preempt running requests of strictly lower priority;
+2. running requests (decodes first, then unfinished prefill chunks), each given the KV blocks
+   its new tokens need - when blocks run out, a victim is preempted (lowest priority, then
+   latest arrival), possibly the request itself;
+3. swapped requests come back, if this step preempted nothing for lack of memory;
+4. waiting requests are admitted in queue order while a slot, the token budget and KV blocks
+   allow (head-of-line: the first one that does not fit stops admission, so nobody starves).
+
+With ``preempt="off"`` a request reserves the blocks for its whole output when admitted, so a
+running request never needs a block that is not there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from sim.batch import Batch, ScheduledSeq
+from sim.kv import BlockManager, blocks_for
+from sim.policies.base import SchedulerConfig, register
+from sim.queues import OrderKey, order_key
+from sim.request import Request, Status
+
+
+@register("continuous")
+class ContinuousPolicy:
+    chunked_prefill = False
+
+    def __init__(self, config: SchedulerConfig, kv: BlockManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.key = order_key(config.order)
+        self.waiting: list[tuple[OrderKey, Request]] = []
+        self.swapped: list[tuple[OrderKey, Request]] = []
+        self.running: list[Request] = []
+        self.rejected: list[Request] = []
+        self._preemptions = 0
+        # Keep a few blocks free when admitting next to running requests, so that admission
+        # does not force an immediate preemption at the next block boundary (vLLM: 1%).
+        self.watermark_blocks = max(1, kv.num_blocks // 100)
+
+    # -- Policy protocol ---------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.swapped)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._preemptions
+
+    def next_wakeup_s(self, now: float) -> float | None:
+        return None
+
+    def add(self, request: Request, now: float) -> None:
+        reason = self.reject_reason(request)
+        if reason is not None:
+            request.status = Status.REJECTED
+            request.reject_reason = reason
+            self.rejected.append(request)
+            return
+        request.status = Status.WAITING
+        heapq.heappush(self.waiting, (self.key(request), request))
+
+    def reject_reason(self, request: Request) -> str | None:
+        if not self.kv.fits_at_all(request.max_tokens):
+            need = blocks_for(request.max_tokens, self.kv.block_size)
+            return f"needs {need} KV blocks for {request.max_tokens} tokens; capacity is {self.kv.num_blocks}"
+        budget = self.config.token_budget
+        if not self.chunked_prefill and budget is not None and request.prompt_tokens > budget:
+            return f"prompt of {request.prompt_tokens} tokens exceeds the token budget {budget} without chunked prefill"
+        return None
+
+    def schedule(self, now: float) -> Batch | None:
+        step = _Step(budget=self.config.token_budget)
+        if self.config.order == "priority" and self.config.preempt != "off":
+            self._preempt_for_priority(step)
+        self._schedule_running(step)
+        if not step.memory_preempted:
+            self._schedule_swapped(step, now)
+            if not self.swapped:
+                self._schedule_waiting(step, now)
+        if not step.seqs:
+            if step.swap_out:
+                raise RuntimeError("scheduler preempted requests but scheduled nothing")
+            return None
+        return Batch(
+            seqs=step.seqs,
+            swap_out_blocks=step.swap_out,
+            swap_in_blocks=step.swap_in,
+            preempted=step.preempted,
+            block_size=self.kv.block_size,
+        )
+
+    def on_step_done(self, batch: Batch, now: float) -> list[Request]:
+        finished: list[Request] = []
+        for s in batch.seqs:
+            r = s.request
+            r.num_computed_tokens = s.start + s.num_new_tokens
+            if r.num_computed_tokens == r.num_tokens:
+                r.record_token(now)
+                if r.is_done:
+                    r.status = Status.FINISHED
+                    r.finish_s = now
+                    self.kv.free(r)
+                    finished.append(r)
+        if finished:
+            self.running = [r for r in self.running if r.status is Status.RUNNING]
+        return finished
+
+    # -- phases ------------------------------------------------------------------------------
+    def _chunk(self, request: Request, step: _Step) -> int:
+        """Tokens ``request`` computes this step, or 0 when it must wait."""
+        remaining = request.remaining_prefill
+        if self.chunked_prefill:
+            return min(remaining, step.budget_left)
+        if remaining <= step.budget_left or not step.seqs:
+            # A whole prefill that is larger than the budget (only a recompute can be) runs
+            # alone in its own step rather than never.
+            return remaining
+        return 0
+
+    def _tokens_to_hold(self, request: Request, num_new: int) -> int:
+        if self.config.preempt == "off":
+            return request.max_tokens
+        return request.num_computed_tokens + num_new
+
+    def _schedule_running(self, step: _Step) -> None:
+        order = sorted(self.running, key=lambda r: (not r.in_decode, self.key(r)))
+        for r in order:
+            if r.status is not Status.RUNNING:
+                continue  # preempted earlier in this step
+            if step.budget_left <= 0:
+                break
+            n = self._chunk(r, step)
+            if n == 0:
+                continue
+            hold = self._tokens_to_hold(r, n)
+            while not self.kv.can_allocate(r, hold):
+                victim = self._victim(exclude=r, step=step)
+                if victim is None or self.key(victim) < self.key(r):
+                    victim = r
+                self._preempt(victim, step)
+                step.memory_preempted = True
+                if victim is r:
+                    break
+            if r.status is not Status.RUNNING:
+                continue
+            self.kv.allocate(r, hold)
+            step.add(ScheduledSeq(r, r.num_computed_tokens, n))
+
+    def _schedule_swapped(self, step: _Step, now: float) -> None:
+        while self.swapped and len(self.running) < self.config.max_num_seqs and step.budget_left > 0:
+            r = self.swapped[0][1]
+            n = self._chunk(r, step)
+            if n == 0:
+                break
+            held = len(self.kv.host_tables.get(r.id, ()))
+            grow = max(0, blocks_for(self._tokens_to_hold(r, n), self.kv.block_size) - held)
+            if not self.kv.can_swap_in(r, reserve=grow):
+                break
+            heapq.heappop(self.swapped)
+            step.swap_in.extend(self.kv.swap_in(r))
+            step.swapped_in.add(r.id)
+            self.kv.allocate(r, self._tokens_to_hold(r, n))
+            r.status = Status.RUNNING
+            self.running.append(r)
+            step.add(ScheduledSeq(r, r.num_computed_tokens, n))
+
+    def _schedule_waiting(self, step: _Step, now: float) -> None:
+        while self.waiting and len(self.running) < self.config.max_num_seqs and step.budget_left > 0:
+            r = self.waiting[0][1]
+            n = self._chunk(r, step)
+            if n == 0:
+                break
+            reserve = self.watermark_blocks if self.running else 0
+            if not self.kv.can_allocate(r, self._tokens_to_hold(r, n), reserve=reserve):
+                break
+            heapq.heappop(self.waiting)
+            self.kv.allocate(r, self._tokens_to_hold(r, n))
+            r.status = Status.RUNNING
+            if r.first_scheduled_s is None:
+                r.first_scheduled_s = now
+            self.running.append(r)
+            step.add(ScheduledSeq(r, r.num_computed_tokens, n))
+
+    def _preempt_for_priority(self, step: _Step) -> None:
+        if not self.waiting:
+            return
+        head = self.waiting[0][1]
+        while not self._admissible(head):
+            victim = self._victim(exclude=None, step=step)
+            if victim is None or victim.priority <= head.priority:
+                return
+            self._preempt(victim, step)
+
+    def _admissible(self, request: Request) -> bool:
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        n = request.remaining_prefill
+        if self.config.token_budget is not None:
+            n = min(n, self.config.token_budget)
+        return self.kv.can_allocate(request, self._tokens_to_hold(request, n))
+
+    def _victim(self, exclude: Request | None, step: _Step) -> Request | None:
+        """The running request to preempt first: lowest priority, then latest arrival."""
+        best: Request | None = None
+        for r in self.running:
+            if r is exclude or r.id in step.swapped_in:
+                continue
+            if best is None or (r.priority, r.arrival_s, r.id) > (best.priority, best.arrival_s, best.id):
+                best = r
+        return best
+
+    def _preempt(self, victim: Request, step: _Step) -> None:
+        self.running.remove(victim)
+        step.remove(victim)
+        step.preempted.append(victim)
+        victim.preemptions += 1
+        self._preemptions += 1
+        if self.config.preempt == "swap" and self.kv.can_swap_out(victim):
+            step.swap_out.extend(self.kv.swap_out(victim))
+            victim.status = Status.SWAPPED
+            heapq.heappush(self.swapped, (self.key(victim), victim))
+        else:
+            # recompute (or swap space exhausted): drop the cache, redo the prefill later.
+            self.kv.free(victim)
+            victim.num_computed_tokens = 0
+            victim.status = Status.WAITING
+            heapq.heappush(self.waiting, (self.key(victim), victim))
+
+
+class _Step:
+    """The batch being built in one ``schedule`` call."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget_left: float = math.inf if budget is None else budget
+        self.seqs: list[ScheduledSeq] = []
+        self.swap_out: list[tuple[int, int]] = []
+        self.swap_in: list[tuple[int, int]] = []
+        self.swapped_in: set[int] = set()
+        self.preempted: list[Request] = []
+        self.memory_preempted = False
+
+    def add(self, seq: ScheduledSeq) -> None:
+        self.seqs.append(seq)
+        self.budget_left -= seq.num_new_tokens
+
+    def remove(self, request: Request) -> None:
+        for i, s in enumerate(self.seqs):
+            if s.request is request:
+                self.budget_left += s.num_new_tokens
+                del self.seqs[i]
+                return
