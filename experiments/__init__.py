@@ -1,0 +1,1 @@
+"""The user-facing layer: the ``servesim`` CLI, comparisons, capacity search, validation, plots."""

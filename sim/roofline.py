@@ -1,0 +1,37 @@
+"""A roofline cost model: a step takes as long as its compute or its memory traffic, whichever
+is larger at the hardware's sustained rates, plus a fixed per-step overhead and swap copies.
+
+For GPUs that were never calibrated. FLOPs: 2 per matmul parameter per token, plus attention
+(4 x layers x heads x head_dim per query-key pair: QK^T and PV). Bytes: the weights once per
+step, the KV cache every sequence attends to, and the KV written for the new tokens.
+"""
+
+from __future__ import annotations
+
+from sim.batch import StepShape
+from sim.hardware import HardwareSpec
+from sim.models import ModelSpec, dtype_bytes
+
+
+class RooflineCost:
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec, dtype: str = "bfloat16") -> None:
+        self.model = model
+        self.hardware = hardware
+        self.weight_bytes = model.weight_bytes(dtype)
+        self.kv_bytes_per_token = model.kv_bytes_per_token(dtype)
+        self.flops_per_token = 2 * model.matmul_params
+        self.flops_per_attention_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        self.compute_rate = hardware.peak_flops * hardware.compute_efficiency
+        self.memory_rate = hardware.memory_bytes_per_s * hardware.memory_efficiency
+        self._elem = dtype_bytes(dtype)
+
+    def step_time(self, shape: StepShape) -> float:
+        pairs = shape.attention_work + shape.decode_context_tokens + shape.decode_seqs
+        flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
+        # Decodes read their whole cache; prefill chunks read the cache before them.
+        kv_read = shape.decode_context_tokens + shape.prefill_context_tokens
+        kv_write = shape.num_tokens
+        memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
+        forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
+        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
+        return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
