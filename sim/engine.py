@@ -8,6 +8,7 @@ priority, so a request arriving at time t is visible to every scheduling decisio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,11 +92,21 @@ def _urgent_timeout(env: simpy.Environment, delay: float) -> simpy.Event:
     return event
 
 
+def _delay_until(now: float, t: float) -> float:
+    """A delay such that ``now + delay`` is exactly ``t`` (plain ``t - now`` can miss by an ulp)."""
+    delay = t - now
+    # When t - now is inexact, now >= t / 2 does not hold, so delay's ulp is at least half of
+    # t's and a step or two reaches t.
+    while now + delay < t:
+        delay = math.nextafter(delay, math.inf)
+    return delay
+
+
 def arrivals(env: simpy.Environment, requests: Sequence[Request], replicas: Sequence[Replica], router: Router):
     policies = [r.policy for r in replicas]
     for request in requests:
         if request.arrival_s > env.now:
-            yield _urgent_timeout(env, request.arrival_s - env.now)
+            yield _urgent_timeout(env, _delay_until(env.now, request.arrival_s))
         replicas[router.route(request, policies)].admit(request, env.now)
 
 

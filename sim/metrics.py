@@ -15,7 +15,7 @@ import numpy as np
 
 from sim.request import Request, Status
 
-DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
+DEFAULT_PERCENTILES = (90.0, 99.0)
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 

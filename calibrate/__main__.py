@@ -1,0 +1,5 @@
+"""``python -m calibrate ...``: the ``servesim calibrate`` command, runnable on its own."""
+
+from experiments.commands.calibrate import calibrate
+
+calibrate(prog_name="python -m calibrate")

@@ -1,0 +1,98 @@
+"""The grid of controlled steps that calibration times.
+
+Three families, so that the fit sees each feature move on its own and together:
+
+- prefill-only: chunk sizes x prior context lengths, one sequence; and several equal chunks
+  in one step (the per-sequence cost of chunked prefill);
+- decode-only: batch sizes x context lengths;
+- mixed: a decode batch plus one prefill chunk (chunked prefill's typical step).
+
+Bounds come from the model (no sequence longer than ``max_position``) and the KV pool (a
+step's sequences must fit in it at once). Chunk sizes stop at ``max_step_tokens``, the largest
+step a serving engine would schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sim.kv import blocks_for
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One step to time: ``prefill`` is (chunk_tokens, context_tokens) per prefilling sequence,
+    ``decode`` the context tokens of each decoding sequence."""
+
+    prefill: tuple[tuple[int, int], ...] = ()
+    decode: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prefill and not self.decode:
+            raise ValueError("a grid point needs at least one prefill chunk or one decode")
+        for chunk, context in self.prefill:
+            if chunk < 1 or context < 0:
+                raise ValueError(f"prefill chunk must be >= 1 and context >= 0, got ({chunk}, {context})")
+        if any(c < 1 for c in self.decode):
+            raise ValueError(f"decode contexts must be >= 1, got {self.decode}")
+
+    @property
+    def kind(self) -> str:
+        return "mixed" if self.prefill and self.decode else "prefill" if self.prefill else "decode"
+
+    def seq_lengths(self) -> list[int]:
+        """Tokens each sequence's cache holds after the step."""
+        return [chunk + context for chunk, context in self.prefill] + [c + 1 for c in self.decode]
+
+    def kv_blocks(self, block_size: int) -> int:
+        return sum(blocks_for(n, block_size) for n in self.seq_lengths())
+
+    def fits(self, max_len: int, num_blocks: int, block_size: int) -> bool:
+        return max(self.seq_lengths()) <= max_len and self.kv_blocks(block_size) <= num_blocks
+
+
+def _geometric(lo: int, hi: int, factor: int) -> list[int]:
+    values = []
+    v = lo
+    while v <= hi:
+        values.append(v)
+        v *= factor
+    return values
+
+
+def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = False,
+              max_step_tokens: int = 8192) -> list[GridPoint]:
+    """The calibration grid, every point fitting ``max_len`` and a pool of ``num_blocks`` blocks.
+
+    ``quick`` gives a coarse grid (about 40 points) for CPUs and tests.
+    """
+    step_cap = min(max_step_tokens, max_len)
+    if quick:
+        chunks = [c for c in (16, 64, 256, 1024, 2048) if c <= step_cap]
+        contexts = sorted({0, max_len // 4})
+        multi = [(4, 32), (4, 128), (8, 64)]  # (sequences, chunk)
+        batches = [1, 4, 16, 64]
+        decode_contexts = sorted({32, max_len // 8, max_len // 2, max_len - 1})
+        # (decode batch, decode context, chunk, chunk context)
+        mixed = [(b, c, p, pc) for b in (4, 32) for c in (max_len // 8, max_len // 2) for p in (32, 256)
+                 for pc in (0, max_len // 4)]
+    else:
+        chunks = _geometric(16, step_cap, 2)
+        contexts = [0, *_geometric(512, max_len, 4)]
+        multi = [(s, c) for s in (2, 4, 8) for c in _geometric(32, step_cap // s, 4)]
+        batches = _geometric(1, 256, 2)
+        decode_contexts = _geometric(16, max_len, 4)
+        mixed = [(b, c, p, pc) for b in (1, 8, 32, 128) for c in (256, 2048) for p in (64, 512, 2048)
+                 for pc in (0, 2048)]
+    points = [GridPoint(prefill=((chunk, ctx),)) for chunk in chunks for ctx in contexts]
+    for seqs, chunk in multi:
+        points += [GridPoint(prefill=((chunk, ctx),) * seqs) for ctx in (0, min(contexts[-1], 512))]
+    points += [GridPoint(decode=(ctx,) * batch) for batch in batches for ctx in decode_contexts]
+    points += [GridPoint(prefill=((chunk, pctx),), decode=(ctx,) * batch) for batch, ctx, chunk, pctx in mixed]
+    seen: set[GridPoint] = set()
+    grid = []
+    for p in points:
+        if p not in seen and p.fits(max_len, num_blocks, block_size) and sum(c for c, _ in p.prefill) <= step_cap:
+            seen.add(p)
+            grid.append(p)
+    return grid

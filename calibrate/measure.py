@@ -1,0 +1,171 @@
+"""Timing grid points through the real model runner, and the host link that swap crosses.
+
+Each grid point becomes fake requests whose blocks are allocated in the runner's own
+:class:`~sim.kv.BlockManager`, so the step reads and writes the real KV pool. The timed region
+is the whole engine step as the live engine spends it: building the :class:`~sim.batch.Batch`,
+``ModelRunner.execute`` (input preparation, forward pass, sampling), with the device
+synchronised before and after. Warm-up runs are excluded; the median of the repeats is kept
+with the min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibrate.grid import GridPoint
+from calibrate.samples import Sample
+from runtime.runner import ModelRunner
+from sim.batch import Batch, ScheduledSeq
+from sim.request import Request
+
+UNBOUNDED_OUTPUT = 1 << 30
+"""Fake requests never finish, so the runner keeps their token ids between repeats."""
+SWAP_PROBE_BYTES = 128 * 2**20
+
+
+@dataclass
+class Measurement:
+    samples: list[Sample]
+    interrupted: bool
+    """True when Ctrl-C stopped the grid; ``samples`` holds the points finished before it."""
+    wall_s: float
+    out_of_memory: list[GridPoint] = field(default_factory=list)
+    """Points left out because the device ran out of memory running them."""
+
+
+class _FakeRequests:
+    """The fake requests of grid points, shared between points with the same sequences: the
+    runner keeps each request's token ids, so sharing bounds that memory by the largest point
+    rather than the sum of the grid."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[int, int, int], Request] = {}
+
+    def _get(self, chunk: int, context: int, j: int) -> Request:
+        key = (chunk, context, j)
+        r = self.requests.get(key)
+        if r is None:
+            if chunk == 0:  # a decode at ``context``: one output sampled already, its token computed now
+                r = Request(id=len(self.requests), arrival_s=0.0, prompt_tokens=context,
+                            output_tokens=UNBOUNDED_OUTPUT, num_computed_tokens=context, num_generated=1)
+            else:
+                r = Request(id=len(self.requests), arrival_s=0.0, prompt_tokens=context + chunk,
+                            output_tokens=UNBOUNDED_OUTPUT, num_computed_tokens=context)
+            self.requests[key] = r
+        return r
+
+    def seqs(self, point: GridPoint) -> list[tuple[Request, int, int]]:
+        """(request, start, num_new_tokens) per sequence of ``point``."""
+        out = []
+        seen: dict[tuple[int, int], int] = {}
+        for chunk, context in [(0, c) for c in point.decode] + list(point.prefill):
+            j = seen[chunk, context] = seen.get((chunk, context), -1) + 1
+            out.append((self._get(chunk, context, j), context, max(chunk, 1)))
+        return out
+
+
+def time_step(runner: ModelRunner, seqs: list[tuple[Request, int, int]]) -> tuple[float, Batch]:
+    """Milliseconds of one engine step over ``seqs``, whose blocks are allocated for the step only."""
+    blocks = runner.blocks
+    for r, start, n in seqs:
+        blocks.allocate(r, start + n)
+    try:
+        runner.synchronize()
+        t0 = time.perf_counter()
+        batch = Batch([ScheduledSeq(r, start, n) for r, start, n in seqs], block_size=blocks.block_size)
+        runner.execute(batch)
+        runner.synchronize()
+        step_ms = (time.perf_counter() - t0) * 1000
+    finally:
+        for r, _, _ in seqs:
+            blocks.free(r)
+    return step_ms, batch
+
+
+def _sample(batch: Batch, times_ms: list[float]) -> Sample:
+    shape = batch.shape()
+    return Sample(
+        prefill_tokens=shape.prefill_tokens, prefill_seqs=shape.prefill_seqs,
+        prefill_context_tokens=shape.prefill_context_tokens, decode_seqs=shape.decode_seqs,
+        decode_context_tokens=shape.decode_context_tokens, prefill_attention_tokens=shape.prefill_attention_tokens,
+        step_ms=statistics.median(times_ms), step_ms_min=min(times_ms), step_ms_max=max(times_ms),
+        repeats=len(times_ms),
+    )
+
+
+def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 5, warmup: int = 1,
+                 seed: int = 0, progress: bool = True) -> Measurement:
+    """Time every point ``warmup + repeats`` times and keep the last ``repeats``.
+
+    The grid is swept in rounds, one run of every point per round, in an order shuffled with
+    ``seed`` each round: a burst of interference from the machine (another process, a clock
+    change) then hits one repeat of many points rather than every repeat of one, and the
+    median shrugs it off. Ctrl-C stops early and keeps every point timed at least once.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    rng = np.random.default_rng(seed)
+    fakes = _FakeRequests()
+    seqs = [fakes.seqs(p) for p in grid]
+    times_ms: list[list[float]] = [[] for _ in grid]
+    batches: list[Batch | None] = [None] * len(grid)
+    out_of_memory: set[int] = set()
+    t0 = time.perf_counter()
+    interrupted = False
+    bar = tqdm(total=(warmup + repeats) * len(grid), unit="step", desc="calibrating", disable=not progress,
+               leave=False)
+    try:
+        for round_ in range(warmup + repeats):
+            for i in rng.permutation(len(grid)):
+                bar.update()
+                if i in out_of_memory:
+                    continue
+                try:
+                    step_ms, batches[i] = time_step(runner, seqs[i])
+                except torch.OutOfMemoryError:
+                    # The pool took the memory the engine would give it; a step whose activations
+                    # do not fit the rest cannot run live either, so it is left out, not fatal.
+                    out_of_memory.add(i)
+                    times_ms[i].clear()
+                    if runner.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                if round_ >= warmup:
+                    times_ms[i].append(step_ms)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        for r in fakes.requests.values():
+            runner.release(r.id)
+    samples = [_sample(b, t) for b, t in zip(batches, times_ms, strict=True) if t and b is not None]
+    return Measurement(samples, interrupted, time.perf_counter() - t0,
+                       out_of_memory=[grid[i] for i in sorted(out_of_memory)])
+
+
+def measure_host_link(runner: ModelRunner, repeats: int = 3) -> float | None:
+    """Bytes per second of swap copies through the runner's KV cache (device -> host, then
+    back), or None when the runner has no host pool."""
+    cache = runner.cache
+    blocks = min(cache.num_host_blocks, cache.num_blocks)
+    if blocks < 1:
+        return None
+    block_bytes = cache.kv_bytes_per_token * cache.block_size
+    blocks = min(blocks, max(1, SWAP_PROBE_BYTES // block_bytes))
+    pairs = [(i, i) for i in range(blocks)]
+    times_s = []
+    for _ in range(repeats + 1):  # the first round warms up
+        runner.synchronize()
+        t0 = time.perf_counter()
+        cache.swap_out(pairs)
+        cache.swap_in(pairs)
+        runner.synchronize()
+        times_s.append(time.perf_counter() - t0)
+    return 2 * blocks * block_bytes / statistics.median(times_s[1:])

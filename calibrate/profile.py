@@ -1,0 +1,242 @@
+"""The calibration profile (a versioned JSON file) and the cost model it defines.
+
+A profile holds where it was measured (device, driver, CUDA, torch and transformers versions,
+model, dtype, KV layout, date), the fitted :class:`~calibrate.fit.StepModel`, its error, and
+the raw samples it was fitted on, so that it can be refitted or audited later. Every top-level
+field is required; the ones marked nullable below may be ``null`` (e.g. CUDA versions on CPU,
+the model of a profile fitted from a CSV). :class:`Profile` documents the fields;
+``schema_version`` changes whenever one is added, removed or changes meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from calibrate.fit import FEATURES, StepModel
+from calibrate.samples import Sample, SamplesError
+from sim.batch import StepShape
+
+SCHEMA_VERSION = 1
+DEFAULT_HOST_LINK_BYTES_PER_S = 25e9
+"""Used when the host link was not measured: pinned copies over PCIe Gen4 x16 sustain ~25 GB/s."""
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class Profile:
+    """A fitted cost model with its provenance. Field units are in the names."""
+
+    model_fit: StepModel
+    samples: list[Sample]
+    device: str
+    dtype: str
+    block_size: int
+    host_link_bytes_per_s: float
+    host_link_source: str
+    """``measured`` (swap copies timed during calibration), ``given`` (by the user) or ``default``
+    (:data:`DEFAULT_HOST_LINK_BYTES_PER_S`)."""
+    created_utc: str
+    source: str
+    """``measured`` by ``calibrate``, or ``csv:PATH`` for a profile fitted from step timings."""
+    errors: dict = field(default_factory=dict)
+    """``{"folds": k, "held_out": table | None, "in_sample": table}``; a table maps prefill,
+    decode, mixed and all to ``{"n", "median_ape_pct", "p90_ape_pct"}``."""
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    torch_version: str | None = None
+    transformers_version: str | None = None
+    torch_threads: int | None = None
+    """torch's CPU threads during calibration (None on CUDA or when unknown)."""
+    model: str | None = None
+    weights: str | None = None
+    kv_bytes_per_token: int | None = None
+    kv_memory_bytes: int | None = None
+    """Device memory the KV pool had (on CPU: the pool the runner allocated for calibration)."""
+    num_kv_blocks: int | None = None
+    grid: str | None = None
+    seed: int | None = None
+    calibration_s: float | None = None
+    interrupted: bool = False
+    """True when calibration was stopped early (Ctrl-C) and the fit used the samples so far."""
+    out_of_memory_steps: int = 0
+    """Grid points left out because running them ran the device out of memory."""
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created_utc": self.created_utc,
+            "source": self.source,
+            "device": self.device,
+            "driver_version": self.driver_version,
+            "cuda_version": self.cuda_version,
+            "torch_version": self.torch_version,
+            "transformers_version": self.transformers_version,
+            "torch_threads": self.torch_threads,
+            "model": self.model,
+            "weights": self.weights,
+            "dtype": self.dtype,
+            "block_size": self.block_size,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_memory_bytes": self.kv_memory_bytes,
+            "num_kv_blocks": self.num_kv_blocks,
+            "host_link_bytes_per_s": self.host_link_bytes_per_s,
+            "host_link_source": self.host_link_source,
+            "grid": self.grid,
+            "seed": self.seed,
+            "calibration_s": self.calibration_s,
+            "interrupted": self.interrupted,
+            "out_of_memory_steps": self.out_of_memory_steps,
+            "fit": self.model_fit.to_dict(),
+            "errors": self.errors,
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+
+# field -> (accepted types, nullable)
+_STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "schema_version": (_INT, False),
+    "created_utc": (_STR, False),
+    "source": (_STR, False),
+    "device": (_STR, False),
+    "driver_version": (_STR, True),
+    "cuda_version": (_STR, True),
+    "torch_version": (_STR, True),
+    "transformers_version": (_STR, True),
+    "torch_threads": (_INT, True),
+    "model": (_STR, True),
+    "weights": (_STR, True),
+    "dtype": (_STR, False),
+    "block_size": (_INT, False),
+    "kv_bytes_per_token": (_INT, True),
+    "kv_memory_bytes": (_INT, True),
+    "num_kv_blocks": (_INT, True),
+    "host_link_bytes_per_s": (_NUM, False),
+    "host_link_source": (_STR, False),
+    "grid": (_STR, True),
+    "seed": (_INT, True),
+    "calibration_s": (_NUM, True),
+    "interrupted": (_BOOL, False),
+    "out_of_memory_steps": (_INT, False),
+    "fit": ((dict,), False),
+    "errors": ((dict,), False),
+    "samples": ((list,), False),
+}
+
+
+def _check(path: Path, name: str, value: object, types: tuple[type, ...], nullable: bool) -> None:
+    if value is None:
+        if not nullable:
+            raise ProfileError(f"{path}: field {name!r} must not be null")
+        return
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        want = " or ".join(t.__name__ for t in types)
+        raise ProfileError(f"{path}: field {name!r} must be {want}, got {type(value).__name__} {value!r:.60}")
+
+
+def profile_from_dict(data: object, path: Path) -> Profile:
+    """Validate a parsed profile; ``path`` only names the file in errors."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: not a profile (the top level must be a JSON object)")
+    if "schema_version" not in data:
+        raise ProfileError(f"{path}: field 'schema_version' is missing (not a servesim profile?)")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ProfileError(f"{path}: field 'schema_version' is {data['schema_version']!r}; this servesim reads "
+                           f"version {SCHEMA_VERSION} (recalibrate, or refit with `servesim calibrate fit`)")
+    for name, (types, nullable) in _FIELDS.items():
+        if name not in data:
+            raise ProfileError(f"{path}: field {name!r} is missing")
+        _check(path, name, data[name], types, nullable)
+    if data["block_size"] < 1:
+        raise ProfileError(f"{path}: field 'block_size' must be >= 1, got {data['block_size']}")
+    if not (math.isfinite(data["host_link_bytes_per_s"]) and data["host_link_bytes_per_s"] > 0):
+        raise ProfileError(f"{path}: field 'host_link_bytes_per_s' must be > 0")
+    samples = []
+    for i, row in enumerate(data["samples"]):
+        if not isinstance(row, dict):
+            raise ProfileError(f"{path}: field 'samples[{i}]' must be an object")
+        try:
+            samples.append(Sample.from_dict(row, f"{path}: samples[{i}]"))
+        except SamplesError as e:
+            raise ProfileError(str(e)) from None
+    values = {k: data[k] for k in _FIELDS if k not in ("schema_version", "fit", "samples")}
+    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, **values)
+
+
+def _model_from_dict(fit: dict, path: Path) -> StepModel:
+    for name in ("features", "coefficients_ms", "knee_tokens", "knee_decode_context_tokens"):
+        if name not in fit:
+            raise ProfileError(f"{path}: field 'fit.{name}' is missing")
+    if fit["features"] != list(FEATURES):
+        raise ProfileError(f"{path}: field 'fit.features' is {fit['features']!r}; expected {list(FEATURES)}")
+    coefficients = fit["coefficients_ms"]
+    _check(path, "fit.coefficients_ms", coefficients, (dict,), False)
+    for name in FEATURES:
+        if name not in coefficients:
+            raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' is missing")
+        value = coefficients[name]
+        _check(path, f"fit.coefficients_ms.{name}", value, _NUM, False)
+        if not (math.isfinite(value) and value >= 0):
+            raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' must be finite and >= 0, got {value}")
+    for name in ("knee_tokens", "knee_decode_context_tokens"):
+        _check(path, f"fit.{name}", fit[name], _INT, True)
+    try:
+        return StepModel({k: float(coefficients[k]) for k in FEATURES}, fit["knee_tokens"],
+                         fit["knee_decode_context_tokens"])
+    except ValueError as e:
+        raise ProfileError(f"{path}: field 'fit': {e}") from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile; raises :class:`ProfileError` naming the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return profile_from_dict(data, path)
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+
+
+class CalibratedCost:
+    """:class:`sim.cost.CostModel` from a profile: the fitted step time plus swap copies
+    (swap tokens x ``kv_bytes_per_token`` / ``host_link_bytes_per_s``)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.model = profile.model_fit
+        self.kv_bytes_per_token = profile.kv_bytes_per_token
+        self.host_link_bytes_per_s = profile.host_link_bytes_per_s
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CalibratedCost:
+        return cls(load_profile(path))
+
+    def step_time(self, shape: StepShape) -> float:
+        step_s = self.model.predict_ms(shape) / 1000
+        swap_tokens = shape.swap_in_tokens + shape.swap_out_tokens
+        if swap_tokens:
+            if self.kv_bytes_per_token is None:
+                raise ValueError("the profile has no kv_bytes_per_token (fitted without --model), so it cannot "
+                                 "price swap copies; refit it with --model and --dtype")
+            step_s += swap_tokens * self.kv_bytes_per_token / self.host_link_bytes_per_s
+        return step_s

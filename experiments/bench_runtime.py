@@ -1,0 +1,148 @@
+"""Output-token throughput of one mixed-length workload served three ways on the same device:
+
+1. ``servesim`` - the live engine with the ``continuous`` policy (runtime.engine.LiveEngine);
+2. ``hf-static`` - padded fixed batches on transformers' ``generate`` (runtime.hf_static);
+3. ``hf-continuous`` - transformers' own continuous batching (the manager behind
+   ``model.generate_batch``). ``generate_batch`` takes one ``max_new_tokens`` for every prompt,
+   so each request is added with its own length through the same manager
+   (``continuous_batching_context_manager`` + ``add_request``), which is all ``generate_batch``
+   does around it.
+
+Every engine gets the same random weights, the same synthetic prompt ids and the same output
+lengths, all requests arriving at t = 0 (an offline batch), EOS ignored. Warm-up is excluded.
+Throughput = output tokens / (last finish - start). Run::
+
+    python -m experiments.bench_runtime --model tiny --device cpu --num-requests 64
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import click
+
+from sim.kv import BlockManager, blocks_for
+from sim.metrics import summarize
+from sim.models import MODELS, get_model
+from sim.policies import SchedulerConfig, make_policy
+from sim.request import Request
+from sim.workload import SyntheticWorkload
+
+
+@dataclass
+class BenchRow:
+    engine: str
+    output_tokens: int
+    wall_s: float
+    outputs: dict[int, list[int]]
+
+    @property
+    def throughput(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def workload(num_requests: int, seed: int, prompt_dist: str, output_dist: str) -> list[Request]:
+    return SyntheticWorkload(arrival="all-at-once", num_requests=num_requests, prompt_dist=prompt_dist,
+                             output_dist=output_dist, seed=seed).generate()
+
+
+def bench_servesim(net, requests: list[Request], seed: int, max_num_seqs: int, block_size: int) -> BenchRow:
+    from runtime.engine import LiveEngine
+    from runtime.runner import ModelRunner
+
+    num_blocks = sum(blocks_for(r.max_tokens, block_size) for r in requests)
+    blocks = BlockManager(num_blocks, block_size)
+    runner = ModelRunner(net, blocks, seed=seed)
+    policy = make_policy(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs), blocks)
+    result = LiveEngine(runner, policy).run(requests)
+    s = summarize(result.requests, result.itl())
+    return BenchRow("servesim continuous", s["total_output_tokens"], s["duration"], result.outputs)
+
+
+def bench_hf_static(hf, requests: list[Request], seed: int, batch_size: int) -> BenchRow:
+    from runtime.hf_static import HFStaticEngine
+
+    result = HFStaticEngine(hf, batch_size=batch_size, max_wait_s=0.0, seed=seed).run(requests)
+    s = summarize(result.requests, result.itl())
+    return BenchRow(f"hf-static (batch {batch_size})", s["total_output_tokens"], s["duration"], result.outputs)
+
+
+def bench_hf_continuous(hf, requests: list[Request], seed: int, max_num_seqs: int) -> BenchRow:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from runtime.runner import prompt_token_ids
+
+    page = 256  # transformers' default page size
+    cb = ContinuousBatchingConfig(
+        num_blocks=sum(blocks_for(r.max_tokens + 1, page) for r in requests),  # room for all: no memory probing
+        max_batch_tokens=max(2048, max(r.prompt_tokens for r in requests)),
+        max_requests_per_batch=max_num_seqs, allow_block_sharing=False)
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=1)
+    prompts = {r.id: prompt_token_ids(seed, r.id, r.prompt_tokens, hf.config.vocab_size) for r in requests}
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)  # psutil notices on CPU
+    outputs: dict[int, list[int]] = {}
+    with hf.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
+                                                warmup=True) as manager:
+        t0 = time.perf_counter()
+        for r in requests:
+            manager.add_request(prompts[r.id], request_id=str(r.id), max_new_tokens=r.output_tokens, eos_token_id=-1)
+        while len(outputs) < len(requests):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("transformers' continuous batching returned no result within 60 s")
+            if result.error is not None:
+                raise RuntimeError(f"transformers' continuous batching failed request {result.request_id}: "
+                                   f"{result.error}")
+            if result.is_finished():
+                outputs[int(result.request_id)] = list(result.generated_tokens)
+        wall_s = time.perf_counter() - t0
+    return BenchRow("hf-continuous (generate_batch)", sum(len(o) for o in outputs.values()), wall_s, outputs)
+
+
+@click.command()
+@click.option("--model", default="tiny", show_default=True, help=f"Preset: {', '.join(MODELS)}.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None, help="Default: bfloat16 on CUDA, float32 on CPU.")
+@click.option("--num-requests", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt-dist", default="uniform:16:512", show_default=True)
+@click.option("--output-dist", default="uniform:16:256", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="hf-static batch size.")
+@click.option("--max-num-seqs", type=int, default=64, show_default=True,
+              help="Concurrent sequences for both continuous engines.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads for all three engines.")
+def main(model: str, device: str, dtype: str | None, num_requests: int, seed: int, prompt_dist: str,
+         output_dist: str, batch_size: int, max_num_seqs: int, threads: int | None) -> None:
+    """Serve one workload with servesim, hf-static and transformers' continuous batching."""
+    import torch
+
+    from runtime.weights import build_hf_model, dtype_name, load_model, resolve_device, resolve_dtype
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = get_model(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    net = load_model(spec, None, torch_dtype, dev, seed)
+    hf = build_hf_model(spec, net.hf_state_dict(), torch_dtype, dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    requests = workload(num_requests, seed, prompt_dist, output_dist)
+    click.echo(f"{spec.name} {dtype_name(torch_dtype)} on {name}; {num_requests} requests, prompts {prompt_dist}, "
+               f"outputs {output_dist}, {sum(r.output_tokens for r in requests)} output tokens")
+    rows = [
+        bench_servesim(net, workload(num_requests, seed, prompt_dist, output_dist), seed, max_num_seqs, 16),
+        bench_hf_static(hf, workload(num_requests, seed, prompt_dist, output_dist), seed, batch_size),
+        bench_hf_continuous(hf, requests, seed, max_num_seqs),
+    ]
+    ours = rows[0]
+    click.echo(f"{'engine':<32}{'out tokens':>11}{'wall s':>9}{'tok/s':>10}{'servesim x':>12}{'same tokens':>13}")
+    for row in rows:
+        same = sum(row.outputs.get(i) == o for i, o in ours.outputs.items())
+        click.echo(f"{row.engine:<32}{row.output_tokens:>11}{row.wall_s:>9.2f}{row.throughput:>10.1f}"
+                   f"{ours.throughput / row.throughput:>12.2f}{f'{same}/{len(ours.outputs)}':>13}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""``servesim calibrate``: time the real engine over a grid of steps and write a profile;
+``servesim calibrate fit``: fit a profile to step timings measured elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from sim.models import MODELS
+
+
+def _print_errors(errors: dict) -> None:
+    from calibrate.fit import format_error_table
+
+    if errors.get("held_out"):
+        click.echo(f"held-out error ({errors['folds']}-fold cross-validation, absolute % of step time):")
+        click.echo(format_error_table(errors["held_out"]))
+    else:
+        click.echo("held-out error: too few samples to cross-validate")
+
+
+@click.group("calibrate", invoke_without_command=True)
+@click.option("--model", default=None, help=f"Architecture preset: {', '.join(MODELS)}.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Hugging Face checkpoint (safetensors); default: random weights (timing does not depend on them).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Default: bfloat16 on CUDA, float32 on CPU.")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV block size in tokens.")
+@click.option("--quick", is_flag=True, help="A coarse grid (~50 steps): for CPUs and tests.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Weights, token ids, measuring order and the cross-validation split.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed runs per step (the median is kept).")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="Untimed runs of every step first.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch CPU threads (default: torch's); use what the live engine will use.")
+@click.option("--memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Fraction of CUDA memory for weights + KV pool.")
+@click.option("--samples", "samples_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the raw samples as CSV (the format `calibrate fit` reads).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Profile JSON to write.")
+@click.pass_context
+def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
+              block_size: int, quick: bool, seed: int, repeats: int, warmup: int, threads: int | None,
+              memory_utilization: float, samples_csv: Path | None, progress: bool, output: Path | None) -> None:
+    """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
+
+    \b
+      servesim calibrate --model tiny --quick -o profiles/tiny-cpu.json
+      servesim calibrate fit steps.csv --model qwen2.5-7b -o profile.json
+    """
+    if ctx.invoked_subcommand is not None:
+        given = [p.opts[-1] for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]  # type: ignore[arg-type]
+        if given:
+            raise click.UsageError(f"option(s) {', '.join(given)} must come after `{ctx.invoked_subcommand}` "
+                                   f"(see servesim calibrate {ctx.invoked_subcommand} --help)")
+        return
+    if model is None or output is None:
+        raise click.UsageError("--model and -o/--output are required "
+                               "(or: servesim calibrate fit SAMPLES.csv -o PROFILE)")
+    try:
+        from calibrate.calibration import CalibrationError, run_calibration
+        from calibrate.profile import save_profile
+        from calibrate.samples import write_samples
+    except ImportError as e:
+        raise click.ClickException(f"calibration needs the runtime extras (pip install '.[runtime]'): {e}") from None
+    try:
+        profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
+                                  warmup=warmup, threads=threads, memory_utilization=memory_utilization,
+                                  progress=progress)
+    except (ValueError, CalibrationError) as e:
+        raise click.ClickException(str(e)) from None
+    save_profile(profile, output)
+    if samples_csv is not None:
+        write_samples(samples_csv, profile.samples)
+    if profile.out_of_memory_steps:
+        click.echo(f"left out {profile.out_of_memory_steps} grid steps that ran the device out of memory", err=True)
+    if profile.interrupted:
+        click.echo(f"interrupted: fitted on the {len(profile.samples)} steps measured before Ctrl-C", err=True)
+    click.echo(f"{profile.model} on {profile.device}, {profile.dtype}: {len(profile.samples)} steps "
+               f"in {profile.calibration_s:.1f} s")
+    _print_errors(profile.errors)
+    click.echo(f"wrote {output}")
+
+
+@calibrate.command("fit")
+@click.argument("samples_path", metavar="SAMPLES.csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", type=click.Choice(sorted(MODELS)), default=None,
+              help="The model the steps ran (sets kv_bytes_per_token, which swap pricing needs).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
+              show_default=True)
+@click.option("--block-size", type=int, default=16, show_default=True)
+@click.option("--device-name", default="unknown", show_default=True, help="Where the steps were measured.")
+@click.option("--kv-memory-gib", type=click.FloatRange(0, min_open=True), default=None,
+              help="KV pool memory of the measured engine (sets num_kv_blocks with --model).")
+@click.option("--host-link-gbps", type=click.FloatRange(0, min_open=True), default=None,
+              help="Host<->device copy rate for swaps, GB/s (default 25, PCIe Gen4 x16).")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Cross-validation folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Cross-validation split.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def fit_command(samples_path: Path, model: str | None, dtype: str, block_size: int, device_name: str,
+                kv_memory_gib: float | None, host_link_gbps: float | None, folds: int, seed: int, output: Path) -> None:
+    """Fit a profile to step timings in SAMPLES.csv (one row per step).
+
+    Columns: prefill_tokens, prefill_seqs, prefill_context_tokens, decode_seqs,
+    decode_context_tokens, step_ms (or step_s); optional prefill_attention_tokens (exact
+    attention work, sum of chunk * (context + (chunk + 1) / 2); else estimated), step_ms_min,
+    step_ms_max, repeats. The steps.csv of `servesim run` works as it is.
+    """
+    from calibrate.calibration import profile_from_samples
+    from calibrate.profile import save_profile
+    from calibrate.samples import read_samples
+
+    try:
+        samples = read_samples(samples_path)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    profile = profile_from_samples(
+        samples, source=str(samples_path), model=model, dtype=dtype, block_size=block_size, device=device_name,
+        kv_memory_bytes=None if kv_memory_gib is None else int(kv_memory_gib * 2**30),
+        host_link_bytes_per_s=None if host_link_gbps is None else host_link_gbps * 1e9, folds=folds, seed=seed)
+    save_profile(profile, output)
+    click.echo(f"fitted {len(samples)} steps from {samples_path}")
+    _print_errors(profile.errors)
+    click.echo(f"wrote {output}")

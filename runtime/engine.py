@@ -1,0 +1,115 @@
+"""The live executor: the simulator's replica loop (:meth:`sim.engine.Replica.loop`) on a wall clock.
+
+The same policy objects schedule; a :class:`ModelRunner` executes each batch on the device and
+the clock advances by however long that really took. Requests are handed to the policy when
+their arrival time comes (the engine sleeps when it has nothing to run). Statistics are the
+simulator's :class:`ReplicaStats`, and every step is logged as ``(StepShape, step_s)`` so that
+validation can price the same step with a cost model and compare.
+
+A step's time runs from the moment the engine turns to it (the end of the previous step, or
+the wake-up after an idle wait) to the end of ``execute``: arrivals, scheduling, input
+preparation, swaps, the forward pass and sampling - everything a cost model's step must cover.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from runtime.runner import ModelRunner
+from sim.batch import StepShape
+from sim.engine import ReplicaStats, SimResult, record_gaps
+from sim.policies.base import Policy
+from sim.request import Request, Status
+
+
+@dataclass
+class LiveResult(SimResult):
+    """A :class:`SimResult` (so ``summarize`` and ``write_run`` take it) plus every step measured."""
+
+    step_log: list[tuple[StepShape, float]] = field(default_factory=list)
+    outputs: dict[int, list[int]] = field(default_factory=dict)
+    """The token ids each request generated."""
+
+
+class LiveEngine:
+    """One replica: ``policy`` must schedule over ``runner.blocks`` (the pool's own BlockManager)."""
+
+    def __init__(self, runner: ModelRunner, policy: Policy, progress: bool = False,
+                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> None:
+        if policy.kv is not runner.blocks:
+            raise ValueError("the policy must schedule over the runner's BlockManager "
+                             "(make_policy(config, runner.blocks))")
+        self.runner = runner
+        self.policy = policy
+        self.progress = progress
+        self.clock = clock
+        self.sleep = sleep
+
+    def run(self, requests: Sequence[Request], token_times: bool = False, warmup: bool = True) -> LiveResult:
+        """Serve ``requests`` (sorted by arrival) until every one finished or was rejected.
+
+        Every time is seconds since the run started; scaling a trace's time is the workload's
+        job (``TraceReplay(time_scale=...)``). ``warmup`` runs a scratch step before the clock starts."""
+        if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
+            raise ValueError("requests must be sorted by arrival_s")
+        if token_times:
+            for r in requests:
+                r.token_times_s = []
+        policy, runner, stats = self.policy, self.runner, ReplicaStats()
+        if warmup:
+            runner.warmup()
+        step_log: list[tuple[StepShape, float]] = []
+        pending = list(reversed(requests))  # a stack: next arrival last
+        settled = 0  # finished or rejected
+        bar = tqdm(total=len(requests), disable=not self.progress, unit="req", desc="live")
+        t0 = self.clock()
+
+        def now() -> float:
+            return self.clock() - t0
+
+        step_start: float | None = None  # end of the previous step when the engine stayed busy
+        while settled < len(requests):
+            t = now()
+            start = t if step_start is None else step_start
+            while pending and pending[-1].arrival_s <= t:
+                r = pending.pop()
+                r.replica = 0
+                policy.add(r, t)
+                if r.status is Status.REJECTED:
+                    settled += 1
+                    bar.update(1)
+            batch = policy.schedule(t)
+            stats.timeseries.record(t, len(batch.seqs) if batch else 0, policy.num_waiting,
+                                    policy.num_running, policy.kv.num_used)
+            if batch is None:
+                step_start = None
+                if settled == len(requests):
+                    break
+                wake_s = policy.next_wakeup_s(t)
+                targets = [x for x in (wake_s, pending[-1].arrival_s if pending else None) if x is not None]
+                if not targets:
+                    raise RuntimeError(f"live engine stuck: {len(requests) - settled} requests unsettled, "
+                                       "nothing scheduled, no arrival or wake-up to wait for")
+                self.sleep(max(0.0, min(targets) - now()))
+                continue
+            shape = batch.shape()  # before the step: is_decode reads the requests' token counts
+            runner.execute(batch)
+            end = now()
+            last = [s.request.last_token_s for s in batch.seqs]
+            finished = policy.on_step_done(batch, end)
+            step_s = end - start
+            stats.steps += 1
+            stats.busy_s += step_s
+            record_gaps(stats.itl, batch.seqs, last, end)
+            step_log.append((shape, step_s))
+            settled += len(finished)
+            bar.update(len(finished))
+            step_start = end
+        bar.close()
+        return LiveResult(requests=list(requests), replicas=[stats], num_preemptions=policy.num_preemptions,
+                          step_log=step_log, outputs={r.id: runner.outputs.get(r.id, []) for r in requests})

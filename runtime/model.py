@@ -1,0 +1,307 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral) with a forward pass over a paged KV cache.
+
+The architecture is a :class:`sim.models.ModelSpec`, described to transformers by
+:func:`hf_config`; the forward pass is ours so that attention reads the paged cache. One
+forward computes a flat list of tokens from many sequences at once: decodes (one token each)
+and prefill chunks at any cache offset, as laid out by :class:`ForwardInputs`.
+
+Parameters are stored fused (q|k|v in one matrix, gate|up in one) to keep the number of kernel
+launches per step low; :meth:`Transformer.load_hf_state_dict` maps Hugging Face names onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sim.models import ModelSpec
+
+
+def hf_config(spec: ModelSpec) -> Any:
+    """The transformers config (LlamaConfig / Qwen2Config / MistralConfig) of ``spec``."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position,
+        rms_norm_eps=spec.rms_norm_eps,
+        tie_word_embeddings=spec.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        hidden_act="silu",
+    )
+    if spec.family == "llama":
+        if spec.qkv_bias:
+            raise ValueError(f"{spec.name}: Llama has no q/k/v-only bias (attention_bias also biases o_proj)")
+        return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    if spec.family == "qwen2":
+        if not spec.qkv_bias:
+            raise ValueError(f"{spec.name}: Qwen2 always has q/k/v bias; set qkv_bias=True")
+        return Qwen2Config(**common, use_sliding_window=False)
+    if spec.family == "mistral":
+        if spec.qkv_bias:
+            raise ValueError(f"{spec.name}: Mistral has no q/k/v bias")
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(f"{spec.name}: unknown family {spec.family!r}; known: llama, qwen2, mistral")
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's prefill chunk: rows ``[row, row + num_tokens)`` of the flat input.
+
+    ``context_blocks`` (blocks,) and ``mask`` (num_tokens, start + num_tokens) are set when the
+    chunk starts after cached tokens (``start > 0``); a chunk from offset 0 attends only to
+    itself under a causal mask and reads no cache.
+    """
+
+    row: int
+    num_tokens: int
+    start: int
+    context_blocks: Tensor | None = None
+    mask: Tensor | None = None
+
+
+@dataclass
+class ForwardInputs:
+    """One step's flat input. Rows ``[0, num_decodes)`` are decodes, one token per sequence; the
+    prefill chunks follow. Built once per step by the runner, shared by every layer.
+    """
+
+    input_ids: Tensor  # (T,) int64
+    positions: Tensor  # (T,) int64
+    slot_mapping: Tensor  # (T,) int64: block * block_size + offset where each new K/V goes
+    num_decodes: int
+    decode_blocks: Tensor | None  # (D, max_blocks) int64, padded with block 0
+    decode_mask: Tensor | None  # (1, D, 1, max_blocks * block_size) bool, True = attend
+    prefills: list[PrefillChunk]
+    sample_rows: Tensor  # (S,) int64: rows whose output predicts the next token
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # As transformers does: normalise in float32, cast back, then scale.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim,
+                                  bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: ForwardInputs) -> Tensor:
+        """``x`` (T, hidden); ``kv`` this layer's cache (2, kv_heads, num_blocks, block_size, head_dim)."""
+        t = x.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, : (h + kvh) * d].view(t, h + kvh, d)
+        qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k together: (T, H + KV, d)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kvh) * d:].view(t, kvh, d)
+        slots = kv.view(2, kvh, -1, d)  # (2, KV, num_blocks * block_size, d)
+        slots[0].index_copy_(1, inp.slot_mapping, k.transpose(0, 1))
+        slots[1].index_copy_(1, inp.slot_mapping, v.transpose(0, 1))
+        out = paged_attention(q, k, v, kv, inp)
+        return self.o_proj(out.reshape(t, h * d))
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv: Tensor, inp: ForwardInputs) -> Tensor:
+    """Attention of every new token over its own sequence. ``q`` (T, H, d), ``k``/``v`` (T, KV, d)
+    are this step's (already written to ``kv``, the layer's cache); returns (T, H, d).
+
+    Decodes run as one batched call over their block tables padded to the longest (masked):
+    one gather brings K and V of every block, contiguous per (kv head, sequence), and the query
+    heads of a KV group attend as a group, so grouped-query attention needs no repeated K/V.
+    Each prefill chunk is one call, reading the cache only when it has cached context.
+    """
+    _, kvh, num_blocks, block_size, d = kv.shape
+    by_block = kv.view(2 * kvh, num_blocks, block_size, d)
+    parts: list[Tensor] = []
+    nd = inp.num_decodes
+    if nd:
+        assert inp.decode_blocks is not None
+        width = inp.decode_blocks.shape[1]
+        ctx = by_block.index_select(1, inp.decode_blocks.view(-1)).view(2, kvh, nd, width * block_size, d)
+        qg = q[:nd].view(nd, kvh, -1, d).transpose(0, 1)  # (KV, D, group, d): KV is the batch, D the heads
+        o = F.scaled_dot_product_attention(qg, ctx[0], ctx[1], attn_mask=inp.decode_mask)
+        parts.append(o.transpose(0, 1).reshape(nd, -1, d))  # (D, H, d)
+    for p in inp.prefills:
+        rows = slice(p.row, p.row + p.num_tokens)
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, d)
+        if p.context_blocks is None:
+            kp, vp = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+        else:
+            n_ctx = p.start + p.num_tokens
+            nb = p.context_blocks.shape[0]
+            ctx = by_block.index_select(1, p.context_blocks).view(2, 1, kvh, nb * block_size, d)[..., :n_ctx, :]
+            o = F.scaled_dot_product_attention(qp, ctx[0], ctx[1], attn_mask=p.mask, enable_gqa=True)
+        parts.append(o[0].transpose(0, 1))  # (n, H, d)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.intermediate = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: ForwardInputs) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, inp)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward`` gives hidden states (T, hidden); ``logits`` maps chosen rows to
+    the vocabulary (the final norm is per row, so it is applied there). Build it with
+    :func:`runtime.weights.load_model`: the constructor leaves the weights for a loader to fill."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        # Left uninitialised (every parameter is loaded); Embedding's own normal_ init costs a
+        # second on the meta device the first time.
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size,
+                                         _weight=torch.empty(spec.vocab_size, spec.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.tie_weights()
+        self._inv_freq: Tensor | None = None  # float32 always, so not a buffer that .to(dtype) would cast
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, 1, head_dim) for ``positions`` (T,)."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            # As transformers' default RoPE: inv_freq and angles in float32, cast at the end.
+            exponents = torch.arange(0, self.spec.head_dim, 2, dtype=torch.int64).float() / self.spec.head_dim
+            self._inv_freq = (1.0 / (self.spec.rope_theta ** exponents)).to(positions.device)
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, inp: ForwardInputs, kv_layers: list[Tensor]) -> Tensor:
+        """Hidden states (T, hidden) of ``inp``'s tokens; writes their K/V into ``kv_layers``
+        (one (2, kv_heads, num_blocks, block_size, head_dim) cache per layer)."""
+        x = self.embed_tokens(inp.input_ids)
+        cos, sin = self.rotary(inp.positions, x.dtype)
+        for layer, kv in zip(self.decoder_layers(), kv_layers, strict=True):
+            x = layer(x, cos, sin, kv, inp)
+        return x
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(N, hidden) -> (N, vocab)."""
+        return self.lm_head(self.norm(hidden))
+
+    # -- Hugging Face parameter names ---------------------------------------------------------
+    def load_hf_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy a state dict with Hugging Face names (``model.layers.0.self_attn.q_proj.weight``,
+        ...) into the fused parameters. Missing or unexpected names and wrong shapes raise."""
+        from runtime.weights import hf_param_shapes
+
+        expected = hf_param_shapes(self.spec)
+        given = dict(state)
+        if self.spec.tie_embeddings:
+            given.pop("lm_head.weight", None)  # a tied checkpoint may carry the copy
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{self.spec.name}: state dict does not match the architecture; "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != shape:
+                raise ValueError(f"{self.spec.name}: {name} has shape {tuple(given[name].shape)}, expected {shape}")
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(given["model.embed_tokens.weight"])
+            self.norm.weight.copy_(given["model.norm.weight"])
+            if not self.spec.tie_embeddings:
+                self.lm_head.weight.copy_(given["lm_head.weight"])
+            for i, layer in enumerate(self.decoder_layers()):
+                p = f"model.layers.{i}."
+                attn, mlp = layer.self_attn, layer.mlp
+                attn.qkv_proj.weight.copy_(torch.cat([given[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                if self.spec.qkv_bias:
+                    attn.qkv_proj.bias.copy_(torch.cat([given[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+                attn.o_proj.weight.copy_(given[p + "self_attn.o_proj.weight"])
+                mlp.gate_up_proj.weight.copy_(torch.cat([given[p + "mlp.gate_proj.weight"],
+                                                         given[p + "mlp.up_proj.weight"]]))
+                mlp.down_proj.weight.copy_(given[p + "mlp.down_proj.weight"])
+                layer.input_layernorm.weight.copy_(given[p + "input_layernorm.weight"])
+                layer.post_attention_layernorm.weight.copy_(given[p + "post_attention_layernorm.weight"])
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """The parameters under Hugging Face names (views of ours, split where fused)."""
+        s = self.spec
+        h, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
+        out: dict[str, Tensor] = {"model.embed_tokens.weight": self.embed_tokens.weight.detach(),
+                                  "model.norm.weight": self.norm.weight.detach()}
+        if not s.tie_embeddings:
+            out["lm_head.weight"] = self.lm_head.weight.detach()
+        for i, layer in enumerate(self.decoder_layers()):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            sizes = [h * d, kvh * d, kvh * d]
+            for n, w in zip("qkv", attn.qkv_proj.weight.detach().split(sizes), strict=True):
+                out[p + f"self_attn.{n}_proj.weight"] = w
+            if s.qkv_bias:
+                for n, b in zip("qkv", attn.qkv_proj.bias.detach().split(sizes), strict=True):
+                    out[p + f"self_attn.{n}_proj.bias"] = b
+            out[p + "self_attn.o_proj.weight"] = attn.o_proj.weight.detach()
+            gate, up = layer.mlp.gate_up_proj.weight.detach().split(s.intermediate_size)
+            out[p + "mlp.gate_proj.weight"] = gate
+            out[p + "mlp.up_proj.weight"] = up
+            out[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight.detach()
+            out[p + "input_layernorm.weight"] = layer.input_layernorm.weight.detach()
+            out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.detach()
+        return out

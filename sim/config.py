@@ -1,0 +1,135 @@
+"""The resolved configuration of a simulation, and building its parts from it.
+
+Everything is a frozen dataclass validated on construction; building reads the trace and the
+profile (the only I/O), so constructors stay pure. ``SimConfig.to_dict()`` is what the CLI
+writes as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sim.cost import CostModel
+from sim.hardware import GIB, get_hardware
+from sim.kv import BlockManager
+from sim.models import dtype_bytes, get_model
+from sim.policies.base import PREEMPT_MODES, SchedulerConfig
+
+DEFAULT_MEMORY_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization default
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """KV capacity: ``num_blocks`` directly, or derived from device memory minus the weights."""
+
+    num_blocks: int | None = None
+    gpu_memory_gib: float | None = None
+    block_size: int = 16
+    swap_gib: float = 0.0
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION
+
+    def __post_init__(self) -> None:
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"kv num_blocks must be >= 1, got {self.num_blocks}")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
+        if not 1 <= self.block_size <= 1024:
+            raise ValueError(f"block_size must be in 1..1024, got {self.block_size}")
+        if self.swap_gib < 0:
+            raise ValueError(f"swap_gib must be >= 0, got {self.swap_gib}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+
+
+def kv_blocks_from_memory(memory_bytes: float, weight_bytes: int, kv_bytes_per_token: int, block_size: int,
+                          utilization: float = DEFAULT_MEMORY_UTILIZATION) -> int:
+    """Blocks that fit in ``utilization`` of the device memory once the weights are loaded."""
+    free = memory_bytes * utilization - weight_bytes
+    blocks = int(free // (kv_bytes_per_token * block_size))
+    if blocks < 1:
+        raise ValueError(
+            f"no room for the KV cache: {memory_bytes * utilization / GIB:.2f} GiB usable, "
+            f"weights take {weight_bytes / GIB:.2f} GiB"
+        )
+    return blocks
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything but the workload: the scheduler, the KV capacity, the cost model, the cluster."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    model: str = "qwen2.5-7b"
+    hardware: str = "h100-sxm"
+    dtype: str = "bfloat16"
+    profile: str | None = None
+    replicas: int = 1
+    router: str = "round_robin"
+    token_times: bool = False
+    exact_steps: bool = False
+
+    def __post_init__(self) -> None:
+        get_model(self.model)
+        get_hardware(self.hardware)
+        dtype_bytes(self.dtype)
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        from sim.cluster import ROUTERS
+
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
+        if self.scheduler.policy == "static" and self.scheduler.preempt == "swap":
+            raise ValueError("static batching never preempts; --preempt swap needs continuous or chunked")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    num_blocks: int
+    num_host_blocks: int
+    block_size: int
+    kv_bytes_per_token: int
+
+
+def resolve_capacity(config: SimConfig, profile: Any | None = None) -> Capacity:
+    """KV blocks per replica: explicit, else from the profile, else from device memory."""
+    kv = config.kv
+    model = get_model(config.model)
+    kv_bytes = profile.kv_bytes_per_token if profile is not None else model.kv_bytes_per_token(config.dtype)
+    if kv.num_blocks is not None:
+        blocks = kv.num_blocks
+    elif profile is not None and kv.gpu_memory_gib is None:
+        blocks = int(profile.kv_memory_bytes // (kv_bytes * kv.block_size))
+    else:
+        memory = kv.gpu_memory_gib * GIB if kv.gpu_memory_gib is not None else get_hardware(config.hardware).memory_bytes
+        blocks = kv_blocks_from_memory(memory, model.weight_bytes(config.dtype), kv_bytes, kv.block_size,
+                                       kv.memory_utilization)
+    host_blocks = int(kv.swap_gib * GIB // (kv_bytes * kv.block_size))
+    return Capacity(blocks, host_blocks, kv.block_size, kv_bytes)
+
+
+def build_cost(config: SimConfig, profile: Any | None = None) -> CostModel:
+    if profile is not None:
+        from calibrate.profile import CalibratedCost
+
+        return CalibratedCost(profile)
+    from sim.roofline import RooflineCost
+
+    return RooflineCost(get_model(config.model), get_hardware(config.hardware), config.dtype)
+
+
+def make_block_manager(capacity: Capacity) -> BlockManager:
+    return BlockManager(capacity.num_blocks, capacity.block_size, capacity.num_host_blocks)
+
+
+def parse_policy(spec: str) -> tuple[str, str | None]:
+    """``"chunked+swap"`` -> ``("chunked", "swap")``; ``"continuous"`` -> ``("continuous", None)``."""
+    name, sep, preempt = spec.partition("+")
+    if sep and preempt not in PREEMPT_MODES:
+        raise ValueError(f"policy {spec!r}: preemption after '+' must be one of {', '.join(PREEMPT_MODES)}")
+    return name, (preempt if sep else None)

@@ -1,0 +1,158 @@
+"""The fitted step-cost model: exact recovery, knees, robustness, monotonicity, held-out error."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calibrate.fit import FEATURES, StepModel, error_table, fit, fit_step_model, held_out_predictions
+from calibrate.grid import GridPoint, make_grid
+from calibrate.profile import load_profile
+from calibrate.samples import Sample
+from sim.batch import StepShape, chunk_attention
+
+SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "tiny-cpu.json"
+
+
+def formula_ms(s: StepShape) -> float:
+    """The known formula of the recovery test."""
+    return 2 + 0.01 * s.prefill_tokens + 1e-6 * s.attention_work + 0.05 * s.decode_seqs + 1e-4 * s.decode_context_tokens
+
+
+def point_sample(p: GridPoint, step_ms_of) -> Sample:
+    shape = StepShape(prefill_tokens=sum(c for c, _ in p.prefill), prefill_seqs=len(p.prefill),
+                      prefill_context_tokens=sum(x for _, x in p.prefill), decode_seqs=len(p.decode),
+                      decode_context_tokens=sum(p.decode),
+                      prefill_attention_tokens=sum(chunk_attention(c, x) for c, x in p.prefill))
+    return Sample(shape.prefill_tokens, shape.prefill_seqs, shape.prefill_context_tokens, shape.decode_seqs,
+                  shape.decode_context_tokens, step_ms_of(shape), shape.prefill_attention_tokens)
+
+
+def random_shapes(n: int, seed: int) -> list[StepShape]:
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for _ in range(n):
+        seqs = int(rng.integers(0, 5))
+        tokens = int(rng.integers(seqs, 3000)) if seqs else 0
+        decodes = int(rng.integers(0 if seqs else 1, 200))
+        shapes.append(StepShape(prefill_tokens=tokens, prefill_seqs=seqs,
+                                prefill_context_tokens=int(rng.integers(0, 4000)) if seqs else 0,
+                                decode_seqs=decodes, decode_context_tokens=decodes * int(rng.integers(1, 4000))))
+    return shapes
+
+
+def test_known_formula_recovered_within_one_percent():
+    """Fitting samples of a known linear formula predicts unseen shapes within 1% of it."""
+    samples = [point_sample(p, formula_ms) for p in make_grid(4096, 100_000, 16, quick=True)]
+    model = fit_step_model(samples)
+    for shape in random_shapes(300, seed=1):
+        assert model.predict_ms(shape) == pytest.approx(formula_ms(shape), rel=0.01)
+
+
+def test_roofline_knee_found():
+    """Steps bound by a floor then by compute (max(5 ms, 0.02 ms/token)) are fitted within a few %."""
+    def knee_ms(s: StepShape) -> float:
+        return max(5.0, 0.02 * s.num_tokens) + 1e-4 * s.decode_context_tokens
+
+    samples = [point_sample(p, knee_ms) for p in make_grid(2048, 100_000, 16)]
+    result = fit(samples, seed=3)
+    assert result.model.knee_tokens is not None and 64 <= result.model.knee_tokens <= 512
+    assert result.held_out is not None
+    assert result.held_out["all"]["median_ape_pct"] < 2
+    assert result.held_out["all"]["p90_ape_pct"] < 10
+
+
+def test_one_disturbed_step_does_not_pull_the_fit():
+    """A step timed 10x too slow (the machine was busy) barely moves the other predictions."""
+    samples = [point_sample(p, formula_ms) for p in make_grid(2048, 100_000, 16, quick=True)]
+    samples[5] = replace(samples[5], step_ms=samples[5].step_ms * 10)
+    model = fit_step_model(samples)
+    errors = [abs(model.predict_ms(s.shape) - formula_ms(s.shape)) / formula_ms(s.shape)
+              for i, s in enumerate(samples) if i != 5]
+    assert np.median(errors) < 0.01
+
+
+def test_held_out_split_is_deterministic():
+    """The same seed gives the same cross-validated predictions; every sample is predicted."""
+    rng = np.random.default_rng(0)
+    samples = [point_sample(p, lambda s: formula_ms(s) * rng.uniform(0.95, 1.05))
+               for p in make_grid(2048, 100_000, 16, quick=True)]
+    a, b = held_out_predictions(samples, seed=7), held_out_predictions(samples, seed=7)
+    assert a == b and len(a) == len(samples) and all(p > 0 for p in a)
+
+
+def test_error_table_by_kind():
+    """The error table separates prefill, decode and mixed steps and pools them in all."""
+    samples = [Sample(10, 1, 0, 0, 0, 10.0), Sample(0, 0, 0, 4, 40, 4.0), Sample(5, 1, 0, 2, 8, 8.0)]
+    table = error_table(samples, [11.0, 4.0, 6.0])
+    assert table["prefill"] == {"n": 1, "median_ape_pct": pytest.approx(10.0), "p90_ape_pct": pytest.approx(10.0)}
+    assert table["decode"]["median_ape_pct"] == 0
+    assert table["mixed"]["median_ape_pct"] == pytest.approx(25.0)
+    assert table["all"]["n"] == 3
+
+
+def test_negative_coefficient_rejected():
+    """A StepModel never holds a negative coefficient (it could predict a negative time)."""
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        StepModel({"const": 1.0, "prefill_tokens": -0.1})
+
+
+# -- monotone and non-negative: property-based ---------------------------------------------------
+coefficients = st.fixed_dictionaries({name: st.floats(0, 10) for name in FEATURES})
+knees = st.none() | st.integers(0, 5000)
+
+
+@st.composite
+def shapes(draw, exact_attention: bool):
+    seqs = draw(st.integers(0, 8))
+    tokens = draw(st.integers(seqs, 8192)) if seqs else 0
+    context = draw(st.integers(0, 32768)) if seqs else 0
+    decodes = draw(st.integers(0, 256))
+    attention = draw(st.floats(0, 1e9)) if exact_attention and tokens else 0.0
+    return StepShape(prefill_tokens=tokens, prefill_seqs=seqs, prefill_context_tokens=context, decode_seqs=decodes,
+                     decode_context_tokens=draw(st.integers(0, 10**6)) if decodes else 0,
+                     prefill_attention_tokens=attention)
+
+
+FIELDS = ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", "decode_seqs", "decode_context_tokens",
+          "prefill_attention_tokens")
+
+
+@settings(max_examples=300, deadline=None)
+@given(coef=coefficients, knee=knees, dknee=knees, shape=shapes(exact_attention=True),
+       field=st.sampled_from(FIELDS), step=st.integers(1, 10_000))
+def test_prediction_non_negative_and_monotone(coef, knee, dknee, shape, field, step):
+    """Any fitted model is >= 0 and never decreases when one field of the shape grows."""
+    model = StepModel(coef, knee, dknee)
+    bigger = replace(shape, **{field: getattr(shape, field) + step})
+    if bigger.prefill_seqs > bigger.prefill_tokens or (bigger.prefill_seqs == 0) != (bigger.prefill_tokens == 0):
+        return  # not a step an engine can take
+    before, after = model.predict_ms(shape), model.predict_ms(bigger)
+    assert before >= 0
+    assert after >= before * (1 - 1e-12)
+
+
+@functools.cache
+def shipped_model() -> StepModel:
+    return load_profile(SHIPPED).model_fit
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="profiles/tiny-cpu.json not built yet")
+@settings(max_examples=200, deadline=None)
+@given(shape=shapes(exact_attention=False), field=st.sampled_from(FIELDS[:5]), step=st.integers(1, 10_000))
+def test_shipped_profile_monotone_with_estimated_attention(shape, field, step):
+    """The shipped CPU profile is monotone when attention is estimated from the sums (except in
+    prefill_seqs, where more sequences over the same tokens mean less attention work)."""
+    model = shipped_model()
+    if field == "prefill_seqs":
+        return
+    bigger = replace(shape, **{field: getattr(shape, field) + step})
+    if (bigger.prefill_seqs == 0) != (bigger.prefill_tokens == 0):
+        return
+    assert 0 <= model.predict_ms(shape) <= model.predict_ms(bigger) * (1 + 1e-12)

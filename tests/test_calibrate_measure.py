@@ -1,0 +1,116 @@
+"""Measuring steps on the real engine (tiny, CPU): the grid, a smoke calibration, Ctrl-C, --quick."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+
+from calibrate.calibration import run_calibration
+from calibrate.grid import GridPoint, make_grid
+from calibrate.measure import measure_grid, measure_host_link
+from calibrate.profile import CalibratedCost, load_profile, save_profile
+from runtime.runner import ModelRunner
+from runtime.weights import load_model
+from sim.batch import StepShape
+from sim.kv import BlockManager
+from sim.models import get_model
+
+SMALL_GRID = [
+    GridPoint(prefill=((32, 0),)),
+    GridPoint(prefill=((64, 48),)),
+    GridPoint(prefill=((16, 0), (16, 32))),
+    GridPoint(decode=(40,) * 3),
+    GridPoint(decode=(200,)),
+    GridPoint(prefill=((32, 0),), decode=(40, 80)),
+]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_grid_respects_bounds(quick):
+    """Every grid point fits the model's length and the KV pool, and all three kinds are there."""
+    grid = make_grid(max_len=1024, num_blocks=600, block_size=16, quick=quick)
+    assert {p.kind for p in grid} == {"prefill", "decode", "mixed"}
+    assert len(set(grid)) == len(grid)
+    for p in grid:
+        assert max(p.seq_lengths()) <= 1024 and p.kv_blocks(16) <= 600
+    assert len(make_grid(1024, 600, 16, quick=True)) < len(make_grid(1024, 600, 16))
+
+
+def test_smoke_calibration_writes_loadable_profile(tmp_path):
+    """A few grid points through the real runner give a profile that loads and prices steps."""
+    prof = run_calibration("tiny", device="cpu", grid=SMALL_GRID, repeats=2, threads=1, folds=3, progress=False)
+    path = tmp_path / "tiny.json"
+    save_profile(prof, path)
+    loaded = load_profile(path)
+    assert len(loaded.samples) == len(SMALL_GRID) and not loaded.interrupted
+    by_shape = {(s.prefill_tokens, s.prefill_seqs, s.prefill_context_tokens, s.decode_seqs, s.decode_context_tokens)
+                for s in loaded.samples}
+    assert (32, 2, 32, 0, 0) in by_shape and (32, 1, 0, 2, 120) in by_shape and (0, 0, 0, 3, 120) in by_shape
+    for s in loaded.samples:
+        assert s.repeats == 2 and 0 < s.step_ms_min <= s.step_ms <= s.step_ms_max
+    assert loaded.model == "tiny" and loaded.dtype == "float32" and loaded.cuda_version is None
+    assert loaded.kv_bytes_per_token == get_model("tiny").kv_bytes_per_token("float32")
+    assert loaded.num_kv_blocks is not None and loaded.kv_memory_bytes == loaded.num_kv_blocks * 16 * 2048
+    assert loaded.host_link_source == "measured" and loaded.torch_threads == 1
+    assert CalibratedCost(loaded).step_time(StepShape(decode_seqs=4, decode_context_tokens=100)) > 0
+
+
+def test_ctrl_c_keeps_samples_so_far():
+    """KeyboardInterrupt during the grid stops it and returns the points already timed."""
+    runner = ModelRunner(load_model(get_model("tiny")), BlockManager(64, 16))
+    calls = 0
+    execute = runner.execute
+
+    def interrupting(batch):
+        nonlocal calls
+        calls += 1
+        if calls == 2 * len(SMALL_GRID) + 4:  # warm-up round, a timed round, three more steps, then Ctrl-C
+            raise KeyboardInterrupt
+        return execute(batch)
+
+    runner.execute = interrupting  # type: ignore[method-assign]
+    measured = measure_grid(runner, SMALL_GRID, repeats=3, warmup=1, progress=False)
+    assert measured.interrupted
+    assert len(measured.samples) == len(SMALL_GRID)
+    assert sorted(s.repeats for s in measured.samples) == [1, 1, 1, 2, 2, 2]
+    assert runner.blocks.num_free == 64, "an interrupted step leaked KV blocks"
+
+
+def test_host_link_measured():
+    """Swap copies through the runner's KV cache give a positive bandwidth."""
+    runner = ModelRunner(load_model(get_model("tiny")), BlockManager(64, 16, num_host_blocks=32))
+    assert measure_host_link(runner) > 1e6
+    assert measure_host_link(ModelRunner(load_model(get_model("tiny")), BlockManager(8, 16))) is None
+
+
+@pytest.mark.slow
+def test_quick_calibration_on_cpu_is_fast_and_accurate():
+    """`--quick` on tiny finishes well under two minutes with held-out median error under 10%."""
+    t0 = time.perf_counter()
+    prof = run_calibration("tiny", device="cpu", quick=True, threads=1, progress=False)
+    assert time.perf_counter() - t0 < 120
+    held = prof.errors["held_out"]
+    assert held["all"]["median_ape_pct"] < 10, held
+    assert all(held[kind]["n"] >= 10 for kind in ("prefill", "decode", "mixed"))
+
+
+def test_out_of_memory_step_left_out():
+    """A step that runs the device out of memory is left out of the samples, not fatal."""
+    import torch
+
+    runner = ModelRunner(load_model(get_model("tiny")), BlockManager(64, 16))
+    execute = runner.execute
+
+    def failing(batch):
+        if len(batch.seqs) == 3:  # the three-decode point
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return execute(batch)
+
+    runner.execute = failing  # type: ignore[method-assign]
+    measured = measure_grid(runner, SMALL_GRID, repeats=2, warmup=1, progress=False)
+    assert measured.out_of_memory == [SMALL_GRID[3]]
+    assert len(measured.samples) == len(SMALL_GRID) - 1 and not measured.interrupted
+    assert runner.blocks.num_free == 64
