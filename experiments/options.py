@@ -63,8 +63,9 @@ def policy_options(f: Callable) -> Callable:
                      type=click.Choice(["static", "continuous", "chunked"]), help="Scheduling policy."),
         click.option("--order", default="fcfs", show_default=True, type=click.Choice(list(ORDERS)),
                      help="Queue order (sjf uses the trace's true output length: an oracle)."),
-        click.option("--preempt", default="recompute", show_default=True, type=click.Choice(list(PREEMPT_MODES)),
-                     help="What to do when KV blocks run out (continuous and chunked)."),
+        click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)),
+                     help="What to do when KV blocks run out: continuous and chunked default to recompute; "
+                          "static only allows off."),
         click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most requests running at once (continuous, chunked)."),
         click.option("--token-budget", default=None, type=click.IntRange(min=1),
@@ -100,7 +101,7 @@ def build_scheduler(opts: dict[str, Any], policy: str | None = None, preempt: st
     return SchedulerConfig(
         policy=policy, order=opts["order"], max_num_seqs=opts["max_num_seqs"], token_budget=opts["token_budget"],
         batch_size=opts["batch_size"], max_wait_s=opts["max_wait_s"],
-        preempt=preempt or ("off" if policy == "static" else opts["preempt"]),
+        preempt=preempt or opts.get("preempt") or ("off" if policy == "static" else "recompute"),
     )
 
 

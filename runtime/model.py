@@ -71,17 +71,27 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes at rows ``[row, row + num_seqs)``, attending together over their block tables
+    padded to the group's longest: ``blocks`` (num_seqs, width) padded with block 0, ``mask``
+    (1, num_seqs, 1, width * block_size), True where a key is the sequence's own."""
+
+    row: int
+    num_seqs: int
+    blocks: Tensor
+    mask: Tensor
+
+
+@dataclass
 class ForwardInputs:
-    """One step's flat input. Rows ``[0, num_decodes)`` are decodes, one token per sequence; the
-    prefill chunks follow. Built once per step by the runner, shared by every layer.
+    """One step's flat input: decodes first (one token per sequence, in ``decode_groups``), then
+    the prefill chunks. Built once per step by the runner, shared by every layer.
     """
 
     input_ids: Tensor  # (T,) int64
     positions: Tensor  # (T,) int64
     slot_mapping: Tensor  # (T,) int64: block * block_size + offset where each new K/V goes
-    num_decodes: int
-    decode_blocks: Tensor | None  # (D, max_blocks) int64, padded with block 0
-    decode_mask: Tensor | None  # (1, D, 1, max_blocks * block_size) bool, True = attend
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
     sample_rows: Tensor  # (S,) int64: rows whose output predicts the next token
 
@@ -131,22 +141,20 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv: Tensor, inp: ForwardInp
     """Attention of every new token over its own sequence. ``q`` (T, H, d), ``k``/``v`` (T, KV, d)
     are this step's (already written to ``kv``, the layer's cache); returns (T, H, d).
 
-    Decodes run as one batched call over their block tables padded to the longest (masked):
-    one gather brings K and V of every block, contiguous per (kv head, sequence), and the query
-    heads of a KV group attend as a group, so grouped-query attention needs no repeated K/V.
+    Decodes run one batched call per group, over block tables padded to the group's longest
+    (masked): one gather brings K and V of every block, contiguous per (kv head, sequence), and
+    the query heads sharing a KV head attend together, so grouped-query attention repeats no K/V.
     Each prefill chunk is one call, reading the cache only when it has cached context.
     """
     _, kvh, num_blocks, block_size, d = kv.shape
     by_block = kv.view(2 * kvh, num_blocks, block_size, d)
     parts: list[Tensor] = []
-    nd = inp.num_decodes
-    if nd:
-        assert inp.decode_blocks is not None
-        width = inp.decode_blocks.shape[1]
-        ctx = by_block.index_select(1, inp.decode_blocks.view(-1)).view(2, kvh, nd, width * block_size, d)
-        qg = q[:nd].view(nd, kvh, -1, d).transpose(0, 1)  # (KV, D, group, d): KV is the batch, D the heads
-        o = F.scaled_dot_product_attention(qg, ctx[0], ctx[1], attn_mask=inp.decode_mask)
-        parts.append(o.transpose(0, 1).reshape(nd, -1, d))  # (D, H, d)
+    for g in inp.decode_groups:
+        n, width = g.blocks.shape
+        ctx = by_block.index_select(1, g.blocks.view(-1)).view(2, kvh, n, width * block_size, d)
+        qg = q[g.row: g.row + n].view(n, kvh, -1, d).transpose(0, 1)  # (KV, D, group, d): KV as batch, D as heads
+        o = F.scaled_dot_product_attention(qg, ctx[0], ctx[1], attn_mask=g.mask)
+        parts.append(o.transpose(0, 1).reshape(n, -1, d))  # (D, H, d)
     for p in inp.prefills:
         rows = slice(p.row, p.row + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, d)

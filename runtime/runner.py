@@ -33,12 +33,31 @@ import torch
 from torch import Tensor
 
 from runtime.kvcache import KVCache
-from runtime.model import ForwardInputs, PrefillChunk, Transformer
+from runtime.model import DecodeGroup, ForwardInputs, PrefillChunk, Transformer
 from sim.batch import Batch, ScheduledSeq
 from sim.kv import BlockManager
 from sim.request import Request
 
 WARMUP_REQUEST_ID = 2**62  # a scratch request id no workload uses
+
+
+def split_decodes(widths: list[int], min_saving: int, max_depth: int = 2) -> list[tuple[int, int]]:
+    """Contiguous groups ``[lo, hi)`` of decodes sorted by ``widths`` (blocks each attends to):
+    a group is split in two where that saves the most padded blocks, when it saves at least
+    ``min_saving`` of them (the price of one more attention call), at most ``max_depth`` times deep."""
+
+    def split(lo: int, hi: int, depth: int) -> list[tuple[int, int]]:
+        full = (hi - lo) * widths[hi - 1]
+        saving, at = 0, lo
+        for i in range(lo + 1, hi):
+            s = full - (i - lo) * widths[i - 1] - (hi - i) * widths[hi - 1]
+            if s > saving:
+                saving, at = s, i
+        if depth == 0 or saving < max(min_saving, 1):
+            return [(lo, hi)]
+        return split(lo, at, depth - 1) + split(at, hi, depth - 1)
+
+    return split(0, len(widths), max_depth) if widths else []
 
 
 def prompt_token_ids(seed: int, request_id: int, num_tokens: int, vocab_size: int) -> list[int]:
@@ -59,6 +78,9 @@ class ModelRunner:
                              dtype=model.dtype, device=self.device)
         self.outputs: dict[int, list[int]] = {}
         """Every token sampled for each request id, in order."""
+        # Padded KV blocks a split of the decode batch must save to pay for one more attention
+        # call per layer: a call costs little next to blocks on CPU, much on CUDA.
+        self.min_split_blocks = 64 if self.device.type == "cpu" else 1024
         self._tokens: dict[int, list[int]] = {}  # prompt + sampled ids of requests still running
 
     # -- public ------------------------------------------------------------------------------
@@ -148,10 +170,10 @@ class ModelRunner:
         if r.num_generated + 1 >= r.output_tokens:  # this was the last token
             self._tokens.pop(r.id, None)
 
-    @staticmethod
-    def _split(seqs: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
-        """Single-token steps (decodes, whatever their offset) batch together; the rest are chunks."""
-        decodes = [s for s in seqs if s.num_new_tokens == 1]
+    def _split(self, seqs: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+        """Single-token steps (decodes, whatever their offset) batch together, shortest context
+        first so that groups of similar length are contiguous; the rest are chunks."""
+        decodes = sorted((s for s in seqs if s.num_new_tokens == 1), key=lambda s: s.start // self.block_size)
         prefills = [s for s in seqs if s.num_new_tokens != 1]
         return decodes, prefills
 
@@ -213,14 +235,15 @@ class ModelRunner:
         flat = torch.tensor(ids + positions + slots + sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
         input_ids, pos_t, slot_t, rows_t = flat.split([num, num, num, len(sample_rows)])
 
-        decode_blocks = decode_mask = None
-        if decodes:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            decode_blocks = torch.tensor(padded, dtype=torch.int64).to(dev, non_blocking=True)
-            # (1, D, 1, width * block_size): a key is visible up to the decode's own position.
+        groups: list[DecodeGroup] = []
+        for lo, hi in split_decodes([len(t) for t in decode_tables], self.min_split_blocks):
+            width = len(decode_tables[hi - 1])
+            padded = [t + [0] * (width - len(t)) for t in decode_tables[lo:hi]]
+            blocks = torch.tensor(padded, dtype=torch.int64).to(dev, non_blocking=True)
+            # (1, n, 1, width * block_size): a key is visible up to the decode's own position.
             keys = torch.arange(width * bs, device=dev)
-            decode_mask = (keys[None, :] <= pos_t[: len(decodes), None]).view(1, len(decodes), 1, -1)
+            mask = (keys[None, :] <= pos_t[lo:hi, None]).view(1, hi - lo, 1, -1)
+            groups.append(DecodeGroup(row=lo, num_seqs=hi - lo, blocks=blocks, mask=mask))
         chunks: list[PrefillChunk] = []
         for row0, s, table in chunk_rows:
             chunk = PrefillChunk(row=row0, num_tokens=s.num_new_tokens, start=s.start)
@@ -231,7 +254,6 @@ class ModelRunner:
                 keys = torch.arange(end, device=dev)
                 chunk.mask = keys[None, :] <= pos_t[row0: row0 + s.num_new_tokens, None]
             chunks.append(chunk)
-        inp = ForwardInputs(input_ids=input_ids, positions=pos_t, slot_mapping=slot_t, num_decodes=len(decodes),
-                            decode_blocks=decode_blocks, decode_mask=decode_mask, prefills=chunks,
-                            sample_rows=rows_t)
+        inp = ForwardInputs(input_ids=input_ids, positions=pos_t, slot_mapping=slot_t, decode_groups=groups,
+                            prefills=chunks, sample_rows=rows_t)
         return inp, sampling

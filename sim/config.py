@@ -81,8 +81,6 @@ class SimConfig:
 
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
-        if self.scheduler.policy == "static" and self.scheduler.preempt == "swap":
-            raise ValueError("static batching never preempts; --preempt swap needs continuous or chunked")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +104,10 @@ def resolve_capacity(config: SimConfig, profile: Any | None = None) -> Capacity:
     elif profile is not None and kv.gpu_memory_gib is None:
         blocks = int(profile.kv_memory_bytes // (kv_bytes * kv.block_size))
     else:
-        memory = kv.gpu_memory_gib * GIB if kv.gpu_memory_gib is not None else get_hardware(config.hardware).memory_bytes
+        if kv.gpu_memory_gib is not None:
+            memory = kv.gpu_memory_gib * GIB
+        else:
+            memory = get_hardware(config.hardware).memory_bytes
         blocks = kv_blocks_from_memory(memory, model.weight_bytes(config.dtype), kv_bytes, kv.block_size,
                                        kv.memory_utilization)
     host_blocks = int(kv.swap_gib * GIB // (kv_bytes * kv.block_size))

@@ -8,6 +8,7 @@ priority, so a request arriving at time t is visible to every scheduling decisio
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cos
     """Replay ``requests`` (sorted by arrival) on ``num_replicas`` replicas until all are done."""
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-    if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
+    if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
         raise ValueError("requests must be sorted by arrival_s")
     if token_times:
         for r in requests:

@@ -31,7 +31,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{self.name}: num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"{self.name}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
 
     @property
     def num_params(self) -> int:

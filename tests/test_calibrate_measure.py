@@ -105,7 +105,7 @@ def test_out_of_memory_step_left_out():
     execute = runner.execute
 
     def failing(batch):
-        if len(batch.seqs) == 3:  # the three-decode point
+        if batch.shape().decode_seqs == 3:  # the three-decode point
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return execute(batch)
 

@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from experiments.options import build_scheduler, build_workload, fail, policy_options, workload_options, workload_requests
+from experiments.options import (
+    build_scheduler,
+    build_workload,
+    fail,
+    policy_options,
+    workload_options,
+    workload_requests,
+)
 from experiments.output import write_run
 from experiments.report import print_summary
 from sim.cluster import ROUTERS

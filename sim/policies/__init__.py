@@ -7,11 +7,11 @@ with :func:`register`, plus one import line below.
 
 from __future__ import annotations
 
-from sim.policies.base import POLICIES, Policy, SchedulerConfig, make_policy, register
+from sim.policies import chunked as _chunked  # noqa: F401
+from sim.policies import continuous as _continuous  # noqa: F401
 
 # Importing the modules registers their policies.
-from sim.policies import static as _static  # noqa: E402,F401
-from sim.policies import continuous as _continuous  # noqa: E402,F401
-from sim.policies import chunked as _chunked  # noqa: E402,F401
+from sim.policies import static as _static  # noqa: F401
+from sim.policies.base import POLICIES, Policy, SchedulerConfig, make_policy, register
 
 __all__ = ["POLICIES", "Policy", "SchedulerConfig", "make_policy", "register"]

@@ -38,6 +38,9 @@ class SchedulerConfig:
             raise ValueError(f"unknown queue order {self.order!r}; known: {', '.join(ORDERS)}")
         if self.preempt not in PREEMPT_MODES:
             raise ValueError(f"preempt must be one of {', '.join(PREEMPT_MODES)}, got {self.preempt!r}")
+        if self.policy == "static" and self.preempt != "off":
+            raise ValueError(f"static batching reserves KV for the whole batch and never preempts; "
+                             f"preempt must be 'off', got {self.preempt!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.token_budget is not None and self.token_budget < 1:
