@@ -55,7 +55,10 @@ class BlockManager:
 
     def extra_blocks(self, request: Request, num_tokens: int) -> int:
         """Blocks ``request`` still needs so that its cache can hold ``num_tokens`` tokens."""
-        return max(0, blocks_for(num_tokens, self.block_size) - self.blocks_held(request))
+        table = self.tables.get(request.id)
+        held = len(table) if table is not None else 0
+        need = -(-num_tokens // self.block_size) - held
+        return need if need > 0 else 0
 
     def fits_at_all(self, num_tokens: int) -> bool:
         """Whether a sequence of ``num_tokens`` tokens could ever fit, with the device empty."""
@@ -69,6 +72,8 @@ class BlockManager:
     def allocate(self, request: Request, num_tokens: int) -> list[int]:
         """Grow ``request``'s table to hold ``num_tokens`` tokens; returns the new block ids."""
         need = self.extra_blocks(request, num_tokens)
+        if need == 0:
+            return []
         if need > len(self._free):
             raise RuntimeError(
                 f"request {request.id}: needs {need} blocks, {len(self._free)} free (call can_allocate first)"

@@ -41,9 +41,12 @@ def requests() -> list[Request]:
     return [Request(i, 0.0, p, o) for i, (p, o) in enumerate(LENGTHS)]
 
 
-def serve(net, config: SchedulerConfig, num_blocks: int = 256, host_blocks: int = 0, block_size: int = 4):
+def serve(net, config: SchedulerConfig, num_blocks: int = 256, host_blocks: int = 0, block_size: int = 4,
+          min_split_blocks: int | None = None):
     blocks = BlockManager(num_blocks, block_size, host_blocks)
     runner = ModelRunner(net, blocks, seed=SEED)
+    if min_split_blocks is not None:
+        runner.min_split_blocks = min_split_blocks
     policy = CheckedPolicy(make_policy(config, blocks), config.token_budget)
     result = LiveEngine(runner, policy).run(requests())
     for r in result.requests:
@@ -79,6 +82,26 @@ def test_outputs_are_not_degenerate(alone):
 def test_batched_outputs_equal_alone(net, alone, config):
     """Continuous batching, chunked prefill and static batches give every request its solo tokens."""
     assert serve(net, config).outputs == alone
+
+
+def test_decodes_split_into_length_groups_keep_outputs(net, alone):
+    """Decodes attending in several padded-length groups give the same tokens as one group."""
+    assert serve(net, SchedulerConfig("continuous"), min_split_blocks=1).outputs == alone
+
+
+@pytest.mark.parametrize("widths,min_saving,groups", [
+    ([], 1, []),
+    ([5], 1, [(0, 1)]),
+    ([4, 4, 4, 4], 1, [(0, 4)]),  # equal lengths: nothing to save
+    ([1, 1, 1, 40], 10, [(0, 3), (3, 4)]),
+    ([1, 1, 1, 40], 200, [(0, 4)]),  # the saving (117 blocks) does not pay for a call
+    ([1, 2, 3, 4, 5, 6, 7, 8], 1, [(0, 2), (2, 4), (4, 6), (6, 8)]),  # at most two levels deep
+])
+def test_split_decodes_groups(widths, min_saving, groups):
+    """Sorted decode widths split where padding saved pays for another attention call."""
+    from runtime.runner import split_decodes
+
+    assert split_decodes(widths, min_saving) == groups
 
 
 @pytest.mark.parametrize("policy,budget", [("continuous", None), ("chunked", 16)])

@@ -135,7 +135,8 @@ class ContinuousPolicy:
         return request.num_computed_tokens + num_new
 
     def _schedule_running(self, step: _Step) -> None:
-        order = sorted(self.running, key=lambda r: (not r.in_decode, self.key(r)))
+        key = self.key
+        order = sorted(self.running, key=lambda r: (r.num_generated == 0 or r.remaining_prefill != 1, key(r)))
         for r in order:
             if r.status is not Status.RUNNING:
                 continue  # preempted earlier in this step
