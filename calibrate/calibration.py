@@ -19,7 +19,6 @@ from pathlib import Path
 
 from calibrate.fit import fit
 from calibrate.grid import GridPoint, make_grid
-from calibrate.measure import SWAP_PROBE_BYTES, measure_grid, measure_host_link
 from calibrate.profile import DEFAULT_HOST_LINK_BYTES_PER_S, Profile
 from calibrate.samples import Sample
 from sim.models import get_model
@@ -84,6 +83,7 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     """
     import torch
 
+    from calibrate.measure import SWAP_PROBE_BYTES, measure_grid, measure_host_link
     from runtime.kvcache import blocks_from_memory, kv_bytes_per_token
     from runtime.runner import ModelRunner
     from runtime.weights import dtype_name, load_model, resolve_device, resolve_dtype

@@ -18,7 +18,9 @@ more. ``knee_decode_context_tokens`` is where the decodes' KV no longer fits a c
 CPUs). Each knee is chosen among the measured values by the fit's loss and left out (None,
 its coefficient 0) when it does not lower the loss by :data:`KNEE_MIN_GAIN`. Hinges with
 non-negative coefficients are convex and non-decreasing, so the prediction is non-negative and
-non-decreasing in every feature and stays sane outside the grid.
+non-decreasing in every feature and stays sane outside the grid. In the StepShape fields too,
+with one exception: when ``prefill_attention_tokens`` is 0 (estimated from the sums), more
+``prefill_seqs`` over the same tokens means shorter chunks and less estimated attention.
 
 The fit minimises relative error (rows weighted by 1 / step_ms), since steps span orders of
 magnitude and the error that matters is a percentage, under a robust soft-L1 loss (quadratic up

@@ -81,7 +81,7 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         contexts = [0, *_geometric(512, max_len, 4)]
         multi = [(s, c) for s in (2, 4, 8) for c in _geometric(32, step_cap // s, 4)]
         batches = _geometric(1, 256, 2)
-        decode_contexts = _geometric(16, max_len, 4)
+        decode_contexts = sorted({*_geometric(16, max_len, 4), max_len - 1})
         mixed = [(b, c, p, pc) for b in (1, 8, 32, 128) for c in (256, 2048) for p in (64, 512, 2048)
                  for pc in (0, 2048)]
     points = [GridPoint(prefill=((chunk, ctx),)) for chunk in chunks for ctx in contexts]

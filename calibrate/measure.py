@@ -28,6 +28,7 @@ from sim.request import Request
 UNBOUNDED_OUTPUT = 1 << 30
 """Fake requests never finish, so the runner keeps their token ids between repeats."""
 SWAP_PROBE_BYTES = 128 * 2**20
+"""KV bytes copied each way to time the host link: enough to reach its sustained rate."""
 
 
 @dataclass
@@ -102,52 +103,50 @@ def _sample(batch: Batch, times_ms: list[float]) -> Sample:
 
 def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 5, warmup: int = 1,
                  seed: int = 0, progress: bool = True) -> Measurement:
-    """Time every point ``warmup + repeats`` times and keep the last ``repeats``.
+    """Time every point: ``warmup`` untimed runs, then ``repeats`` timed ones, back to back.
 
-    The grid is swept in rounds, one run of every point per round, in an order shuffled with
-    ``seed`` each round: a burst of interference from the machine (another process, a clock
-    change) then hits one repeat of many points rather than every repeat of one, and the
-    median shrugs it off. Ctrl-C stops early and keeps every point timed at least once.
+    Back to back, because a serving engine runs similar steps in a row: timing a small step
+    right after a large one measures the caches the large one evicted (on CPU that doubles a
+    tiny model's decode step), not the step. The points go in an order shuffled with ``seed``,
+    so that slow drift of the machine spreads over the grid instead of biasing one family of
+    steps. Ctrl-C stops early and keeps every point timed at least once.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    rng = np.random.default_rng(seed)
     fakes = _FakeRequests()
-    seqs = [fakes.seqs(p) for p in grid]
-    times_ms: list[list[float]] = [[] for _ in grid]
-    batches: list[Batch | None] = [None] * len(grid)
-    out_of_memory: set[int] = set()
+    samples: list[Sample] = []
+    out_of_memory: list[GridPoint] = []
     t0 = time.perf_counter()
     interrupted = False
-    bar = tqdm(total=(warmup + repeats) * len(grid), unit="step", desc="calibrating", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(grid), unit="step", desc="calibrating", disable=not progress, leave=False)
     try:
-        for round_ in range(warmup + repeats):
-            for i in rng.permutation(len(grid)):
-                bar.update()
-                if i in out_of_memory:
-                    continue
-                try:
-                    step_ms, batches[i] = time_step(runner, seqs[i])
-                except torch.OutOfMemoryError:
-                    # The pool took the memory the engine would give it; a step whose activations
-                    # do not fit the rest cannot run live either, so it is left out, not fatal.
-                    out_of_memory.add(i)
-                    times_ms[i].clear()
-                    if runner.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                if round_ >= warmup:
-                    times_ms[i].append(step_ms)
+        for i in np.random.default_rng(seed).permutation(len(grid)):
+            seqs = fakes.seqs(grid[i])
+            times_ms: list[float] = []
+            try:
+                for k in range(warmup + repeats):
+                    step_ms, batch = time_step(runner, seqs)
+                    if k >= warmup:
+                        times_ms.append(step_ms)
+            except torch.OutOfMemoryError:
+                # The pool took the memory the engine would give it; a step whose activations
+                # do not fit the rest cannot run live either, so it is left out, not fatal.
+                out_of_memory.append(grid[i])
+                times_ms.clear()
+                if runner.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            finally:
+                if times_ms:  # also when Ctrl-C came in the middle of the repeats
+                    samples.append(_sample(batch, times_ms))
+            bar.update()
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         for r in fakes.requests.values():
             runner.release(r.id)
-    samples = [_sample(b, t) for b, t in zip(batches, times_ms, strict=True) if t and b is not None]
-    return Measurement(samples, interrupted, time.perf_counter() - t0,
-                       out_of_memory=[grid[i] for i in sorted(out_of_memory)])
+    return Measurement(samples, interrupted, time.perf_counter() - t0, out_of_memory)
 
 
 def measure_host_link(runner: ModelRunner, repeats: int = 3) -> float | None:

@@ -1,11 +1,37 @@
 """The calibration profile (a versioned JSON file) and the cost model it defines.
 
-A profile holds where it was measured (device, driver, CUDA, torch and transformers versions,
-model, dtype, KV layout, date), the fitted :class:`~calibrate.fit.StepModel`, its error, and
-the raw samples it was fitted on, so that it can be refitted or audited later. Every top-level
-field is required; the ones marked nullable below may be ``null`` (e.g. CUDA versions on CPU,
-the model of a profile fitted from a CSV). :class:`Profile` documents the fields;
-``schema_version`` changes whenever one is added, removed or changes meaning.
+A profile holds where it was measured, the fitted :class:`~calibrate.fit.StepModel`, its error,
+and the raw samples it was fitted on (so it can be refitted or audited). Every top-level field
+is required; those marked nullable may be ``null``. ``schema_version`` changes whenever a field
+is added, removed or changes meaning. Schema version 1::
+
+    schema_version        1
+    created_utc           ISO 8601 date, UTC
+    source                "measured" (servesim calibrate) | "csv:PATH" (servesim calibrate fit)
+    device                e.g. "NVIDIA H100 80GB HBM3", "cpu: AMD EPYC (2 logical cores)"
+    driver_version        NVIDIA driver (nullable: CPU, CSV fits)
+    cuda_version          torch's CUDA (nullable)
+    torch_version, transformers_version    (nullable for CSV fits)
+    torch_threads         CPU threads torch used (nullable: CUDA, CSV fits)
+    model                 preset name (nullable for CSV fits without --model)
+    weights               checkpoint path; null = random weights
+    dtype                 float32 | bfloat16 | float16
+    block_size            KV block, tokens
+    kv_bytes_per_token    K and V of every layer (nullable: then swaps cannot be priced)
+    kv_memory_bytes       memory of the KV pool (CUDA: what the engine gets; CPU: the pool
+                          calibration allocated) (nullable for CSV fits without --kv-memory-gib)
+    num_kv_blocks         kv_memory_bytes / (kv_bytes_per_token x block_size) (nullable)
+    host_link_bytes_per_s swap copy rate; host_link_source says measured | given | default
+    grid                  quick | full | custom (nullable for CSV fits)
+    seed                  weights, token ids, measuring order, cross-validation split
+    calibration_s         wall time of the calibration (nullable)
+    interrupted           true when Ctrl-C cut the grid short
+    out_of_memory_steps   grid points left out because the device ran out of memory
+    fit                   {"features": [...], "coefficients_ms": {feature: ms per unit},
+                           "knee_tokens": int|null, "knee_decode_context_tokens": int|null}
+    errors                {"folds": k, "held_out": TABLE|null, "in_sample": TABLE}, TABLE =
+                          {prefill|decode|mixed|all: {"n", "median_ape_pct", "p90_ape_pct"}}
+    samples               [{the columns of calibrate.samples.Sample}, ...]
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class RateScaler:
         if not rate > 0:
             raise ValueError(f"request rate must be > 0, got {rate}")
         if self.native_rate is not None:
+            assert isinstance(self.workload, TraceReplay)
             return dataclasses.replace(self.workload, time_scale=rate / self.native_rate)
         return dataclasses.replace(self.workload, rate=rate)
 

@@ -13,11 +13,16 @@ from sim.request import Request
 
 
 class Router(Protocol):
+    reads_kv: bool
+    """Whether routing reads KV blocks in use, which change inside a run of decode steps."""
+
     def route(self, request: Request, replicas: Sequence[Policy]) -> int:
         """Index of the replica that gets ``request``."""
 
 
 class RoundRobin:
+    reads_kv = False
+
     def __init__(self) -> None:
         self._next = 0
 
@@ -30,12 +35,16 @@ class RoundRobin:
 class LeastLoaded:
     """Fewest outstanding requests (queued plus running)."""
 
+    reads_kv = False
+
     def route(self, request: Request, replicas: Sequence[Policy]) -> int:
         return min(range(len(replicas)), key=lambda i: (replicas[i].num_waiting + replicas[i].num_running, i))
 
 
 class LeastKV:
     """Fewest KV blocks in use, then fewest queued requests."""
+
+    reads_kv = True
 
     def route(self, request: Request, replicas: Sequence[Policy]) -> int:
         return min(range(len(replicas)), key=lambda i: (replicas[i].kv.num_used, replicas[i].num_waiting, i))

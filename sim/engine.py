@@ -4,6 +4,13 @@ A replica loop asks its policy for a batch, lets simulated time pass by the cost
 of that batch, and tells the policy the step is done: the same loop the live engine runs with
 a wall clock. Ties at one timestamp are explicit: arrivals are scheduled with SimPy's URGENT
 priority, so a request arriving at time t is visible to every scheduling decision made at t.
+
+Fast path (the default; ``exact_steps=True`` turns it off): when a batch is only decodes, the
+policy says how many times it can repeat before it could decide differently
+(``repeat_limit``), and the loop prices all those steps at once - each one differs only by
+context length - and ends the run early at the first step that ends after an arrival the
+policy (or a KV-reading router) would react to. Times are summed in the same order as step
+by step, so both modes give the same timestamps.
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import simpy
 from simpy.core import URGENT
 
 from sim.cluster import Router
+from sim.batch import StepShape
 from sim.cost import CostModel
 from sim.metrics import GapRecorder, TimeSeries
 from sim.policies.base import Policy
@@ -31,15 +39,30 @@ class ReplicaStats:
     timeseries: TimeSeries = field(default_factory=TimeSeries)
 
 
+class ArrivalFeed:
+    """The time of the next request not yet handed to a replica (inf when none is left)."""
+
+    def __init__(self, requests: Sequence[Request]) -> None:
+        self.requests = requests
+        self.index = 0
+
+    @property
+    def next_s(self) -> float:
+        return self.requests[self.index].arrival_s if self.index < len(self.requests) else math.inf
+
+
 class Replica:
     """One engine: a policy (with its KV blocks) priced by a cost model."""
 
-    def __init__(self, index: int, policy: Policy, cost: CostModel) -> None:
+    def __init__(self, index: int, policy: Policy, cost: CostModel, feed: ArrivalFeed | None = None,
+                 watch_arrivals: bool = False) -> None:
         self.index = index
         self.policy = policy
         self.cost = cost
         self.stats = ReplicaStats()
         self._wakeup: simpy.Event | None = None
+        self.feed = feed  # None: step every iteration
+        self.watch_arrivals = watch_arrivals
 
     def admit(self, request: Request, now: float) -> None:
         request.replica = self.index
@@ -62,15 +85,45 @@ class Replica:
                     yield self._wakeup | env.timeout(max(0.0, wake_s - env.now))
                 self._wakeup = None
                 continue
-            step_s = self.cost.step_time(batch.shape())
+            shape = batch.shape()
+            step_s = self.cost.step_time(shape)
             if step_s < 0:
                 raise ValueError(f"cost model returned a negative step time {step_s}")
-            yield env.timeout(step_s)
-            last = [s.request.last_token_s for s in batch.seqs]
-            policy.on_step_done(batch, env.now)
-            stats.steps += 1
-            stats.busy_s += step_s
-            record_gaps(stats.itl, batch.seqs, last, env.now)
+            repeats = policy.repeat_limit(batch) if self.feed is not None else 1
+            if repeats == 1:
+                yield env.timeout(step_s)
+                last = [s.request.last_token_s for s in batch.seqs]
+                policy.on_step_done(batch, env.now)
+                stats.steps += 1
+                stats.busy_s += step_s
+                record_gaps(stats.itl, batch.seqs, last, env.now)
+                continue
+            ends_s, steps_s = self._run_ends(env.now, shape, step_s, repeats)
+            yield env.timeout(_delay_until(env.now, ends_s[-1]))
+            before = [(s.request.last_token_s, s.request.num_generated) for s in batch.seqs]
+            policy.on_steps_done(batch, ends_s)
+            stats.steps += len(ends_s)
+            for d in steps_s:
+                stats.busy_s += d
+            record_run_gaps(stats.itl, batch.seqs, before, ends_s)
+
+    def _run_ends(self, now: float, shape: StepShape, first_s: float, repeats: int) -> tuple[list[float], list[float]]:
+        """End times of up to ``repeats`` decode steps from ``now``; a step ending after the next
+        arrival that matters is not run (the arrival happens during or before it)."""
+        limit_s = math.inf
+        if self.watch_arrivals or self.policy.arrival_may_reschedule():
+            limit_s = self.feed.next_s
+        ends = [now + first_s]
+        steps = [first_s]
+        seqs, context = shape.decode_seqs, shape.decode_context_tokens
+        for j in range(1, repeats):
+            d = self.cost.step_time(replace(shape, decode_context_tokens=context + j * seqs))
+            end = ends[-1] + d
+            if end > limit_s:
+                break
+            ends.append(end)
+            steps.append(d)
+        return ends, steps
 
 
 def record_gaps(itl: GapRecorder, seqs, last_token_s: Sequence[float | None], now: float) -> None:
@@ -82,6 +135,29 @@ def record_gaps(itl: GapRecorder, seqs, last_token_s: Sequence[float | None], no
             gaps[gap] = gaps.get(gap, 0) + 1
     for gap, count in gaps.items():
         itl.add(gap, count)
+
+
+def record_run_gaps(itl: GapRecorder, seqs, before: Sequence[tuple[float | None, int]], ends_s: list[float]) -> None:
+    """Inter-token gaps of a run of decode steps: the first step's per sequence, then one gap
+    per step shared by every sequence that produced a token in it."""
+    produced = []
+    first_gaps: dict[float, int] = {}
+    for s, (prev, generated) in zip(seqs, before, strict=True):
+        k = s.request.num_generated - generated
+        produced.append(k)
+        if k > 0 and prev is not None:
+            gap = ends_s[0] - prev
+            first_gaps[gap] = first_gaps.get(gap, 0) + 1
+    for gap, count in first_gaps.items():
+        itl.add(gap, count)
+    produced.sort()
+    alive = len(produced)
+    i = 0
+    for j in range(1, len(ends_s)):
+        while i < len(produced) and produced[i] <= j:
+            i += 1
+            alive -= 1
+        itl.add(ends_s[j] - ends_s[j - 1], alive)
 
 
 def _urgent_timeout(env: simpy.Environment, delay: float) -> simpy.Event:
@@ -103,11 +179,12 @@ def _delay_until(now: float, t: float) -> float:
     return delay
 
 
-def arrivals(env: simpy.Environment, requests: Sequence[Request], replicas: Sequence[Replica], router: Router):
+def arrivals(env: simpy.Environment, feed: ArrivalFeed, replicas: Sequence[Replica], router: Router):
     policies = [r.policy for r in replicas]
-    for request in requests:
+    for request in feed.requests:
         if request.arrival_s > env.now:
             yield _urgent_timeout(env, _delay_until(env.now, request.arrival_s))
+        feed.index += 1
         replicas[router.route(request, policies)].admit(request, env.now)
 
 
@@ -125,8 +202,11 @@ class SimResult:
 
 
 def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cost: CostModel,
-             router: Router, num_replicas: int = 1, token_times: bool = False) -> SimResult:
-    """Replay ``requests`` (sorted by arrival) on ``num_replicas`` replicas until all are done."""
+             router: Router, num_replicas: int = 1, token_times: bool = False,
+             exact_steps: bool = False) -> SimResult:
+    """Replay ``requests`` (sorted by arrival) on ``num_replicas`` replicas until all are done.
+
+    ``exact_steps`` asks the policy at every iteration (the reference the fast path must match)."""
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
     if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
@@ -135,8 +215,10 @@ def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cos
         for r in requests:
             r.token_times_s = []
     env = simpy.Environment()
-    replicas = [Replica(i, make_policy(), cost) for i in range(num_replicas)]
-    env.process(arrivals(env, requests, replicas, router))
+    feed = ArrivalFeed(requests)
+    watch = num_replicas > 1 and router.reads_kv
+    replicas = [Replica(i, make_policy(), cost, None if exact_steps else feed, watch) for i in range(num_replicas)]
+    env.process(arrivals(env, feed, replicas, router))
     for replica in replicas:
         env.process(replica.loop(env))
     env.run()

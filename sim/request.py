@@ -75,6 +75,17 @@ class Request:
         """True when the next step computes exactly the last sampled token."""
         return self.num_generated >= 1 and self.remaining_prefill == 1
 
+    def record_tokens(self, times_s: list[float]) -> None:
+        """Count one sampled output token at each of ``times_s`` (ascending)."""
+        if not times_s:
+            return
+        self.num_generated += len(times_s)
+        if self.first_token_s is None:
+            self.first_token_s = times_s[0]
+        self.last_token_s = times_s[-1]
+        if self.token_times_s is not None:
+            self.token_times_s.extend(times_s)
+
     def record_token(self, now: float) -> None:
         """Count one sampled output token at time ``now``."""
         self.num_generated += 1

@@ -45,5 +45,5 @@ def run_simulation(config: SimConfig, requests: Sequence[Request], profile: Any 
         return make_policy(config.scheduler, make_block_manager(capacity))
 
     result = simulate(requests, policy_factory, cost, make_router(config.router), config.replicas,
-                      token_times=config.token_times)
+                      token_times=config.token_times, exact_steps=config.exact_steps)
     return SimRun(config, capacity, result)

@@ -41,7 +41,8 @@ def run(requests, config, num_blocks, block_size=4, host_blocks=0, cost=None, re
         checked.append(p)
         return p
 
-    result = simulate(requests, factory, cost or ConstantCost(0.01), make_router(router), replicas)
+    # Step by step, so that the checking wrapper sees every step.
+    result = simulate(requests, factory, cost or ConstantCost(0.01), make_router(router), replicas, exact_steps=True)
     return result, checked
 
 

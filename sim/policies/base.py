@@ -75,6 +75,17 @@ class Policy(Protocol):
     def next_wakeup_s(self, now: float) -> float | None:
         """When an idle policy may have work without a new arrival (a batching timeout)."""
 
+    def repeat_limit(self, batch: Batch) -> int:
+        """Times ``batch`` can run in a row, each decode one token further, with no decision
+        in between (1 when it cannot repeat). The simulator's fast path; the live engine
+        never asks."""
+
+    def arrival_may_reschedule(self) -> bool:
+        """Whether an arrival now could change the next batch."""
+
+    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
+        """Account ``len(ends_s)`` repeats of ``batch`` that ended at ``ends_s``."""
+
     @property
     def num_waiting(self) -> int:
         """Requests queued and not running (swapped ones included)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import heapq
 import math
 
+import numpy as np
+
 from sim.batch import Batch, ScheduledSeq
 from sim.kv import BlockManager, blocks_for
 from sim.policies.base import SchedulerConfig, register
@@ -113,6 +115,65 @@ class ContinuousPolicy:
                     r.finish_s = now
                     self.kv.free(r)
                     finished.append(r)
+        if finished:
+            self.running = [r for r in self.running if r.status is Status.RUNNING]
+        return finished
+
+    # -- runs of identical decode steps (the simulator's fast path) ---------------------------
+    def repeat_limit(self, batch: Batch) -> int:
+        """How many steps in a row ``batch`` can run, every decode one token further each step,
+        before this policy could decide differently: the first finish, or the first step whose
+        new KV blocks the pool cannot supply (a preemption). Arrivals are the executor's to
+        watch, through :meth:`arrival_may_reschedule`."""
+        if batch.swap_out_blocks or batch.swap_in_blocks or batch.preempted or batch.padding.num_tokens:
+            return 1
+        if not all(s.is_decode for s in batch.seqs):
+            return 1
+        if self.config.order == "priority" and self.config.preempt != "off" and self.waiting:
+            return 1  # a waiting request may become worth a priority preemption as blocks run out
+        n = min(s.request.output_tokens - s.request.num_generated for s in batch.seqs)
+        if n <= 1 or self.config.preempt == "off":
+            return max(n, 1)
+        bs = self.kv.block_size
+        # Step j caches start + j tokens; a request first needs a new block at step
+        # held * bs - start + 1 and then every bs steps. The step at which the pool's free
+        # blocks run out would preempt, so the run stops before it.
+        first = np.array([self.kv.blocks_held(s.request) * bs - s.start + 1 for s in batch.seqs], dtype=np.int64)
+        first = first[first <= n]
+        counts = (n - first) // bs + 1
+        free = self.kv.num_free
+        if int(counts.sum()) <= free:
+            return n
+        events = np.sort(np.concatenate([np.arange(f, n + 1, bs) for f in first]))
+        return max(1, int(events[free]) - 1)
+
+    def arrival_may_reschedule(self) -> bool:
+        """Whether an arrival now could change the next step (else a run may go past it)."""
+        if self.config.order == "priority" and self.config.preempt != "off":
+            return True
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        # FCFS: a newcomer queues behind a head that cannot be admitted now, and nothing in a
+        # run of decodes frees a slot or a block for that head.
+        return not (self.config.order == "fcfs" and (self.waiting or self.swapped))
+
+    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
+        """Account ``len(ends_s)`` repeats of a decode ``batch`` (see :meth:`repeat_limit`)."""
+        if len(ends_s) == 1:
+            return self.on_step_done(batch, ends_s[0])
+        m = len(ends_s)
+        finished: list[Request] = []
+        for s in batch.seqs:
+            r = s.request
+            if self.config.preempt != "off":
+                self.kv.allocate(r, s.start + m)
+            r.num_computed_tokens = s.start + m
+            r.record_tokens(ends_s)
+            if r.is_done:
+                r.status = Status.FINISHED
+                r.finish_s = ends_s[-1]
+                self.kv.free(r)
+                finished.append(r)
         if finished:
             self.running = [r for r in self.running if r.status is Status.RUNNING]
         return finished

@@ -103,6 +103,36 @@ class StaticPolicy:
         )
         return Batch(seqs=seqs, padding=padding, block_size=self.kv.block_size)
 
+    def repeat_limit(self, batch: Batch) -> int:
+        """Decode steps left in the running batch: its shape only grows in context until the end."""
+        if self.steps_done == 0:
+            return 1
+        return max(r.output_tokens - r.num_generated for r in self.batch)
+
+    def arrival_may_reschedule(self) -> bool:
+        return not self.batch
+
+    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
+        """Account ``len(ends_s)`` decode steps of the running batch."""
+        if len(ends_s) == 1:
+            return self.on_step_done(batch, ends_s[0])
+        finished: list[Request] = []
+        for s in batch.seqs:
+            r = s.request
+            produced = min(len(ends_s), r.output_tokens - r.num_generated)
+            r.num_computed_tokens = s.start + produced
+            r.record_tokens(ends_s[:produced])
+            if r.is_done:
+                r.status = Status.FINISHED
+                r.finish_s = ends_s[produced - 1]
+                finished.append(r)
+        self.steps_done += len(ends_s)
+        if all(r.is_done for r in self.batch):
+            for r in self.batch:
+                self.kv.free(r)
+            self.batch = []
+        return finished
+
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:
         finished: list[Request] = []
         for s in batch.seqs:

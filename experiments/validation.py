@@ -1,0 +1,248 @@
+"""Sim-vs-live validation: the same requests, policy, seed and KV pool served twice, once by
+the live engine (:mod:`runtime`) and once by the simulator priced with a calibrated profile,
+then compared metric by metric and step by step.
+
+Two errors are reported:
+
+- per metric (TTFT, TPOT, ITL, E2EL: mean, median, p90, p99; throughputs; preemptions): the
+  relative error ``(sim - live) / live`` of the whole run;
+- per step: every step the live engine ran (its :class:`~sim.batch.StepShape` from the step
+  log) priced by the profile, against the measured time. This isolates the cost model from
+  the queueing that amplifies or hides its error in the run metrics.
+
+The KV pool of both runs is one :class:`~sim.config.Capacity`, so the simulator's scheduler
+sees exactly the blocks the live engine's pool has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.cluster import make_router
+from sim.config import Capacity, make_block_manager
+from sim.cost import CostModel
+from sim.engine import SimResult, simulate
+from sim.kv import blocks_for
+from sim.metrics import summarize
+from sim.policies import make_policy
+from sim.policies.base import SchedulerConfig
+from sim.request import Request
+from sim.workload import TraceReplay
+
+PERCENTILES = (90.0, 99.0)
+LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2EL"))
+STATS = ("mean", "median", "p90", "p99")
+SCALARS = (("request_throughput", "request throughput (req/s)"),
+           ("output_throughput", "output throughput (tok/s)"),
+           ("num_preemptions", "preemptions"))
+CPU_MAX_KV_BLOCKS = 2048
+"""Default pool on CPU: room for every request at once, at most this many blocks (as ``servesim run``)."""
+
+
+def metric_names() -> list[tuple[str, str]]:
+    """(summary key, label) of every compared metric, in table order."""
+    out = [(f"{stat}_{key}_ms", f"{stat} {label} (ms)") for key, label in LATENCIES for stat in STATS]
+    return out + list(SCALARS)
+
+
+def rel_error(live: float, sim: float) -> float | None:
+    """(sim - live) / live; 0 when both are 0, None when only live is."""
+    if live == 0:
+        return 0.0 if sim == 0 else None
+    return (sim - live) / live
+
+
+# -- workload and capacity ---------------------------------------------------------------------
+
+
+def default_kv_blocks(requests: Sequence[Request], block_size: int) -> int:
+    """Room for every request at once (so a run at moderate load never preempts), capped."""
+    need = sum(blocks_for(r.max_tokens, block_size) for r in requests)
+    return max(1, min(CPU_MAX_KV_BLOCKS, need))
+
+
+def native_rate(workload: TraceReplay) -> float:
+    """Mean request rate of the slice as recorded, (n - 1) / span, in req/s."""
+    requests = dataclasses.replace(workload, time_scale=1.0).requests()
+    span_s = requests[-1].arrival_s - requests[0].arrival_s
+    if len(requests) < 2 or span_s <= 0:
+        raise ValueError("the trace slice needs at least 2 requests at different times to scale it to a load")
+    return (len(requests) - 1) / span_s
+
+
+def all_at_once(requests: Sequence[Request]) -> list[Request]:
+    """Fresh copies of ``requests`` that all arrive at t = 0."""
+    return [Request(r.id, 0.0, r.prompt_tokens, r.output_tokens, r.priority) for r in requests]
+
+
+def saturation_throughput(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity,
+                          cost: CostModel) -> float:
+    """Request throughput (req/s) the simulator predicts with every request queued at t = 0:
+    the most this engine can serve of this mix."""
+    result = simulate_run(all_at_once(requests), scheduler, capacity, cost)
+    summary = summarize(result.requests, result.itl(), PERCENTILES)
+    if summary["request_throughput"] <= 0:
+        raise ValueError("no request completed in the saturation run (do they fit the KV pool?)")
+    return float(summary["request_throughput"])
+
+
+def time_scale_for_load(workload: TraceReplay, load: float, capacity_rps: float) -> float:
+    """The time scale that makes the slice's mean arrival rate ``load`` x ``capacity_rps``."""
+    if not load > 0:
+        raise ValueError(f"load must be > 0 (a fraction of capacity), got {load}")
+    return load * capacity_rps / native_rate(workload)
+
+
+# -- the two executors ---------------------------------------------------------------------------
+
+
+def simulate_run(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity,
+                 cost: CostModel) -> SimResult:
+    """One replica in the simulator with exactly ``capacity`` (device and host blocks)."""
+    return simulate(requests, lambda: make_policy(scheduler, make_block_manager(capacity)), cost,
+                    make_router("round_robin"), 1)
+
+
+@dataclass(frozen=True)
+class LiveSetup:
+    """How to build the live engine; ``threads`` None keeps torch's default."""
+
+    model: str
+    device: str = "auto"
+    dtype: str | None = None
+    threads: int | None = None
+    seed: int = 0
+    collect_garbage: bool = False
+    """False: Python's cyclic GC is paused during the run (as serving engines freeze it), so
+    its pauses do not land in random steps; the calibration grid does not see them either."""
+
+
+def live_run(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, setup: LiveSetup,
+             progress: bool = True):
+    """Serve ``requests`` on the live engine; returns its ``LiveResult`` (with the step log)."""
+    import torch
+
+    from runtime.engine import LiveEngine
+    from runtime.runner import ModelRunner
+    from runtime.weights import load_model, resolve_device, resolve_dtype
+    from sim.kv import BlockManager
+    from sim.models import get_model
+
+    spec = get_model(setup.model)
+    dev = resolve_device(setup.device)
+    if setup.threads is not None:
+        torch.set_num_threads(setup.threads)
+    net = load_model(spec, None, resolve_dtype(setup.dtype, dev), dev, setup.seed)
+    blocks = BlockManager(capacity.num_blocks, capacity.block_size, capacity.num_host_blocks)
+    runner = ModelRunner(net, blocks, seed=setup.seed)
+    engine = LiveEngine(runner, make_policy(scheduler, blocks), progress=progress)
+    paused = gc.isenabled() and not setup.collect_garbage
+    if paused:
+        gc.collect()
+        gc.disable()
+    try:
+        return engine.run(requests)
+    finally:
+        if paused:
+            gc.enable()
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepErrors:
+    """Measured and predicted seconds of every live step, and their relative errors."""
+
+    measured_s: np.ndarray
+    predicted_s: np.ndarray
+
+    @property
+    def rel_errors(self) -> np.ndarray:
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    def summary(self) -> dict[str, float]:
+        """Median and p90 of |relative error|, and the median signed error (the bias)."""
+        if self.measured_s.size == 0:
+            return {"median_step_rel_error": 0.0, "p90_step_rel_error": 0.0, "median_step_signed_error": 0.0}
+        err = self.rel_errors
+        return {"median_step_rel_error": float(np.median(np.abs(err))),
+                "p90_step_rel_error": float(np.percentile(np.abs(err), 90)),
+                "median_step_signed_error": float(np.median(err))}
+
+
+def step_errors(step_log: Sequence[tuple[Any, float]], cost: CostModel) -> StepErrors:
+    """Price every logged live step ``(shape, measured_s)`` with ``cost``."""
+    measured = np.array([s for _, s in step_log], dtype=np.float64)
+    predicted = np.array([cost.step_time(shape) for shape, _ in step_log], dtype=np.float64)
+    return StepErrors(measured, predicted)
+
+
+def compare_summaries(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{metric: {"live", "sim", "rel_error"}}`` for every metric of :func:`metric_names`."""
+    return {key: {"live": float(live[key]), "sim": float(sim[key]), "rel_error": rel_error(live[key], sim[key])}
+            for key, _ in metric_names()}
+
+
+@dataclass
+class Validation:
+    """Both runs, their summaries, and the errors."""
+
+    live: Any
+    """The live engine's ``LiveResult``."""
+    sim: SimResult
+    live_summary: dict[str, Any]
+    sim_summary: dict[str, Any]
+    metrics: dict[str, dict[str, float | None]]
+    steps: StepErrors
+
+    def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
+        out: dict[str, Any] = dict(self.metrics)
+        out.update(self.steps.summary())
+        out["num_steps"] = int(self.steps.measured_s.size)
+        out["completed"] = {"live": self.live_summary["completed"], "sim": self.sim_summary["completed"]}
+        return out | (extra or {})
+
+
+def validate(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, cost: CostModel,
+             setup: LiveSetup, progress: bool = True) -> Validation:
+    """Run ``requests`` live and simulated (each on fresh copies) and compare."""
+    fresh = [dataclasses.replace(r) for r in requests]
+    live = live_run(fresh, scheduler, capacity, setup, progress)
+    sim = simulate_run([dataclasses.replace(r) for r in requests], scheduler, capacity, cost)
+    live_summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
+    sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+    return Validation(live, sim, live_summary, sim_summary, compare_summaries(live_summary, sim_summary),
+                      step_errors(live.step_log, cost))
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if pct:
+        return f"{value * 100:+.1f}%"
+    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+def format_table(v: Validation) -> str:
+    """The metrics table (live, sim, relative error) and the step error lines."""
+    label_w = max(len(label) for _, label in metric_names())
+    lines = [f"{'metric':<{label_w}}  {'live':>10}  {'sim':>10}  {'error':>8}",
+             f"{'-' * label_w}  {'-' * 10}  {'-' * 10}  {'-' * 8}"]
+    for key, label in metric_names():
+        m = v.metrics[key]
+        lines.append(f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  "
+                     f"{_fmt(m['rel_error'], pct=True):>8}")
+    s = v.steps.summary()
+    lines.append(f"per-step error over {v.steps.measured_s.size} live steps: median |err| "
+                 f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "
+                 f"median signed {s['median_step_signed_error'] * 100:+.1f}%")
+    return "\n".join(lines)
