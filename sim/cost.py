@@ -6,7 +6,10 @@ Implementations: :class:`sim.roofline.RooflineCost` (from a model and a hardware
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
+
+import numpy as np
 
 from sim.batch import StepShape
 
@@ -15,6 +18,18 @@ class CostModel(Protocol):
     def step_time(self, shape: StepShape) -> float:
         """Seconds the whole engine step takes (scheduling, input preparation, forward pass,
         sampling, and any swap copies it carries). Never negative."""
+
+
+def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> np.ndarray:
+    """Step times of ``shape`` repeated ``n`` times with every decode one token further.
+
+    A cost model may provide ``decode_run_times(shape, n)`` computing the same values
+    element-wise in numpy (the simulator's fast path); otherwise each step is priced alone."""
+    vectorised = getattr(cost, "decode_run_times", None)
+    if vectorised is not None:
+        return np.asarray(vectorised(shape, n), dtype=np.float64)
+    seqs, context = shape.decode_seqs, shape.decode_context_tokens
+    return np.array([cost.step_time(replace(shape, decode_context_tokens=context + j * seqs)) for j in range(n)])
 
 
 class ConstantCost:
@@ -27,3 +42,6 @@ class ConstantCost:
 
     def step_time(self, shape: StepShape) -> float:
         return self.step_s
+
+    def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
+        return np.full(n, self.step_s)

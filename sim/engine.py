@@ -18,14 +18,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 from simpy.core import URGENT
 
-from sim.cluster import Router
 from sim.batch import StepShape
-from sim.cost import CostModel
+from sim.cluster import Router
+from sim.cost import CostModel, decode_run_times
 from sim.metrics import GapRecorder, TimeSeries
 from sim.policies.base import Policy
 from sim.request import Request
@@ -113,17 +114,12 @@ class Replica:
         limit_s = math.inf
         if self.watch_arrivals or self.policy.arrival_may_reschedule():
             limit_s = self.feed.next_s
-        ends = [now + first_s]
-        steps = [first_s]
-        seqs, context = shape.decode_seqs, shape.decode_context_tokens
-        for j in range(1, repeats):
-            d = self.cost.step_time(replace(shape, decode_context_tokens=context + j * seqs))
-            end = ends[-1] + d
-            if end > limit_s:
-                break
-            ends.append(end)
-            steps.append(d)
-        return ends, steps
+        steps = decode_run_times(self.cost, shape, repeats)
+        steps[0] = first_s
+        # Sequential sums from ``now``, exactly as stepping one at a time adds them.
+        ends = np.cumsum(np.concatenate(([now], steps)))[1:]
+        m = max(1, int(np.searchsorted(ends, limit_s, side="right")))
+        return ends[:m].tolist(), steps[:m].tolist()
 
 
 def record_gaps(itl: GapRecorder, seqs, last_token_s: Sequence[float | None], now: float) -> None:

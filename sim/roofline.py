@@ -8,6 +8,8 @@ step, the KV cache every sequence attends to, and the KV written for the new tok
 
 from __future__ import annotations
 
+import numpy as np
+
 from sim.batch import StepShape
 from sim.hardware import HardwareSpec
 from sim.models import ModelSpec, dtype_bytes
@@ -33,5 +35,18 @@ class RooflineCost:
         kv_write = shape.num_tokens
         memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
         forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
+        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
+        return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
+
+    def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
+        """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
+        same arithmetic in the same order, element-wise, so the values are identical."""
+        context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
+        pairs = shape.attention_work + context + shape.decode_seqs
+        flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
+        kv_read = context + shape.prefill_context_tokens
+        kv_write = shape.num_tokens
+        memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
+        forward_s = np.maximum(flops / self.compute_rate, memory_bytes / self.memory_rate)
         swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
         return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
