@@ -72,24 +72,26 @@ def chunk_attention(chunk: int, context: int) -> float:
     return chunk * (context + (chunk + 1) / 2)
 
 
-@dataclass(frozen=True)
 class ScheduledSeq:
-    """``num_new_tokens`` of ``request`` computed this step, starting at cache offset ``start``."""
+    """``num_new_tokens`` of ``request`` computed this step, starting at cache offset ``start``.
 
-    request: Request
-    start: int
-    num_new_tokens: int
+    ``is_decode`` (the step computes exactly the last sampled token) and ``samples_token``
+    (the cache covers every token after the step, so the next output is sampled) are fixed
+    when the step is scheduled, before the step changes the request's counts.
+    """
 
-    @property
-    def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.request.num_generated >= 1 and (
-            self.start == self.request.num_tokens - 1
-        )
+    __slots__ = ("is_decode", "num_new_tokens", "request", "samples_token", "start")
 
-    @property
-    def samples_token(self) -> bool:
-        """Whether this step ends with every token cached, so the next output is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __init__(self, request: Request, start: int, num_new_tokens: int) -> None:
+        self.request = request
+        self.start = start
+        self.num_new_tokens = num_new_tokens
+        total = request.prompt_tokens + request.num_generated
+        self.samples_token = start + num_new_tokens == total
+        self.is_decode = num_new_tokens == 1 and request.num_generated >= 1 and start == total - 1
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq(request={self.request.id}, start={self.start}, num_new_tokens={self.num_new_tokens})"
 
 
 @dataclass

@@ -18,6 +18,7 @@ running request never needs a block that is not there.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 
@@ -196,29 +197,51 @@ class ContinuousPolicy:
         return request.num_computed_tokens + num_new
 
     def _schedule_running(self, step: _Step) -> None:
-        key = self.key
-        order = sorted(self.running, key=lambda r: (r.num_generated == 0 or r.remaining_prefill != 1, key(r)))
-        for r in order:
+        # self.running is kept in queue order; decodes go first, then unfinished prefills.
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        for r in self.running:
+            if r.num_generated and r.prompt_tokens + r.num_generated - r.num_computed_tokens == 1:
+                decodes.append(r)
+            else:
+                prefills.append(r)
+        kv, tables, bs = self.kv, self.kv.tables, self.kv.block_size
+        reserved = self.config.preempt == "off"
+        for r in decodes:
             if r.status is not Status.RUNNING:
                 continue  # preempted earlier in this step
             if step.budget_left <= 0:
-                break
+                return
+            hold = r.num_computed_tokens + 1
+            if not reserved and hold > len(tables[r.id]) * bs and not self._make_room(r, hold, step):
+                continue
+            step.add(ScheduledSeq(r, r.num_computed_tokens, 1))
+        for r in prefills:
+            if r.status is not Status.RUNNING:
+                continue
+            if step.budget_left <= 0:
+                return
             n = self._chunk(r, step)
             if n == 0:
                 continue
             hold = self._tokens_to_hold(r, n)
-            while not self.kv.can_allocate(r, hold):
-                victim = self._victim(exclude=r, step=step)
-                if victim is None or self.key(victim) < self.key(r):
-                    victim = r
-                self._preempt(victim, step)
-                step.memory_preempted = True
-                if victim is r:
-                    break
-            if r.status is not Status.RUNNING:
+            if not self._make_room(r, hold, step):
                 continue
-            self.kv.allocate(r, hold)
             step.add(ScheduledSeq(r, r.num_computed_tokens, n))
+
+    def _make_room(self, r: Request, hold: int, step: _Step) -> bool:
+        """Allocate blocks for ``r`` to hold ``hold`` tokens, preempting victims if needed;
+        False when ``r`` itself was preempted."""
+        while not self.kv.can_allocate(r, hold):
+            victim = self._victim(exclude=r, step=step)
+            if victim is None or self.key(victim) < self.key(r):
+                victim = r
+            self._preempt(victim, step)
+            step.memory_preempted = True
+            if victim is r:
+                return False
+        self.kv.allocate(r, hold)
+        return True
 
     def _schedule_swapped(self, step: _Step, now: float) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs and step.budget_left > 0:
@@ -235,7 +258,7 @@ class ContinuousPolicy:
             step.swapped_in.add(r.id)
             self.kv.allocate(r, self._tokens_to_hold(r, n))
             r.status = Status.RUNNING
-            self.running.append(r)
+            self._run(r)
             step.add(ScheduledSeq(r, r.num_computed_tokens, n))
 
     def _schedule_waiting(self, step: _Step, now: float) -> None:
@@ -252,8 +275,12 @@ class ContinuousPolicy:
             r.status = Status.RUNNING
             if r.first_scheduled_s is None:
                 r.first_scheduled_s = now
-            self.running.append(r)
+            self._run(r)
             step.add(ScheduledSeq(r, r.num_computed_tokens, n))
+
+    def _run(self, request: Request) -> None:
+        """Add ``request`` to the running list, which stays in queue order."""
+        bisect.insort(self.running, request, key=self.key)
 
     def _preempt_for_priority(self, step: _Step) -> None:
         if not self.waiting:
