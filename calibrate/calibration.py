@@ -74,7 +74,8 @@ def device_provenance(device) -> dict:
 
 
 def run_calibration(model: str, weights: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                    block_size: int = 16, quick: bool = False, seed: int = 0, repeats: int = 5, warmup: int = 1,
+                    block_size: int = 16, quick: bool = False, seed: int = 0, repeats: int = 3, warmup: int = 1,
+                    passes: int = 2,
                     threads: int | None = None, memory_utilization: float = 0.9, folds: int = 5,
                     grid: Sequence[GridPoint] | None = None, progress: bool = True) -> Profile:
     """Calibrate ``model`` on ``device``: time the grid (or ``grid`` when given), fit, return the profile.
@@ -111,7 +112,8 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     blocks = BlockManager(num_blocks, block_size, num_host_blocks=host_blocks)
     runner = ModelRunner(net, blocks, seed=seed)
     link = measure_host_link(runner)
-    measured = measure_grid(runner, points, repeats=repeats, warmup=warmup, seed=seed, progress=progress)
+    measured = measure_grid(runner, points, repeats=repeats, warmup=warmup, passes=passes, seed=seed,
+                            progress=progress)
     if not measured.samples:
         raise CalibrationError("calibration interrupted before any step was measured; nothing to fit")
     result = fit(measured.samples, folds=folds, seed=seed)

@@ -101,52 +101,54 @@ def _sample(batch: Batch, times_ms: list[float]) -> Sample:
     )
 
 
-def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 5, warmup: int = 1,
-                 seed: int = 0, progress: bool = True) -> Measurement:
-    """Time every point: ``warmup`` untimed runs, then ``repeats`` timed ones, back to back.
+def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 3, warmup: int = 1,
+                 passes: int = 2, seed: int = 0, progress: bool = True) -> Measurement:
+    """Time every point ``repeats x passes`` times and keep the median, min and max.
 
-    Back to back, because a serving engine runs similar steps in a row: timing a small step
-    right after a large one measures the caches the large one evicted (on CPU that doubles a
-    tiny model's decode step), not the step. The points go in an order shuffled with ``seed``,
-    so that slow drift of the machine spreads over the grid instead of biasing one family of
-    steps. Ctrl-C stops early and keeps every point timed at least once.
+    Each visit of a point runs it ``warmup`` times untimed, then ``repeats`` times timed, back
+    to back: a serving engine runs similar steps in a row, and timing a small step right after
+    a large one measures the caches the large one evicted (on CPU that doubles a tiny model's
+    decode step), not the step. The grid is visited ``passes`` times, each in an order
+    shuffled with ``seed``, so that a burst of interference from the machine hits one visit of
+    a point rather than all its repeats, and drift spreads over the grid. Ctrl-C stops early
+    and keeps every point timed at least once.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if repeats < 1 or warmup < 0 or passes < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, passes >= 1; got {repeats}, {warmup}, {passes}")
+    rng = np.random.default_rng(seed)
     fakes = _FakeRequests()
-    samples: list[Sample] = []
-    out_of_memory: list[GridPoint] = []
+    seqs = [fakes.seqs(p) for p in grid]
+    times_ms: list[list[float]] = [[] for _ in grid]
+    batches: list[Batch | None] = [None] * len(grid)
+    out_of_memory: set[int] = set()
     t0 = time.perf_counter()
     interrupted = False
-    bar = tqdm(total=len(grid), unit="step", desc="calibrating", disable=not progress, leave=False)
+    bar = tqdm(total=passes * len(grid), unit="step", desc="calibrating", disable=not progress, leave=False)
     try:
-        for i in np.random.default_rng(seed).permutation(len(grid)):
-            seqs = fakes.seqs(grid[i])
-            times_ms: list[float] = []
-            try:
-                for k in range(warmup + repeats):
-                    step_ms, batch = time_step(runner, seqs)
-                    if k >= warmup:
-                        times_ms.append(step_ms)
-            except torch.OutOfMemoryError:
-                # The pool took the memory the engine would give it; a step whose activations
-                # do not fit the rest cannot run live either, so it is left out, not fatal.
-                out_of_memory.append(grid[i])
-                times_ms.clear()
-                if runner.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            finally:
-                if times_ms:  # also when Ctrl-C came in the middle of the repeats
-                    samples.append(_sample(batch, times_ms))
-            bar.update()
+        for _ in range(passes):
+            for i in rng.permutation(len(grid)):
+                if i not in out_of_memory:
+                    try:
+                        for k in range(warmup + repeats):
+                            step_ms, batches[i] = time_step(runner, seqs[i])
+                            if k >= warmup:
+                                times_ms[i].append(step_ms)
+                    except torch.OutOfMemoryError:
+                        # The pool took the memory the engine would give it; a step whose
+                        # activations do not fit the rest cannot run live either: left out.
+                        out_of_memory.add(i)
+                        times_ms[i].clear()
+                        if runner.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                bar.update()
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         for r in fakes.requests.values():
             runner.release(r.id)
-    return Measurement(samples, interrupted, time.perf_counter() - t0, out_of_memory)
+    samples = [_sample(b, t) for b, t in zip(batches, times_ms, strict=True) if t and b is not None]
+    return Measurement(samples, interrupted, time.perf_counter() - t0, [grid[i] for i in sorted(out_of_memory)])
 
 
 def measure_host_link(runner: ModelRunner, repeats: int = 3) -> float | None:

@@ -10,7 +10,9 @@
 
 Every engine gets the same random weights, the same synthetic prompt ids and the same output
 lengths, all requests arriving at t = 0 (an offline batch), EOS ignored. Warm-up is excluded.
-Throughput = output tokens / (last finish - start). Run::
+Throughput = output tokens / (last finish - start). On CPU every engine runs with one torch
+thread unless ``--threads`` says otherwise: a small model's kernels are too short to split, and
+on a shared machine a second thread's spin-waits cost all three engines several times over. Run::
 
     python -m experiments.bench_runtime --model tiny --device cpu --num-requests 64
 """
@@ -107,12 +109,15 @@ def bench_hf_continuous(hf, requests: list[Request], seed: int, max_num_seqs: in
 @click.option("--dtype", default=None, help="Default: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--num-requests", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prompt-dist", default="uniform:16:512", show_default=True)
-@click.option("--output-dist", default="uniform:16:256", show_default=True)
+@click.option("--prompt-tokens", "prompt_dist", default="uniform:16:512", show_default=True, metavar="DIST",
+              help="Prompt lengths: N, fixed:N, uniform:A:B, zipf:A:MAX, empirical:FILE.")
+@click.option("--output-tokens", "output_dist", default="uniform:16:256", show_default=True, metavar="DIST",
+              help="Output lengths, same forms.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="hf-static batch size.")
 @click.option("--max-num-seqs", type=int, default=64, show_default=True,
               help="Concurrent sequences for both continuous engines.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads for all three engines.")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads for all three engines (default on CPU: 1, see above).")
 def main(model: str, device: str, dtype: str | None, num_requests: int, seed: int, prompt_dist: str,
          output_dist: str, batch_size: int, max_num_seqs: int, threads: int | None) -> None:
     """Serve one workload with servesim, hf-static and transformers' continuous batching."""
@@ -120,10 +125,12 @@ def main(model: str, device: str, dtype: str | None, num_requests: int, seed: in
 
     from runtime.weights import build_hf_model, dtype_name, load_model, resolve_device, resolve_dtype
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     spec = get_model(model)
     dev = resolve_device(device)
+    if threads is None and dev.type == "cpu":
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch_dtype = resolve_dtype(dtype, dev)
     net = load_model(spec, None, torch_dtype, dev, seed)
     hf = build_hf_model(spec, net.hf_state_dict(), torch_dtype, dev)

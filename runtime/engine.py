@@ -97,7 +97,7 @@ class LiveEngine:
                                        "nothing scheduled, no arrival or wake-up to wait for")
                 self.sleep(max(0.0, min(targets) - now()))
                 continue
-            shape = batch.shape()  # before the step: is_decode reads the requests' token counts
+            shape = batch.shape()  # what a cost model prices for this step (validation compares)
             runner.execute(batch)
             end = now()
             last = [s.request.last_token_s for s in batch.seqs]

@@ -258,7 +258,8 @@ class Transformer(nn.Module):
         from runtime.weights import hf_param_shapes
 
         expected = hf_param_shapes(self.spec)
-        given = dict(state)
+        # Older Llama checkpoints store RoPE's inv_freq buffers; they are recomputed, not loaded.
+        given = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         if self.spec.tie_embeddings:
             given.pop("lm_head.weight", None)  # a tied checkpoint may carry the copy
         missing = sorted(set(expected) - set(given))

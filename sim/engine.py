@@ -114,6 +114,10 @@ class Replica:
         limit_s = math.inf
         if self.watch_arrivals or self.policy.arrival_may_reschedule():
             limit_s = self.feed.next_s
+        if limit_s < math.inf:
+            # Cutting a run short is always exact (the scheduler is simply asked again), so
+            # price only the steps that could fit before the arrival if none got slower.
+            repeats = min(repeats, int((limit_s - now) / first_s) + 2)
         steps = decode_run_times(self.cost, shape, repeats)
         steps[0] = first_s
         # Sequential sums from ``now``, exactly as stepping one at a time adds them.

@@ -114,7 +114,7 @@ def shapes(draw, exact_attention: bool):
     tokens = draw(st.integers(seqs, 8192)) if seqs else 0
     context = draw(st.integers(0, 32768)) if seqs else 0
     decodes = draw(st.integers(0, 256))
-    attention = draw(st.floats(0, 1e9)) if exact_attention and tokens else 0.0
+    attention = draw(st.floats(1, 1e9)) if exact_attention and tokens else 0.0  # 0 would mean "estimate"
     return StepShape(prefill_tokens=tokens, prefill_seqs=seqs, prefill_context_tokens=context, decode_seqs=decodes,
                      decode_context_tokens=draw(st.integers(0, 10**6)) if decodes else 0,
                      prefill_attention_tokens=attention)

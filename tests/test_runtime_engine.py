@@ -24,8 +24,8 @@ from sim.policies import SchedulerConfig, make_policy  # noqa: E402
 from sim.request import Request, Status  # noqa: E402
 from sim.workload import SyntheticWorkload  # noqa: E402
 
-SMALL = ["--threads", "1", "--no-progress", "--num-requests", "6", "--rate", "200", "--prompt-dist", "uniform:4:40",
-         "--output-dist", "uniform:2:12"]
+SMALL = ["--threads", "1", "--no-progress", "--arrival", "poisson", "--num-requests", "6", "--rate", "200",
+         "--prompt-tokens", "uniform:4:40", "--output-tokens", "uniform:2:12"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,7 +111,7 @@ def test_cli_run_writes_the_run_directory(tmp_path, engine_name):
     res = CliRunner().invoke(run, [*SMALL, "--engine", engine_name, "--batch-size", "4", "--max-wait-s", "0",
                                    "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "output_throughput" in res.output
+    assert "Output token throughput" in res.output
     rows = _rows(out / "requests.csv")
     assert len(rows) == 6
     assert all(r["status"] == "finished" and r["generated_tokens"] == r["output_tokens"] for r in rows)
@@ -140,9 +140,11 @@ def test_cli_replays_a_trace_with_swap(tmp_path):
 
 
 def test_cli_reports_bad_options_plainly():
-    """A bad preset is a one-line error listing the known ones, not a traceback."""
+    """Bad input is a one-line error, not a traceback: an unknown preset, a prompt too long."""
     res = CliRunner().invoke(run, [*SMALL, "--model", "gpt-9"])
-    assert res.exit_code != 0 and "known:" in res.output
+    assert res.exit_code != 0 and "tiny" in res.output
+    res = CliRunner().invoke(run, [*SMALL, "--prompt-tokens", "4000"])
+    assert res.exit_code != 0 and "--max-prompt-tokens" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.gpu

@@ -32,10 +32,12 @@ def _print_errors(errors: dict) -> None:
 @click.option("--quick", is_flag=True, help="A coarse grid (~50 steps): for CPUs and tests.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Weights, token ids, measuring order and the cross-validation split.")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
-              help="Timed runs per step (the median is kept).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed runs of a step per visit, back to back (the median over all visits is kept).")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
-              help="Untimed runs of every step first.")
+              help="Untimed runs of a step before each visit's timed ones.")
+@click.option("--passes", type=click.IntRange(1), default=2, show_default=True,
+              help="Visits of the whole grid, each in a new shuffled order.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="torch CPU threads (default: torch's); use what the live engine will use.")
 @click.option("--memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
@@ -47,7 +49,7 @@ def _print_errors(errors: dict) -> None:
               help="Profile JSON to write.")
 @click.pass_context
 def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
-              block_size: int, quick: bool, seed: int, repeats: int, warmup: int, threads: int | None,
+              block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
               memory_utilization: float, samples_csv: Path | None, progress: bool, output: Path | None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
@@ -73,7 +75,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
         raise click.ClickException(f"calibration needs the runtime extras (pip install '.[runtime]'): {e}") from None
     try:
         profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
-                                  warmup=warmup, threads=threads, memory_utilization=memory_utilization,
+                                  warmup=warmup, passes=passes, threads=threads, memory_utilization=memory_utilization,
                                   progress=progress)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None

@@ -99,7 +99,7 @@ def parse_slo(text: str) -> Slo:
     except ValueError:
         raise ValueError(f"SLO {text!r}: {value!r} is not a number of milliseconds; expected {SLO_FORMS}") from None
     if not (math.isfinite(limit_ms) and limit_ms > 0):
-        raise ValueError(f"SLO {text!r}: the limit must be a number of milliseconds > 0")
+        raise ValueError(f"SLO {text!r}: the limit must be a number of milliseconds > 0; expected {SLO_FORMS}")
     return Slo(metric, stat, limit_ms)
 
 
@@ -232,8 +232,8 @@ def capacity_table(searches: dict[str, RateSearch], slos: Sequence[Slo]) -> str:
     for label, s in searches.items():
         rows.append([
             label,
-            "none" if s.lo is None else f"{s.lo:.3g}" + ("+" if s.hi is None else ""),
-            "-" if s.hi is None else f"{s.hi:.3g}",
+            "none" if s.lo is None else f"{s.lo:.4g}" + ("+" if s.hi is None else ""),
+            "-" if s.hi is None else f"{s.hi:.4g}",
             *(_ms(s.lo_run, slo.key) for slo in slos),
             _ms(s.lo_run, "output_throughput"),
             str(s.steps),

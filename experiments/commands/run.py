@@ -4,6 +4,7 @@ measured time of every step with its shape, for validation against a cost model.
 
 ``--engine servesim`` is the live engine (the simulator's policies on the device);
 ``--engine hf-static`` is the static-batching reference on transformers' ``generate``.
+Workload and policy flags are the simulator's (``servesim simulate``).
 """
 
 from __future__ import annotations
@@ -16,33 +17,16 @@ from typing import Any
 
 import click
 
+from experiments.options import build_scheduler, build_workload, fail, policy_options, workload_options
 from sim.batch import StepShape
 from sim.kv import BlockManager, blocks_for
 from sim.metrics import parse_goodput, summarize
 from sim.models import MODELS, get_model
-from sim.policies.base import POLICIES, PREEMPT_MODES, SchedulerConfig
-from sim.queues import ORDERS
 from sim.request import Request
 
 CPU_MAX_KV_BLOCKS = 2048
+DEFAULT_NUM_REQUESTS = 32
 STEP_COLUMNS = [f.name for f in dataclasses.fields(StepShape)] + ["step_s"]
-
-
-def load_workload(trace: str | None, num_requests: int | None, seed: int, time_scale: float, start: int,
-                  max_prompt_tokens: int | None, max_output_tokens: int | None, arrival: str, rate: float,
-                  burstiness: float, prompt_dist: str, output_dist: str) -> tuple[list[Request], dict[str, Any]]:
-    """The requests and the workload's resolved description for config.json."""
-    from sim.workload import SyntheticWorkload, TraceReplay
-
-    if trace is not None:
-        replay = TraceReplay(trace=trace, time_scale=time_scale, start=start, num_requests=num_requests,
-                             arrival=arrival, rate=rate, burstiness=burstiness, seed=seed,
-                             max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens)
-        return replay.requests(), {"trace": dataclasses.asdict(replay)}
-    synthetic = SyntheticWorkload(arrival=arrival, rate=rate, burstiness=burstiness,
-                                  num_requests=num_requests if num_requests is not None else 32,
-                                  prompt_dist=prompt_dist, output_dist=output_dist, seed=seed)
-    return synthetic.generate(), {"synthetic": dataclasses.asdict(synthetic)}
 
 
 def default_kv_blocks(requests: list[Request], block_size: int) -> int:
@@ -60,69 +44,45 @@ def write_steps(path: Path, step_log: list[tuple[StepShape, float]]) -> None:
             w.writerow([repr(getattr(shape, name)) for name in STEP_COLUMNS[:-1]] + [repr(step_s)])
 
 
-SUMMARY_KEYS = ["completed", "rejected", "duration", "request_throughput", "output_throughput",
-                "total_token_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms",
-                "mean_itl_ms", "p99_itl_ms", "num_preemptions"]
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    lines = []
-    for key in SUMMARY_KEYS:
-        value = summary.get(key)
-        lines.append(f"{key:<24}{value:>14.3f}" if isinstance(value, float) else f"{key:<24}{value!s:>14}")
-    return "\n".join(lines)
-
-
 @click.command("run")
+@workload_options
+@policy_options
 @click.option("--engine", type=click.Choice(["servesim", "hf-static"]), default="servesim", show_default=True,
-              help="servesim: the simulator's policies on the real network; hf-static: transformers' generate.")
-@click.option("--model", default="tiny", show_default=True, help=f"Architecture preset: {', '.join(MODELS)}.")
+              help="servesim: the simulator's policies on the real network; hf-static: padded batches of "
+                   "--batch-size on transformers' generate.")
+@click.option("--model", default="tiny", show_default=True, type=click.Choice(list(MODELS)),
+              help="Architecture preset.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="Hugging Face checkpoint directory (safetensors); default: random weights from --seed.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Default: bfloat16 on CUDA, float32 on CPU.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for tiny models).")
-@click.option("--policy", type=click.Choice(sorted(POLICIES)), default="continuous", show_default=True)
-@click.option("--order", type=click.Choice(list(ORDERS)), default="fcfs", show_default=True)
-@click.option("--max-num-seqs", type=int, default=256, show_default=True)
-@click.option("--token-budget", type=int, default=None, help="Tokens per step (chunked defaults to 512).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="static / hf-static batch size.")
-@click.option("--max-wait-s", type=float, default=1.0, show_default=True, help="static / hf-static batching wait.")
-@click.option("--preempt", type=click.Choice(list(PREEMPT_MODES)), default=None,
-              help="Default: off for static, recompute otherwise.")
-@click.option("--kv-blocks", type=int, default=None,
-              help="KV pool blocks. Default: from free memory on CUDA; on CPU enough for the whole workload "
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch CPU threads (default: torch's; 1 is fastest for tiny; match the calibration's).")
+@click.option("--kv-blocks", type=click.IntRange(1), default=None,
+              help=f"KV pool blocks. Default: from free memory on CUDA; on CPU room for the whole workload "
                    f"(at most {CPU_MAX_KV_BLOCKS}).")
-@click.option("--block-size", type=int, default=16, show_default=True)
-@click.option("--swap-blocks", type=int, default=None, help="Host swap blocks (default: --kv-blocks with "
-                                                             "--preempt swap, else 0).")
-@click.option("--memory-utilization", type=float, default=0.9, show_default=True,
-              help="Fraction of CUDA memory for weights + KV when --kv-blocks is not given.")
+@click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Tokens per KV block.")
+@click.option("--swap-blocks", type=click.IntRange(0), default=None,
+              help="Host blocks for swapped-out KV (default: --kv-blocks with --preempt swap, else 0).")
+@click.option("--memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Fraction of CUDA memory for weights + KV pool when --kv-blocks is not given.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Workload, weights and prompt token ids.")
-@click.option("--trace", default=None, help="Replay a trace (embedded name or file) instead of a synthetic workload.")
-@click.option("--time-scale", type=float, default=1.0, show_default=True, help="Trace speed-up (2 = twice as fast).")
-@click.option("--start", type=int, default=0, show_default=True, help="First trace row replayed.")
-@click.option("--num-requests", type=int, default=None, help="Requests (synthetic default 32; trace default all).")
-@click.option("--max-prompt-tokens", type=int, default=None, help="Scale trace prompts down to fit this.")
-@click.option("--max-output-tokens", type=int, default=None, help="Scale trace outputs down to fit this.")
-@click.option("--arrival", default="poisson", show_default=True, help="poisson | gamma | constant | all-at-once.")
-@click.option("--rate", type=float, default=4.0, show_default=True, help="Requests per second (synthetic).")
-@click.option("--burstiness", type=float, default=1.0, show_default=True, help="Gamma shape k (gamma arrivals).")
-@click.option("--prompt-dist", default="uniform:16:256", show_default=True, help="Synthetic prompt lengths.")
-@click.option("--output-dist", default="uniform:8:128", show_default=True, help="Synthetic output lengths.")
-@click.option("--goodput", multiple=True, help="SLO NAME:MS (ttft, tpot, e2el); repeatable.")
-@click.option("--token-times", is_flag=True, help="Keep every token's time (writes tokens.csv).")
+@click.option("--goodput", multiple=True, metavar="NAME:MS",
+              help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS.")
+@click.option("--token-times", is_flag=True, help="Keep every token's time (tokens.csv).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None, help="Run directory.")
-def run(engine: str, model: str, weights: Path | None, device: str, dtype: str | None, threads: int | None,
-        policy: str, order: str, max_num_seqs: int, token_budget: int | None, batch_size: int, max_wait_s: float,
-        preempt: str | None, kv_blocks: int | None, block_size: int, swap_blocks: int | None,
-        memory_utilization: float, seed: int, trace: str | None, time_scale: float, start: int,
-        num_requests: int | None, max_prompt_tokens: int | None, max_output_tokens: int | None, arrival: str,
-        rate: float, burstiness: float, prompt_dist: str, output_dist: str, goodput: tuple[str, ...],
-        token_times: bool, progress: bool, out_dir: Path | None) -> None:
-    """Serve a workload on the real engine (CUDA when present, else CPU) and report vLLM-style metrics."""
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory to write.")
+def run(**opts: Any) -> None:
+    """Serve a trace (default: the embedded azure-conv, first 32 requests) or a synthetic
+    workload on the real engine - CUDA when present, else CPU - and report vLLM's metrics.
+
+    \b
+      servesim run --model tiny -n 32 --max-prompt-tokens 512 --max-output-tokens 128 -o runs/live
+      servesim run --arrival poisson --rate 8 -n 64 --policy chunked --token-budget 256
+      servesim run --engine hf-static --batch-size 8 --arrival all-at-once -n 32
+    """
     try:
         import torch
 
@@ -133,65 +93,73 @@ def run(engine: str, model: str, weights: Path | None, device: str, dtype: str |
     except ImportError as e:
         hint = "the real engine needs torch, transformers and safetensors (pip install '.[runtime]')"
         raise click.ClickException(f"{hint}: {e}") from None
+    from experiments.options import workload_requests
+    from experiments.output import write_run
+    from experiments.report import print_summary
     from sim.policies import make_policy
 
+    if opts["num_requests"] is None and opts["duration_s"] is None:
+        opts["num_requests"] = DEFAULT_NUM_REQUESTS  # a live run takes real time
     try:
-        spec = get_model(model)
-        slos = parse_goodput(goodput)
-        preempt = preempt or ("off" if policy == "static" else "recompute")
-        sched = SchedulerConfig(policy=policy, order=order, max_num_seqs=max_num_seqs, token_budget=token_budget,
-                                batch_size=batch_size, max_wait_s=max_wait_s, preempt=preempt)
-        requests, workload = load_workload(trace, num_requests, seed, time_scale, start, max_prompt_tokens,
-                                           max_output_tokens, arrival, rate, burstiness, prompt_dist, output_dist)
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
+        spec = get_model(opts["model"])
+        goodput = parse_goodput(opts["goodput"])
+        scheduler = build_scheduler(opts)
+        requests, workload_info = workload_requests(build_workload(opts, opts["seed"]))
+        dev = resolve_device(opts["device"])
+        dtype = resolve_dtype(opts["dtype"], dev)
     except ValueError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     if not requests:
         raise click.ClickException("the workload has no requests")
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
     if longest > spec.max_position:
         raise click.ClickException(f"a request needs {longest} positions; {spec.name} has {spec.max_position} "
-                                   "(use --max-prompt-tokens / --max-output-tokens or shorter lengths)")
-    if threads is not None:
-        torch.set_num_threads(threads)
+                                   "(scale a trace with --max-prompt-tokens / --max-output-tokens)")
+    if opts["threads"] is not None:
+        torch.set_num_threads(opts["threads"])
 
-    net = load_model(spec, weights, torch_dtype, dev, seed)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    net = load_model(spec, opts["weights"], dtype, dev, opts["seed"])
     config: dict[str, Any] = {
-        "engine": engine, "model": spec.name, "weights": str(weights) if weights else f"random(seed={seed})",
-        "device": str(dev), "device_name": device_name,
-        "dtype": dtype_name(torch_dtype), "threads": torch.get_num_threads(), "seed": seed,
-        "torch": torch.__version__, "workload": workload,
+        "command": "run", "engine": opts["engine"], "workload": workload_info, "model": spec.name,
+        "weights": str(opts["weights"]) if opts["weights"] else f"random(seed={opts['seed']})",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "dtype": dtype_name(dtype), "threads": torch.get_num_threads(), "seed": opts["seed"],
+        "torch": torch.__version__, "goodput_slos_ms": goodput,
     }
-    if engine == "hf-static":
+    if opts["engine"] == "hf-static":
         from runtime.hf_static import HFStaticEngine
 
-        hf = build_hf_model(spec, net.hf_state_dict(), torch_dtype, dev)
+        hf = build_hf_model(spec, net.hf_state_dict(), dtype, dev)
         del net
-        config["scheduler"] = {"policy": "hf-static", "batch_size": batch_size, "max_wait_s": max_wait_s}
-        result = HFStaticEngine(hf, batch_size, max_wait_s, seed, block_size, progress).run(requests, token_times)
+        config["scheduler"] = {"policy": "hf-static", "batch_size": scheduler.batch_size,
+                               "max_wait_s": scheduler.max_wait_s}
+        engine = HFStaticEngine(hf, scheduler.batch_size, scheduler.max_wait_s, opts["seed"], opts["block_size"],
+                                opts["progress"])
+        result = engine.run(requests, opts["token_times"])
     else:
+        kv_blocks = opts["kv_blocks"]
         if kv_blocks is None:
-            kv_blocks = (blocks_from_memory(spec, block_size, torch_dtype, dev, memory_utilization)
-                         if dev.type == "cuda" else default_kv_blocks(requests, block_size))
+            kv_blocks = (blocks_from_memory(spec, opts["block_size"], dtype, dev, opts["memory_utilization"])
+                         if dev.type == "cuda" else default_kv_blocks(requests, opts["block_size"]))
+        swap_blocks = opts["swap_blocks"]
         if swap_blocks is None:
-            swap_blocks = kv_blocks if preempt == "swap" else 0
+            swap_blocks = kv_blocks if scheduler.preempt == "swap" else 0
         try:
-            blocks = BlockManager(kv_blocks, block_size, swap_blocks)
-            pol = make_policy(sched, blocks)
+            blocks = BlockManager(kv_blocks, opts["block_size"], swap_blocks)
+            policy = make_policy(scheduler, blocks)
         except ValueError as e:
-            raise click.ClickException(str(e)) from None
-        runner = ModelRunner(net, blocks, seed=seed)
-        config["scheduler"] = dataclasses.asdict(sched)
-        config["kv"] = {"num_blocks": kv_blocks, "block_size": block_size, "num_host_blocks": swap_blocks,
-                        "kv_bytes_per_token": kv_bytes_per_token(spec, torch_dtype)}
-        result = LiveEngine(runner, pol, progress=progress).run(requests, token_times)
-    summary = summarize(result.requests, result.itl(), goodput=slos or None, num_preemptions=result.num_preemptions)
-    click.echo(format_summary(summary))
-    if out_dir is not None:
-        from experiments.output import write_run
-
-        write_run(out_dir, config, result.requests, summary, [s.timeseries for s in result.replicas])
-        write_steps(out_dir / "steps.csv", result.step_log)
-        click.echo(f"wrote {out_dir}")
+            raise fail(e) from None
+        config["scheduler"] = dataclasses.asdict(scheduler)
+        config["kv"] = {"num_blocks": kv_blocks, "block_size": opts["block_size"], "num_host_blocks": swap_blocks,
+                        "kv_bytes_per_token": kv_bytes_per_token(spec, dtype)}
+        runner = ModelRunner(net, blocks, seed=opts["seed"])
+        result = LiveEngine(runner, policy, progress=opts["progress"]).run(requests, opts["token_times"])
+    summary = summarize(result.requests, result.itl(), goodput=goodput or None,
+                        num_preemptions=result.num_preemptions)
+    print_summary(summary, title=f"servesim run: {config['scheduler']['policy']} on {dev}")
+    if opts["output"] is not None:
+        out = opts["output"]
+        write_run(out, config, result.requests, summary, [s.timeseries for s in result.replicas])
+        write_steps(out / "steps.csv", result.step_log)
+        click.echo(f"wrote {out}/")

@@ -139,11 +139,16 @@ class ContinuousPolicy:
         # Step j caches start + j tokens; a request first needs a new block at step
         # held * bs - start + 1 and then every bs steps. The step at which the pool's free
         # blocks run out would preempt, so the run stops before it.
-        first = np.array([self.kv.blocks_held(s.request) * bs - s.start + 1 for s in batch.seqs], dtype=np.int64)
-        first = first[first <= n]
-        counts = (n - first) // bs + 1
+        tables = self.kv.tables
+        first = []
+        demand = 0
+        for s in batch.seqs:
+            f = len(tables[s.request.id]) * bs - s.start + 1
+            if f <= n:
+                first.append(f)
+                demand += (n - f) // bs + 1
         free = self.kv.num_free
-        if int(counts.sum()) <= free:
+        if demand <= free:
             return n
         events = np.sort(np.concatenate([np.arange(f, n + 1, bs) for f in first]))
         return max(1, int(events[free]) - 1)

@@ -1,0 +1,365 @@
+"""``servesim demo``: the whole story on this machine, with no arguments.
+
+1. calibrate the ``tiny`` model on this CPU (quick grid), or take the shipped profile;
+2. validate: a slice of azure-conv served live and simulated (continuous, ~70% load);
+3. compare static, continuous, chunked and chunked+swap on the whole azure-conv trace,
+   simulated with the profile, at rates around and above this device's saturation;
+4. write ``report.md`` with the tables and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from experiments.output import write_json
+from sim.config import KVConfig, SimConfig, parse_policy
+from sim.hardware import GIB
+from sim.policies.base import SchedulerConfig
+from sim.workload import TraceReplay
+
+MODEL = "tiny"
+TRACE = "azure-conv"
+POLICIES = ("static", "continuous", "chunked", "chunked+swap")
+RATE_FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
+"""Compare at these fractions of the best saturation request throughput."""
+PROBE_FACTOR = 1000.0
+VALIDATION_REQUESTS = 100
+QUICK = {"validation_requests": 12, "max_prompt_tokens": 128, "max_output_tokens": 32, "compare_requests": 300,
+         "rate_fractions": (0.75, 1.5)}
+"""``--quick``: a demo of seconds, for tests."""
+
+
+def scaled_trace(path: Path, prompt_scale: float, output_scale: float, max_prompt_tokens: int,
+                 max_output_tokens: int, num_requests: int | None) -> tuple[Path, int]:
+    """Write azure-conv with lengths scaled as in the validation slice (same factors) and
+    clamped to the same maxima, as a servesim CSV; returns it and how many rows were clamped."""
+    from sim.traces import load_trace
+
+    trace = load_trace(TRACE)
+    n = len(trace) if num_requests is None else min(num_requests, len(trace))
+    assert trace.arrival_s is not None
+    clamped = 0
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["arrival_s", "prompt_tokens", "output_tokens"])
+        for i in range(n):
+            p = max(1, round(int(trace.prompt_tokens[i]) * prompt_scale))
+            o = max(1, round(int(trace.output_tokens[i]) * output_scale))
+            if p > max_prompt_tokens or o > max_output_tokens:
+                clamped += 1
+            w.writerow([repr(float(trace.arrival_s[i] - trace.arrival_s[0])), min(p, max_prompt_tokens),
+                        min(o, max_output_tokens)])
+    return path, clamped
+
+
+def compare_policies(profile_path: Path, trace_path: Path, block_size: int, kv_blocks: int, kv_bytes: int,
+                     rate_fractions: tuple[float, ...], jobs: int | None, progress: bool) -> dict[str, Any]:
+    """Simulate every policy at rates around saturation; returns runs, rates and the saturation."""
+    from experiments.sweep import RateScaler, RunSpec, run_sweep
+
+    swap_gib = kv_blocks * block_size * kv_bytes / GIB * (1 + 1e-9)  # host pool = device pool, in blocks
+    configs = []
+    for label in POLICIES:
+        name, preempt = parse_policy(label)
+        sched = SchedulerConfig(policy=name, preempt=preempt or ("off" if name == "static" else "recompute"))
+        configs.append((label, SimConfig(scheduler=sched, kv=KVConfig(num_blocks=kv_blocks, block_size=block_size,
+                                                                      swap_gib=swap_gib if preempt == "swap" else 0),
+                                         model=MODEL, profile=str(profile_path))))
+    scaler = RateScaler(TraceReplay(trace=str(trace_path)))
+    probe = scaler.base_rate * PROBE_FACTOR
+    probes = run_sweep([RunSpec(label, c, scaler.at(probe), probe) for label, c in configs], jobs=jobs,
+                       progress=progress, desc="probing saturation")
+    saturation = max(r["request_throughput"] for r in probes)
+    rates = [float(f"{saturation * f:.3g}") for f in rate_fractions]
+    runs = run_sweep([RunSpec(label, c, scaler.at(rate), rate) for rate in rates for label, c in configs],
+                     jobs=jobs, progress=progress, desc="comparing")
+    return {"labels": [label for label, _ in configs], "rates": rates, "saturation_rps": saturation,
+            "probes": probes, "runs": runs, "configs": {label: c.to_dict() for label, c in configs}}
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+             + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f}%"
+
+
+def validation_markdown(v: Any) -> str:
+    from experiments.validation import metric_names
+
+    rows = []
+    for key, label in metric_names():
+        m = v.metrics[key]
+        rows.append([label, f"{m['live']:.2f}", f"{m['sim']:.2f}", _pct(m["rel_error"])])
+    return _md_table(["metric", "live", "simulated", "error (sim - live) / live"], rows)
+
+
+def comparison_markdown(cmp: dict[str, Any]) -> tuple[str, str, dict[str, float | None]]:
+    """(throughput by rate, latency at the highest rate, ratio to static at saturation)."""
+    from experiments.commands.compare import ratio_to_static
+
+    labels, rates, runs = cmp["labels"], cmp["rates"], cmp["runs"]
+    by_key = {(r["policy"], r["rate"]): r for r in runs}
+    rows = []
+    for rate in rates:
+        at = [by_key[(label, rate)] for label in labels]
+        ratios = ratio_to_static(at)
+        rows.append([f"{rate:g} ({rate / cmp['saturation_rps']:.0%})"]
+                    + [f"{r['output_throughput']:.0f} ({ratios.get(r['policy']) or 0:.2f}x)" for r in at])
+    by_rate = _md_table(["request rate (req/s)", *labels], rows)
+    top = [by_key[(label, rates[-1])] for label in labels]
+    fields = [("request throughput (req/s)", "request_throughput", ".2f"),
+              ("output throughput (tok/s)", "output_throughput", ".0f"),
+              ("mean TTFT (s)", "mean_ttft_ms", "s"), ("p99 TTFT (s)", "p99_ttft_ms", "s"),
+              ("mean TPOT (ms)", "mean_tpot_ms", ".1f"), ("p99 ITL (ms)", "p99_itl_ms", ".1f"),
+              ("mean E2EL (s)", "mean_e2el_ms", "s"), ("preemptions", "num_preemptions", "d")]
+    rows = []
+    for label, key, fmt in fields:
+        cells = []
+        for r in top:
+            value = r[key]
+            cells.append(f"{value / 1000:.2f}" if fmt == "s" else str(int(value)) if fmt == "d" else
+                         format(value, fmt))
+        rows.append([label, *cells])
+    return by_rate, _md_table(["", *labels], rows), ratio_to_static(top)
+
+
+def write_report(out: Path, info: dict[str, Any]) -> Path:
+    """report.md from what the phases left in ``info``."""
+    from calibrate.fit import format_error_table
+
+    v, plan, cmp = info["validation"], info["plan"], info["compare"]
+    prof = plan.profile
+    steps = v.steps.summary()
+    by_rate, at_top, ratios = comparison_markdown(cmp)
+    top_rate = cmp["rates"][-1]
+    ratio_text = ", ".join(f"{label} {ratios[label]:.2f}x" for label in cmp["labels"] if ratios.get(label))
+    held = prof.errors.get("held_out") if prof.errors else None
+    lines = [
+        "# servesim demo",
+        "",
+        f"Machine: {prof.device}; model `{MODEL}` ({prof.dtype}, random weights, "
+        f"{prof.torch_threads or 'default'} torch thread(s)). Total wall time {info['wall_s']:.0f} s "
+        f"({', '.join(f'{k} {s:.0f} s' for k, s in info['phase_s'].items())}).",
+        "",
+        "## 1. Calibration",
+        "",
+        f"Profile: `{info['profile_rel']}` ({info['profile_origin']}; grid `{prof.grid}`, "
+        f"{len(prof.samples)} measured steps, created {prof.created_utc}). "
+        "Held-out error of the fitted step-cost model (5-fold cross-validation, absolute % of step time):",
+        "",
+        "```",
+        format_error_table(held) if held else "too few samples to cross-validate",
+        "```",
+        "",
+        "## 2. Validation: the simulator against the live engine",
+        "",
+        f"{plan.workload.num_requests} requests of `{TRACE}` (rows {plan.workload.start}..."
+        f"{plan.workload.start + plan.workload.num_requests - 1}; prompt lengths x {plan.prompt_scale:.3f}, "
+        f"output lengths x {plan.output_scale:.3f} to fit the tiny model), time-scaled x "
+        f"{plan.workload.time_scale:.3g} to {plan.load:.0%} of the simulated saturation throughput "
+        f"({plan.capacity_rps:.2f} req/s), served by policy `{plan.scheduler.policy}` with "
+        f"{plan.capacity.num_blocks} KV blocks of {plan.capacity.block_size} tokens: once on the live engine, "
+        "once in the simulator priced by the profile. Same requests, seed, policy and KV pool.",
+        "",
+        validation_markdown(v),
+        "",
+        f"Per-step error: every one of the {v.steps.measured_s.size} steps the live engine ran, priced by the "
+        f"profile from its shape: median |error| {steps['median_step_rel_error'] * 100:.1f}%, p90 "
+        f"{steps['p90_step_rel_error'] * 100:.1f}% (median signed {steps['median_step_signed_error'] * 100:+.1f}%).",
+        "",
+        "![TTFT CDF](validation/ttft-cdf.png)",
+        "",
+        "TTFT distribution, live against simulated: where the curves overlap, the simulator predicts not only "
+        "the mean but the queueing tail.",
+        "",
+        "![E2EL CDF](validation/e2el-cdf.png)",
+        "",
+        "End-to-end latency distribution, live against simulated: it adds up every step a request lives "
+        "through, so a bias in the cost model shows here first.",
+        "",
+        "![Per-step predicted vs measured](validation/step-scatter.png)",
+        "",
+        "Each live step's predicted time against its measured time (log-log; the band is +/-10%): points on "
+        "the diagonal mean the profile prices real steps, not just the calibration grid.",
+        "",
+        "## 3. Policy comparison on the whole trace (simulated)",
+        "",
+        f"All {info['compare_requests']:,} requests of `{TRACE}`, lengths scaled by the same factors "
+        f"(and clamped to {plan.workload.max_prompt_tokens} / {plan.workload.max_output_tokens} tokens: "
+        f"{info['clamped']} requests), replayed time-scaled to each request rate, simulated with the profile. "
+        f"Saturation here is {cmp['saturation_rps']:.2f} req/s: the best request throughput of any policy with "
+        "every request queued at once. Output throughput (tok/s) and its ratio to static:",
+        "",
+        by_rate,
+        "",
+        f"At {top_rate:g} req/s (every policy saturated), throughput relative to static: {ratio_text}.",
+        "",
+        at_top,
+        "",
+        "![Latency vs throughput](compare/latency-vs-throughput.png)",
+        "",
+        "Mean and p99 TTFT and E2EL against output throughput, one point per rate: the curve that stays low "
+        "furthest to the right serves the most traffic at a given latency.",
+        "",
+        "![Throughput vs rate](compare/throughput-vs-rate.png)",
+        "",
+        "Output throughput against offered rate: each policy follows the offered load until it saturates; "
+        "the plateau is its capacity on this device.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        *info["commands"],
+        "```",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@click.command("demo")
+@click.option("--skip-calibration", is_flag=True,
+              help="Use the shipped profiles/tiny-cpu.json instead of calibrating this machine.")
+@click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Use this profile instead of calibrating.")
+@click.option("-o", "--output", default="servesim-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Report directory.")
+@click.option("--num-requests", default=None, type=click.IntRange(min=2), hidden=True,
+              help="Requests in the validation slice.")
+@click.option("--compare-requests", default=None, type=click.IntRange(min=2), hidden=True,
+              help="Trace rows in the comparison (default: all).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), hidden=True,
+              help="torch CPU threads for calibration and the live engine.")
+@click.option("--quick", is_flag=True, hidden=True, help="A demo of seconds (small everything), for tests.")
+@click.option("--jobs", "-j", default=None, type=click.IntRange(min=1), hidden=True,
+              help="Simulations at once in the comparison.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_requests: int | None,
+         compare_requests: int | None, threads: int, quick: bool, jobs: int | None, progress: bool) -> None:
+    """Calibrate, validate and compare policies on this machine, and write a report.
+
+    Runs the tiny model on CPU with the embedded Azure conversation trace: calibrates a cost
+    profile (--skip-calibration: the shipped one), checks the simulator against the live
+    engine on a trace slice, compares static, continuous, chunked and chunked+swap on the
+    whole trace, and writes OUTPUT/report.md.
+    """
+    from experiments.commands.validate import (
+        TINY_MAX_OUTPUT_TOKENS,
+        TINY_MAX_PROMPT_TOKENS,
+        execute,
+        make_plan,
+        shipped_profile,
+    )
+
+    if skip_calibration and profile_path is not None:
+        raise click.UsageError("give --skip-calibration or --profile, not both")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise click.ClickException("the demo runs the live engine, which needs torch "
+                                   "(pip install 'servesim[runtime]')") from None
+    t_start = time.perf_counter()
+    phase_s: dict[str, float] = {}
+    output.mkdir(parents=True, exist_ok=True)
+    mp = QUICK["max_prompt_tokens"] if quick else TINY_MAX_PROMPT_TOKENS
+    mo = QUICK["max_output_tokens"] if quick else TINY_MAX_OUTPUT_TOKENS
+    n_val = num_requests or (QUICK["validation_requests"] if quick else VALIDATION_REQUESTS)
+    n_cmp = compare_requests or (QUICK["compare_requests"] if quick else None)
+    fractions = QUICK["rate_fractions"] if quick else RATE_FRACTIONS
+    commands = []
+
+    # 1. calibration
+    t0 = time.perf_counter()
+    if profile_path is not None or skip_calibration:
+        if profile_path is None:
+            profile_path = shipped_profile(MODEL)
+            if profile_path is None:
+                raise click.ClickException("--skip-calibration: the shipped profiles/tiny-cpu.json was not found "
+                                           "(run from the source tree, or drop the flag to calibrate)")
+        if not profile_path.is_file():
+            raise click.BadParameter(f"{profile_path} does not exist", param_hint="--profile")
+        origin = "given" if not skip_calibration else "shipped, not calibrated on this machine"
+        click.echo(f"[1/4] calibration skipped: using {profile_path}")
+    else:
+        from calibrate.calibration import CalibrationError, run_calibration
+        from calibrate.profile import save_profile
+
+        click.echo(f"[1/4] calibrating {MODEL} on this CPU (quick grid, {threads} thread(s)) ...")
+        try:
+            calibrated = run_calibration(MODEL, quick=True, threads=threads, device="cpu", progress=progress)
+        except (ValueError, CalibrationError) as e:
+            raise click.ClickException(str(e)) from None
+        profile_path = output / "profile.json"
+        save_profile(calibrated, profile_path)
+        origin = "calibrated on this machine by this demo"
+        click.echo(f"      {len(calibrated.samples)} steps in {calibrated.calibration_s:.0f} s -> {profile_path}")
+        commands.append(f"servesim calibrate --model {MODEL} --quick --threads {threads} -o profile.json")
+    phase_s["calibration"] = time.perf_counter() - t0
+
+    # 2. validation
+    t0 = time.perf_counter()
+    click.echo(f"[2/4] validating: {n_val} requests of {TRACE}, continuous, 70% load, live vs simulated ...")
+    workload = TraceReplay(trace=TRACE, num_requests=n_val, max_prompt_tokens=mp, max_output_tokens=mo)
+    try:
+        plan = make_plan(profile_path, MODEL, "cpu", None, threads, workload, SchedulerConfig(), None, 0.7, 0)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    v = execute(plan, output / "validation", progress, echo=_indented)
+    phase_s["validation"] = time.perf_counter() - t0
+    commands.append(f"servesim validate --profile PROFILE -n {n_val} --max-prompt-tokens {mp} "
+                    f"--max-output-tokens {mo} --threads {threads} --load 0.7 -o validation")
+
+    # 3. comparison
+    t0 = time.perf_counter()
+    from experiments.commands.compare import throughput_table, write_csv, write_plots
+
+    trace_path, clamped = scaled_trace(output / "azure-conv-tiny.csv", plan.prompt_scale, plan.output_scale, mp, mo,
+                                       n_cmp)
+    n_rows = sum(1 for _ in trace_path.open()) - 1
+    click.echo(f"[3/4] comparing {', '.join(POLICIES)} on {n_rows:,} requests of {TRACE} (simulated) ...")
+    cmp = compare_policies(profile_path, trace_path, plan.capacity.block_size, plan.capacity.num_blocks,
+                           plan.capacity.kv_bytes_per_token, fractions, jobs, progress)
+    cmp_dir = output / "compare"
+    cmp_dir.mkdir(exist_ok=True)
+    write_json(cmp_dir / "compare.json", {"command": "demo", **{k: cmp[k] for k in ("labels", "rates",
+                                                                                   "saturation_rps", "configs",
+                                                                                   "runs")}})
+    write_csv(cmp_dir / "compare.csv", cmp["runs"])
+    write_plots(cmp_dir, cmp["runs"], cmp["labels"], False)
+    click.echo(f"      saturation ~{cmp['saturation_rps']:.2f} req/s; output throughput (tok/s) by rate:")
+    _indented(throughput_table(cmp["runs"], cmp["labels"], cmp["rates"]))
+    phase_s["comparison"] = time.perf_counter() - t0
+    swap_gib = cmp["configs"]["chunked+swap"]["kv"]["swap_gib"]
+    commands.append(f"servesim compare --trace azure-conv-tiny.csv --profile PROFILE --model {MODEL} "
+                    f"--kv-blocks {plan.capacity.num_blocks} --swap-gib {swap_gib:.6f} "
+                    f"--policies {','.join(POLICIES)} --rates {','.join(f'{r:g}' for r in cmp['rates'])}")
+
+    # 4. report
+    click.echo("[4/4] writing the report ...")
+    info = {"validation": v, "plan": plan, "compare": cmp, "phase_s": phase_s, "clamped": clamped,
+            "compare_requests": n_rows, "commands": commands, "profile_origin": origin,
+            "profile_rel": _relative(profile_path, output), "wall_s": time.perf_counter() - t_start}
+    report = write_report(output, info)
+    click.echo(f"done in {time.perf_counter() - t_start:.0f} s: {report}")
+
+
+def _indented(text: str) -> None:
+    click.echo("\n".join("      " + line for line in text.splitlines()))
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+

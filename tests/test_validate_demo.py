@@ -1,0 +1,150 @@
+"""`servesim validate` and `servesim demo` end to end on the tiny model (CPU), and their errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from experiments.cli import main
+from experiments.commands.validate import shipped_profile
+from experiments.validation import metric_names, rel_error
+
+pytest.importorskip("torch")
+
+SMALL = ["--model", "tiny", "-n", "12", "--max-prompt-tokens", "96", "--max-output-tokens", "24", "--no-progress"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def profile_path(tmp_path_factory):
+    """A tiny CPU profile calibrated on a small grid (seconds), so the tests never depend on
+    the shipped profile being current."""
+    from calibrate.calibration import run_calibration
+    from calibrate.grid import GridPoint
+    from calibrate.profile import save_profile
+
+    grid = [GridPoint(prefill=((c, ctx),)) for c in (8, 32, 96) for ctx in (0, 64)]
+    grid += [GridPoint(decode=(ctx,) * b) for b in (1, 4, 12) for ctx in (16, 120)]
+    grid += [GridPoint(prefill=((32, 0),), decode=(64,) * 4)]
+    profile = run_calibration("tiny", device="cpu", threads=1, repeats=2, warmup=1, folds=2, grid=grid,
+                              progress=False)
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    save_profile(profile, path)
+    return path
+
+
+def test_validate_writes_validation_json(tmp_path, profile_path):
+    """A small validation writes every metric's live, sim and rel_error, the step errors, both run
+    directories and the plots."""
+    out = tmp_path / "val"
+    res = invoke("validate", "--profile", str(profile_path), *SMALL, "--load", "0.5", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert "mean TTFT (ms)" in res.output and "per-step error" in res.output
+    data = json.loads((out / "validation.json").read_text())
+    for key, _ in metric_names():
+        entry = data[key]
+        assert set(entry) == {"live", "sim", "rel_error"}
+        assert math.isfinite(entry["live"]) and math.isfinite(entry["sim"]), key
+    for key in ("mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "request_throughput", "output_throughput"):
+        assert data[key]["live"] > 0 and math.isfinite(data[key]["rel_error"])
+    for key in ("median_step_rel_error", "p90_step_rel_error"):
+        assert math.isfinite(data[key]) and data[key] >= 0
+    assert data["num_steps"] > 0
+    assert data["completed"] == {"live": 12, "sim": 12}
+    for run in ("live", "sim"):
+        summary = json.loads((out / run / "summary.json").read_text())
+        assert summary["completed"] == 12
+    assert (out / "live" / "steps.csv").read_text().count("\n") == data["num_steps"] + 1
+    for png in ("ttft-cdf.png", "e2el-cdf.png", "step-scatter.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validate_same_kv_pool_and_policy_in_both_runs(tmp_path, profile_path):
+    """The live and simulated runs record the same policy, KV blocks and time scale."""
+    out = tmp_path / "val"
+    res = invoke("validate", "--profile", str(profile_path), *SMALL, "--policy", "chunked", "--token-budget", "64",
+                 "--kv-blocks", "40", "--time-scale", "50", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    live = json.loads((out / "live" / "config.json").read_text())
+    sim = json.loads((out / "sim" / "config.json").read_text())
+    for config in (live, sim):
+        assert config["kv"]["num_blocks"] == 40
+        assert config["scheduler"]["policy"] == "chunked" and config["scheduler"]["token_budget"] == 64
+        assert config["workload"]["time_scale"] == 50
+        assert config["load"] is None
+
+
+def test_rel_error_edge_cases():
+    """rel_error is (sim - live) / live, 0 when both are 0, None when only live is."""
+    assert rel_error(10.0, 11.0) == pytest.approx(0.1)
+    assert rel_error(0.0, 0.0) == 0.0
+    assert rel_error(0.0, 3.0) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--load", "0.5", "--time-scale", "2"], "not both"),
+    (["--load", "0"], "--load"),
+    (["--load", "-1"], "--load"),
+    (["--profile", "/nonexistent/profile.json"], "does not exist"),
+    (["--model", "qwen2.5-7b", "--device", "cuda"], "--profile is required"),
+])
+def test_validate_bad_arguments(args, message):
+    """Conflicting or impossible arguments are refused with a message that names the problem."""
+    res = CliRunner().invoke(main, ["validate", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_validate_profile_of_another_model(tmp_path, profile_path):
+    """A profile calibrated for one model is refused for another."""
+    res = CliRunner().invoke(main, ["validate", "--profile", str(profile_path), "--model", "qwen2.5-0.5b"])
+    assert res.exit_code == 1
+    assert "calibrated for model 'tiny'" in res.output
+
+
+def _check_report(out):
+    report = (out / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 5
+    for image in images:
+        assert (out / image).read_bytes()[:4] == b"\x89PNG", image
+    assert "| mean TTFT (ms) |" in report
+    assert "static" in report and "chunked+swap" in report
+    return report
+
+
+def test_demo_quick_writes_report(tmp_path, profile_path):
+    """A reduced demo validates, compares the four policies and writes report.md whose images exist."""
+    out = tmp_path / "demo"
+    res = invoke("demo", "--profile", str(profile_path), "--quick", "--jobs", "1", "--no-progress", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    for phase in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+        assert phase in res.output
+    assert str(out / "report.md") in res.output
+    _check_report(out)
+    runs = json.loads((out / "compare" / "compare.json").read_text())["runs"]
+    assert {r["policy"] for r in runs} == {"static", "continuous", "chunked", "chunked+swap"}
+
+
+@pytest.mark.skipif(shipped_profile("tiny") is None, reason="no shipped profiles/tiny-cpu.json")
+def test_demo_skip_calibration_uses_shipped_profile(tmp_path):
+    """--skip-calibration takes the shipped tiny profile and still produces the whole report."""
+    out = tmp_path / "demo"
+    res = invoke("demo", "--skip-calibration", "--quick", "--jobs", "1", "--no-progress", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert "calibration skipped" in res.output
+    assert "tiny-cpu.json" in _check_report(out)
+
+
+def test_demo_skip_calibration_and_profile_conflict(tmp_path, profile_path):
+    """--skip-calibration and --profile together are refused."""
+    res = CliRunner().invoke(main, ["demo", "--skip-calibration", "--profile", str(profile_path)])
+    assert res.exit_code == 2
+    assert "not both" in res.output
