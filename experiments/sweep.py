@@ -66,6 +66,8 @@ class RateScaler:
     def at(self, rate: float) -> Workload:
         if not rate > 0:
             raise ValueError(f"request rate must be > 0, got {rate}")
+        if self.native_rate is None and self.workload.arrival == "all-at-once":
+            raise ValueError("arrival 'all-at-once' has no request rate to set; pick poisson, gamma or constant")
         if self.native_rate is not None:
             assert isinstance(self.workload, TraceReplay)
             return dataclasses.replace(self.workload, time_scale=rate / self.native_rate)

@@ -111,6 +111,7 @@ class Replica:
     def _run_ends(self, now: float, shape: StepShape, first_s: float, repeats: int) -> tuple[list[float], list[float]]:
         """End times of up to ``repeats`` decode steps from ``now``; a step ending after the next
         arrival that matters is not run (the arrival happens during or before it)."""
+        assert self.feed is not None
         limit_s = math.inf
         if self.watch_arrivals or self.policy.arrival_may_reschedule():
             limit_s = self.feed.next_s

@@ -20,7 +20,7 @@ class HardwareSpec:
     name: str
     peak_flops: float  # dense bf16 (fp32 for cpu), FLOP/s
     memory_bytes_per_s: float
-    memory_bytes: int
+    memory_bytes: float
     host_link_bytes_per_s: float
     compute_efficiency: float = 0.6
     memory_efficiency: float = 0.8

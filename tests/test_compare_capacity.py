@@ -59,6 +59,24 @@ def test_compare_rates_continuous_beats_static_at_saturation(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+def test_compare_auto_rates_span_saturation(tmp_path):
+    """--rates auto runs each policy at fractions of the probed saturation rate, the highest above it."""
+    result = invoke("compare", "--policies", "static,continuous", "--rates", "auto", *TRACE, "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "compare.json").read_text())
+    rates = data["rates"]
+    assert len(rates) == 7 and rates == sorted(rates)
+    top = [r for r in data["runs"] if r["rate"] == rates[-1]]
+    assert max(r["request_throughput"] for r in top) < rates[-1]
+
+
+def test_compare_rates_need_a_rate_to_set(tmp_path):
+    """All-at-once arrivals have no rate, so --rates on them is an error, not a silent no-op."""
+    result = invoke("compare", "--rates", "2,4", "--arrival", "all-at-once", "-n", "20", "--jobs", "1",
+                    "-o", str(tmp_path))
+    assert result.exit_code == 1 and "all-at-once" in result.output
+
+
 @pytest.mark.parametrize("policies, message", [
     ("static,bogus", "unknown policy 'bogus'; known: chunked, continuous, static"),
     ("chunked+bogus", "preemption after '+' must be one of recompute, swap, off"),

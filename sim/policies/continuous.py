@@ -189,7 +189,7 @@ class ContinuousPolicy:
         """Tokens ``request`` computes this step, or 0 when it must wait."""
         remaining = request.remaining_prefill
         if self.chunked_prefill:
-            return min(remaining, step.budget_left)
+            return int(min(remaining, step.budget_left))
         if remaining <= step.budget_left or not step.seqs:
             # A whole prefill that is larger than the budget (only a recompute can be) runs
             # alone in its own step rather than never.
@@ -210,7 +210,7 @@ class ContinuousPolicy:
                 decodes.append(r)
             else:
                 prefills.append(r)
-        kv, tables, bs = self.kv, self.kv.tables, self.kv.block_size
+        tables, bs = self.kv.tables, self.kv.block_size
         reserved = self.config.preempt == "off"
         for r in decodes:
             if r.status is not Status.RUNNING:
