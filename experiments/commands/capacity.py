@@ -2,11 +2,11 @@
 the replicas a target rate needs.
 
 The search per policy: simulate at a start rate; if it meets the SLOs, double it until they
-fail; if not, try a rate 10^4 times lower (nearly unloaded: a miss there means no rate will do).
-That brackets the limit; then bisect (geometrically while the bracket spans more than 2x)
-until the bracket [lo, hi) is within the stated relative precision, (hi - lo) / lo <= precision. The answer is lo, the highest rate simulated
-that met every SLO. A search is sequential; the searches of the policies run in parallel, one
-step of each per round.
+fail; if not, try a rate 10^4 times lower (nearly unloaded: a miss there means no rate will
+do). That brackets the limit; then bisect (geometrically while the bracket spans more than
+2x) until the bracket [lo, hi) is within the stated relative precision, (hi - lo) / lo <=
+precision. The answer is lo, the highest rate simulated that met every SLO. A search is
+sequential; the searches of the policies run in parallel, one step of each per round.
 """
 
 from __future__ import annotations
@@ -225,9 +225,9 @@ def _ms(run: dict[str, Any] | None, key: str) -> str:
     return "-" if run is None else f"{run[key]:.1f}"
 
 
-def capacity_table(searches: dict[str, RateSearch], slos: Sequence[Slo]) -> str:
+def capacity_table(searches: dict[str, RateSearch], slos: Sequence[Slo], goodput: bool) -> str:
     header = ["policy", "max rate (req/s)", "fails at", *(f"{s.metric}_{s.stat} (ms)" for s in slos),
-              "output tok/s", "sims"]
+              *(["good share"] if goodput else []), "output tok/s", "sims"]
     rows = []
     for label, s in searches.items():
         rows.append([
@@ -235,6 +235,7 @@ def capacity_table(searches: dict[str, RateSearch], slos: Sequence[Slo]) -> str:
             "none" if s.lo is None else f"{s.lo:.4g}" + ("+" if s.hi is None else ""),
             "-" if s.hi is None else f"{s.hi:.4g}",
             *(_ms(s.lo_run, slo.key) for slo in slos),
+            *([("-" if s.lo_run is None else f"{good_share(s.lo_run):.3f}")] if goodput else []),
             _ms(s.lo_run, "output_throughput"),
             str(s.steps),
         ])
@@ -311,7 +312,7 @@ def capacity(**opts: Any) -> None:
     click.echo(f"max rate per replica, to a relative precision of {precision:g} "
                f"(it meets the SLOs; 'fails at' is the lowest rate simulated that did not, "
                f"at most {1 + precision:g}x higher):")
-    click.echo(capacity_table(searches, slos))
+    click.echo(capacity_table(searches, slos, fraction is not None))
     for label, s in searches.items():
         if s.lo is None:
             click.echo(f"{label}: misses the SLOs even at {s.hi:.3g} req/s ({'; '.join(s.hi_why)})")
