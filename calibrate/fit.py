@@ -74,6 +74,19 @@ class StepModel:
         x = features(shape, self.knee_tokens, self.knee_decode_context_tokens)
         return float(sum(self.coefficients_ms.get(name, 0.0) * v for name, v in zip(FEATURES, x, strict=True)))
 
+    def predict_decode_run_ms(self, shape: StepShape, n: int) -> np.ndarray:
+        """``predict_ms`` of ``shape`` repeated ``n`` times with every decode one token further,
+        element-wise in numpy with the same operations in the same order (identical values)."""
+        context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
+        columns: dict[str, np.ndarray] = {"decode_context_tokens": context.astype(np.float64)}
+        if self.knee_decode_context_tokens is not None:
+            columns["decode_context_over_knee"] = np.maximum(0.0, context - self.knee_decode_context_tokens)
+        total = np.zeros(n)
+        for name, v in zip(FEATURES, features(shape, self.knee_tokens, self.knee_decode_context_tokens),
+                           strict=True):
+            total = total + self.coefficients_ms.get(name, 0.0) * (columns[name] if name in columns else v)
+        return total
+
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coefficients_ms": dict(self.coefficients_ms),
                 "knee_tokens": self.knee_tokens, "knee_decode_context_tokens": self.knee_decode_context_tokens}

@@ -10,6 +10,7 @@ with the min and max.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from sim.request import Request
 
 UNBOUNDED_OUTPUT = 1 << 30
 """Fake requests never finish, so the runner keeps their token ids between repeats."""
+MAX_REPEATS_PER_VISIT = 50
 SWAP_PROBE_BYTES = 128 * 2**20
 """KV bytes copied each way to time the host link: enough to reach its sustained rate."""
 
@@ -102,10 +104,12 @@ def _sample(batch: Batch, times_ms: list[float]) -> Sample:
 
 
 def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 3, warmup: int = 1,
-                 passes: int = 2, seed: int = 0, progress: bool = True) -> Measurement:
-    """Time every point ``repeats x passes`` times and keep the median, min and max.
+                 passes: int = 2, min_visit_ms: float = 20.0, seed: int = 0, progress: bool = True) -> Measurement:
+    """Time every point at least ``repeats x passes`` times and keep the median, min and max.
 
-    Each visit of a point runs it ``warmup`` times untimed, then ``repeats`` times timed, back
+    Each visit of a point runs it ``warmup`` times untimed, then times it ``repeats`` times or
+    for ``min_visit_ms``, whichever is more (at most :data:`MAX_REPEATS_PER_VISIT` runs): a
+    sub-millisecond step jitters by tens of percent, and many runs of it cost little. Back
     to back: a serving engine runs similar steps in a row, and timing a small step right after
     a large one measures the caches the large one evicted (on CPU that doubles a tiny model's
     decode step), not the step. The grid is visited ``passes`` times, each in an order
@@ -121,6 +125,10 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
     times_ms: list[list[float]] = [[] for _ in grid]
     batches: list[Batch | None] = [None] * len(grid)
     out_of_memory: set[int] = set()
+    # Python's cyclic GC is paused, as serving engines (and experiments.validation's live runs)
+    # do: its pauses would land in random repeats.
+    gc_enabled = gc.isenabled()
+    gc.disable()
     t0 = time.perf_counter()
     interrupted = False
     bar = tqdm(total=passes * len(grid), unit="step", desc="calibrating", disable=not progress, leave=False)
@@ -129,10 +137,14 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
             for i in rng.permutation(len(grid)):
                 if i not in out_of_memory:
                     try:
-                        for k in range(warmup + repeats):
+                        for _ in range(warmup):
+                            time_step(runner, seqs[i])
+                        visit_ms: list[float] = []
+                        while len(visit_ms) < repeats or (sum(visit_ms) < min_visit_ms
+                                                          and len(visit_ms) < MAX_REPEATS_PER_VISIT):
                             step_ms, batches[i] = time_step(runner, seqs[i])
-                            if k >= warmup:
-                                times_ms[i].append(step_ms)
+                            visit_ms.append(step_ms)
+                            times_ms[i].append(step_ms)
                     except torch.OutOfMemoryError:
                         # The pool took the memory the engine would give it; a step whose
                         # activations do not fit the rest cannot run live either: left out.
@@ -145,6 +157,8 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
         interrupted = True
     finally:
         bar.close()
+        if gc_enabled:
+            gc.enable()
         for r in fakes.requests.values():
             runner.release(r.id)
     samples = [_sample(b, t) for b, t in zip(batches, times_ms, strict=True) if t and b is not None]

@@ -41,6 +41,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from calibrate.fit import FEATURES, StepModel
 from calibrate.samples import Sample, SamplesError
 from sim.batch import StepShape
@@ -258,11 +260,18 @@ class CalibratedCost:
         return cls(load_profile(path))
 
     def step_time(self, shape: StepShape) -> float:
-        step_s = self.model.predict_ms(shape) / 1000
+        return self.model.predict_ms(shape) / 1000 + self._swap_s(shape)
+
+    def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
+        """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further, with
+        identical values (the simulator's fast path, see :func:`sim.cost.decode_run_times`)."""
+        return self.model.predict_decode_run_ms(shape, n) / 1000 + self._swap_s(shape)
+
+    def _swap_s(self, shape: StepShape) -> float:
         swap_tokens = shape.swap_in_tokens + shape.swap_out_tokens
-        if swap_tokens:
-            if self.kv_bytes_per_token is None:
-                raise ValueError("the profile has no kv_bytes_per_token (fitted without --model), so it cannot "
-                                 "price swap copies; refit it with --model and --dtype")
-            step_s += swap_tokens * self.kv_bytes_per_token / self.host_link_bytes_per_s
-        return step_s
+        if not swap_tokens:
+            return 0.0
+        if self.kv_bytes_per_token is None:
+            raise ValueError("the profile has no kv_bytes_per_token (fitted without --model), so it cannot "
+                             "price swap copies; refit it with --model and --dtype")
+        return swap_tokens * self.kv_bytes_per_token / self.host_link_bytes_per_s

@@ -102,6 +102,9 @@ def resolve_capacity(config: SimConfig, profile: Any | None = None) -> Capacity:
     if kv.num_blocks is not None:
         blocks = kv.num_blocks
     elif profile is not None and kv.gpu_memory_gib is None:
+        if profile.kv_memory_bytes is None:
+            raise ValueError("the profile records no KV memory (it was fitted from step timings alone); "
+                             "give the KV capacity with --kv-blocks or --gpu-memory-gib")
         blocks = int(profile.kv_memory_bytes // (kv_bytes * kv.block_size))
     else:
         if kv.gpu_memory_gib is not None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calibrate.calibration import profile_from_samples
-from calibrate.fit import FEATURES
+from calibrate.fit import FEATURES, StepModel
 from calibrate.profile import (
     SCHEMA_VERSION,
     CalibratedCost,
@@ -134,3 +137,20 @@ def test_swap_without_kv_size_is_an_error():
     assert cost.step_time(StepShape(decode_seqs=1, decode_context_tokens=10)) > 0
     with pytest.raises(ValueError, match="no kv_bytes_per_token"):
         cost.step_time(StepShape(decode_seqs=1, decode_context_tokens=10, swap_in_tokens=16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(coef=st.fixed_dictionaries({name: st.floats(0, 10) for name in FEATURES}),
+       knee=st.none() | st.integers(0, 5000), dknee=st.none() | st.integers(0, 50_000),
+       decodes=st.integers(1, 64), context=st.integers(1, 100_000), prefill=st.integers(0, 512),
+       swap=st.sampled_from([0, 16]), n=st.integers(1, 40))
+def test_decode_run_times_identical_to_step_time(coef, knee, dknee, decodes, context, prefill, swap, n):
+    """The vectorised decode run gives exactly (==) the step-by-step times the fast path must match."""
+    prof = profile_from_samples(SAMPLES, "x.csv", model="tiny")
+    prof.model_fit = StepModel(coef, knee, dknee)
+    cost = CalibratedCost(prof)
+    shape = StepShape(prefill_tokens=prefill, prefill_seqs=1 if prefill else 0, decode_seqs=decodes,
+                      decode_context_tokens=context, swap_in_tokens=swap)
+    run = cost.decode_run_times(shape, n)
+    steps = [cost.step_time(replace(shape, decode_context_tokens=context + j * decodes)) for j in range(n)]
+    assert run.tolist() == steps
