@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
 from experiments.cli import main
+
+TINY_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "tiny-cpu.json"
 
 
 def invoke(*args: str):
@@ -104,3 +107,28 @@ def test_every_command_has_help():
         assert name in COMMANDS
         res = CliRunner().invoke(main, [name, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_profile_sets_cost_capacity_and_model(tmp_path):
+    """--profile alone simulates with the profile's model, cost and KV capacity."""
+    out = tmp_path / "p"
+    res = invoke("simulate", "--profile", str(TINY_PROFILE), "-n", "50", "--max-prompt-tokens", "256",
+                 "--max-output-tokens", "64", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    profile = json.loads(open(str(TINY_PROFILE)).read())
+    assert config["model"] == "tiny"
+    assert config["kv_blocks_per_replica"] == profile["num_kv_blocks"]
+
+
+def test_profile_without_kv_memory_asks_for_capacity(tmp_path):
+    """A profile fitted from timings alone has no KV memory: simulate says to pass --kv-blocks."""
+    profile = json.loads(open(str(TINY_PROFILE)).read())
+    profile["kv_memory_bytes"] = None
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    res = CliRunner().invoke(main, ["simulate", "--profile", str(path), "-n", "10", "--max-prompt-tokens", "100"])
+    assert res.exit_code != 0 and "--kv-blocks" in res.output
+    res = CliRunner().invoke(main, ["simulate", "--profile", str(path), "-n", "10", "--max-prompt-tokens", "100",
+                                    "--kv-blocks", "500"])
+    assert res.exit_code == 0, res.output

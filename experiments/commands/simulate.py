@@ -28,8 +28,9 @@ from sim.simulation import run_simulation
 
 def cluster_options(f):
     options = [
-        click.option("--model", default="qwen2.5-7b", show_default=True, type=click.Choice(list(MODELS)),
-                     help="Model preset (roofline cost and KV bytes per token)."),
+        click.option("--model", default=None, type=click.Choice(list(MODELS)),
+                     help=f"Model preset (roofline cost and KV bytes per token). Default: the profile's model, "
+                          f"else {DEFAULT_MODEL}."),
         click.option("--hardware", default="h100-sxm", show_default=True, type=click.Choice(list(HARDWARE)),
                      help="Hardware preset for the roofline cost model."),
         click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(list(DTYPE_BYTES))),
@@ -51,13 +52,27 @@ def cluster_options(f):
     return f
 
 
+DEFAULT_MODEL = "qwen2.5-7b"
+
+
+def resolve_model(opts: dict[str, Any]) -> str:
+    """--model, else the profile's model when it is a preset, else the default."""
+    if opts.get("model"):
+        return opts["model"]
+    if opts.get("profile"):
+        profile = load_profile_opt(opts["profile"])
+        if profile is not None and profile.model in MODELS:
+            return profile.model
+    return DEFAULT_MODEL
+
+
 def build_sim_config(opts: dict[str, Any], policy: str | None = None, preempt: str | None = None) -> SimConfig:
     try:
         return SimConfig(
             scheduler=build_scheduler(opts, policy, preempt),
             kv=KVConfig(num_blocks=opts["kv_blocks"], gpu_memory_gib=opts["gpu_memory_gib"],
                         block_size=opts["block_size"], swap_gib=opts["swap_gib"]),
-            model=opts["model"], hardware=opts["hardware"], dtype=opts["dtype"], profile=opts["profile"],
+            model=resolve_model(opts), hardware=opts["hardware"], dtype=opts["dtype"], profile=opts["profile"],
             replicas=opts["replicas"], router=opts["router"], token_times=opts.get("token_times", False),
             exact_steps=opts.get("exact_steps", False),
         )
