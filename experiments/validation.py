@@ -11,7 +11,10 @@ Two errors are reported:
   the queueing that amplifies or hides its error in the run metrics.
 
 The KV pool of both runs is one :class:`~sim.config.Capacity`, so the simulator's scheduler
-sees exactly the blocks the live engine's pool has.
+sees exactly the blocks the live engine's pool has. Before and after the live run a few of the
+profile's own grid steps are timed again (:func:`speed_check`): near saturation queueing
+amplifies a cost error several times, so a device running slower than when it was calibrated
+(another process, a throttled CPU) must be told apart from an error of the simulator.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.batch import StepShape
 from sim.cluster import make_router
 from sim.config import Capacity, make_block_manager
 from sim.cost import CostModel
@@ -42,6 +46,11 @@ STATS = ("mean", "median", "p90", "p99")
 SCALARS = (("request_throughput", "request throughput (req/s)"),
            ("output_throughput", "output throughput (tok/s)"),
            ("num_preemptions", "preemptions"))
+SPEED_CHECK_POINTS = 8
+"""Profile steps re-timed before and after a live run to see whether the device changed."""
+DRIFT_WARN = 0.10
+"""A device speed change (re-timed profile steps, or the live steps' median signed error)
+beyond this is reported with the results."""
 CPU_MAX_KV_BLOCKS = 2048
 """Default pool on CPU: room for every request at once, at most this many blocks (as ``servesim run``)."""
 
@@ -124,9 +133,19 @@ class LiveSetup:
     its pauses do not land in random steps; the calibration grid does not see them either."""
 
 
+@dataclass
+class LiveRun:
+    result: Any
+    """The live engine's ``LiveResult`` (a SimResult with the step log)."""
+    speed_before: float | None = None
+    speed_after: float | None = None
+    """:func:`speed_check` just before and just after the run (None: not checked)."""
+
+
 def live_run(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, setup: LiveSetup,
-             progress: bool = True):
-    """Serve ``requests`` on the live engine; returns its ``LiveResult`` (with the step log)."""
+             progress: bool = True, profile_samples: Sequence[Any] = ()) -> LiveRun:
+    """Serve ``requests`` on the live engine, with a speed check before and after when the
+    profile's samples are given."""
     import torch
 
     from runtime.engine import LiveEngine
@@ -143,46 +162,124 @@ def live_run(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: 
     blocks = BlockManager(capacity.num_blocks, capacity.block_size, capacity.num_host_blocks)
     runner = ModelRunner(net, blocks, seed=setup.seed)
     engine = LiveEngine(runner, make_policy(scheduler, blocks), progress=progress)
+    before = speed_check(runner, profile_samples, spec.max_position)
     paused = gc.isenabled() and not setup.collect_garbage
     if paused:
         gc.collect()
         gc.disable()
     try:
-        return engine.run(requests)
+        result = engine.run(requests)
     finally:
         if paused:
             gc.enable()
+    return LiveRun(result, before, speed_check(runner, profile_samples, spec.max_position))
+
+
+def speed_check(runner: Any, samples: Sequence[Any], max_len: int, max_points: int = SPEED_CHECK_POINTS,
+                max_step_ms: float = 20.0) -> float | None:
+    """How much slower the device is now than when it was calibrated: a few of the profile's
+    own grid steps (at most ``max_points``, each under ``max_step_ms``) timed again on
+    ``runner`` the way calibration timed them; the median of now / then (1.1: 10% slower now).
+    None when no sample can be rebuilt (a profile fitted from a CSV has mixed shapes)."""
+    if not samples:
+        return None
+    from calibrate.measure import measure_grid
+
+    by_shape = {}
+    for s in sorted(samples, key=lambda s: s.step_ms):
+        point = _grid_point(s)
+        if (point is not None and s.step_ms <= max_step_ms and point.fits(max_len, runner.blocks.num_free,
+                                                                          runner.blocks.block_size)):
+            by_shape[_shape_key(s)] = (point, s.step_ms)
+    if not by_shape:
+        return None
+    chosen = list(by_shape.values())
+    chosen = [chosen[i] for i in sorted({round(i) for i in np.linspace(0, len(chosen) - 1, max_points)})]
+    then = {_shape_key(s): s.step_ms for s in samples}
+    measured = measure_grid(runner, [p for p, _ in chosen], repeats=3, warmup=2, progress=False).samples
+    ratios = [m.step_ms / then[_shape_key(m)] for m in measured if _shape_key(m) in then]
+    return float(np.median(ratios)) if ratios else None
+
+
+def _shape_key(s: Any) -> tuple[int, ...]:
+    return (s.prefill_tokens, s.prefill_seqs, s.prefill_context_tokens, s.decode_seqs, s.decode_context_tokens)
+
+
+def _grid_point(s: Any) -> Any:
+    """The calibration grid point of a sample whose sequences are all alike, else None."""
+    from calibrate.grid import GridPoint
+
+    if s.prefill_seqs > 1 and s.decode_seqs > 0:
+        return None
+    prefill: tuple[tuple[int, int], ...] = ()
+    decode: tuple[int, ...] = ()
+    if s.prefill_seqs:
+        chunk, rest = divmod(s.prefill_tokens, s.prefill_seqs)
+        context, rest2 = divmod(s.prefill_context_tokens, s.prefill_seqs)
+        if rest or rest2 or chunk < 1:
+            return None
+        prefill = ((chunk, context),) * s.prefill_seqs
+    if s.decode_seqs:
+        context, rest = divmod(s.decode_context_tokens, s.decode_seqs)
+        if rest or context < 1:
+            return None
+        decode = (context,) * s.decode_seqs
+    return GridPoint(prefill=prefill, decode=decode) if prefill or decode else None
 
 
 # -- comparison ----------------------------------------------------------------------------------
 
 
+def step_kind(shape: StepShape) -> str:
+    """``prefill``, ``decode`` or ``mixed`` (a prefill chunk among decodes)."""
+    if shape.prefill_tokens and shape.decode_seqs:
+        return "mixed"
+    return "prefill" if shape.prefill_tokens else "decode"
+
+
 @dataclass(frozen=True)
 class StepErrors:
-    """Measured and predicted seconds of every live step, and their relative errors."""
+    """Measured and predicted seconds of every live step, their kinds, and relative errors."""
 
     measured_s: np.ndarray
     predicted_s: np.ndarray
+    kinds: tuple[str, ...] = ()
 
     @property
     def rel_errors(self) -> np.ndarray:
         return (self.predicted_s - self.measured_s) / self.measured_s
 
-    def summary(self) -> dict[str, float]:
-        """Median and p90 of |relative error|, and the median signed error (the bias)."""
-        if self.measured_s.size == 0:
-            return {"median_step_rel_error": 0.0, "p90_step_rel_error": 0.0, "median_step_signed_error": 0.0}
-        err = self.rel_errors
-        return {"median_step_rel_error": float(np.median(np.abs(err))),
-                "p90_step_rel_error": float(np.percentile(np.abs(err), 90)),
-                "median_step_signed_error": float(np.median(err))}
+    @property
+    def total_rel_error(self) -> float:
+        """(predicted - measured) / measured of the summed step time: the bias the run metrics
+        feel, tails included (a median can be right while slow outliers add up)."""
+        measured = float(self.measured_s.sum())
+        return float(self.predicted_s.sum()) / measured - 1 if measured > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Median and p90 of |relative error|, the median signed error (the bias), and the
+        same per kind of step."""
+        out: dict[str, Any] = _error_stats(self.rel_errors)
+        kinds = np.asarray(self.kinds)
+        out["step_errors_by_kind"] = {
+            kind: {"steps": int((kinds == kind).sum()), **_error_stats(self.rel_errors[kinds == kind])}
+            for kind in ("prefill", "decode", "mixed") if (kinds == kind).any()}
+        return out
 
 
-def step_errors(step_log: Sequence[tuple[Any, float]], cost: CostModel) -> StepErrors:
+def _error_stats(err: np.ndarray) -> dict[str, float]:
+    if err.size == 0:
+        return {"median_step_rel_error": 0.0, "p90_step_rel_error": 0.0, "median_step_signed_error": 0.0}
+    return {"median_step_rel_error": float(np.median(np.abs(err))),
+            "p90_step_rel_error": float(np.percentile(np.abs(err), 90)),
+            "median_step_signed_error": float(np.median(err))}
+
+
+def step_errors(step_log: Sequence[tuple[StepShape, float]], cost: CostModel) -> StepErrors:
     """Price every logged live step ``(shape, measured_s)`` with ``cost``."""
     measured = np.array([s for _, s in step_log], dtype=np.float64)
     predicted = np.array([cost.step_time(shape) for shape, _ in step_log], dtype=np.float64)
-    return StepErrors(measured, predicted)
+    return StepErrors(measured, predicted, tuple(step_kind(shape) for shape, _ in step_log))
 
 
 def compare_summaries(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -202,26 +299,31 @@ class Validation:
     sim_summary: dict[str, Any]
     metrics: dict[str, dict[str, float | None]]
     steps: StepErrors
+    speed_before: float | None = None
+    speed_after: float | None = None
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
         out: dict[str, Any] = dict(self.metrics)
         out.update(self.steps.summary())
         out["num_steps"] = int(self.steps.measured_s.size)
+        out["total_step_time_rel_error"] = self.steps.total_rel_error
         out["completed"] = {"live": self.live_summary["completed"], "sim": self.sim_summary["completed"]}
+        out["device_speed_vs_profile"] = {"before": self.speed_before, "after": self.speed_after}
         return out | (extra or {})
 
 
 def validate(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, cost: CostModel,
-             setup: LiveSetup, progress: bool = True) -> Validation:
-    """Run ``requests`` live and simulated (each on fresh copies) and compare."""
-    fresh = [dataclasses.replace(r) for r in requests]
-    live = live_run(fresh, scheduler, capacity, setup, progress)
+             setup: LiveSetup, progress: bool = True, profile_samples: Sequence[Any] = ()) -> Validation:
+    """Run ``requests`` live and simulated (each on fresh copies) and compare; with the
+    profile's samples, also check the device's speed against them before and after."""
+    run = live_run([dataclasses.replace(r) for r in requests], scheduler, capacity, setup, progress, profile_samples)
+    live = run.result
     sim = simulate_run([dataclasses.replace(r) for r in requests], scheduler, capacity, cost)
     live_summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
     sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
     return Validation(live, sim, live_summary, sim_summary, compare_summaries(live_summary, sim_summary),
-                      step_errors(live.step_log, cost))
+                      step_errors(live.step_log, cost), run.speed_before, run.speed_after)
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -244,5 +346,35 @@ def format_table(v: Validation) -> str:
     s = v.steps.summary()
     lines.append(f"per-step error over {v.steps.measured_s.size} live steps: median |err| "
                  f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "
-                 f"median signed {s['median_step_signed_error'] * 100:+.1f}%")
+                 f"median signed {s['median_step_signed_error'] * 100:+.1f}%; summed step time "
+                 f"{v.steps.total_rel_error * 100:+.1f}%")
+    kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
+                      for kind, k in s["step_errors_by_kind"].items())
+    lines.append(f"  median signed per kind: {kinds}")
+    if v.speed_before is not None or v.speed_after is not None:
+        lines.append("device speed vs calibration (profile steps re-timed): "
+                     f"{format_speed(v.speed_before)} before the live run, {format_speed(v.speed_after)} after")
+    warning = drift_warning(v)
+    if warning:
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def format_speed(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{abs(ratio - 1) * 100:.0f}% {'slower' if ratio >= 1 else 'faster'}"
+
+
+def drift_warning(v: Validation) -> str | None:
+    """A warning when the device ran at another speed than when it was calibrated: the
+    profile's steps re-timed, or the live steps uniformly off. The run metrics then measure
+    that change, not the simulator (at 70% load a 5% slower device adds ~15% to latency)."""
+    speeds = [x - 1 for x in (v.speed_before, v.speed_after) if x is not None]
+    bias = v.steps.summary()["median_step_signed_error"]
+    if max([abs(x) for x in speeds] + [0.0]) <= DRIFT_WARN and abs(bias) <= DRIFT_WARN:
+        return None
+    return ("the device did not run at its calibrated speed (re-timed profile steps: "
+            f"{format_speed(v.speed_before)} before, {format_speed(v.speed_after)} after; live steps "
+            f"{abs(bias) * 100:.0f}% {'slower' if bias < 0 else 'faster'} than predicted at the median). Other "
+            "processes or a throttled CPU? Recalibrate just before validating, on an otherwise idle machine.")

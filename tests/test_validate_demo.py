@@ -56,6 +56,11 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
         assert data[key]["live"] > 0 and math.isfinite(data[key]["rel_error"])
     for key in ("median_step_rel_error", "p90_step_rel_error"):
         assert math.isfinite(data[key]) and data[key] >= 0
+    assert math.isfinite(data["median_step_signed_error"]) and math.isfinite(data["total_step_time_rel_error"])
+    assert set(data["step_errors_by_kind"]) <= {"prefill", "decode", "mixed"}
+    assert sum(k["steps"] for k in data["step_errors_by_kind"].values()) == data["num_steps"]
+    speed = data["device_speed_vs_profile"]
+    assert speed["before"] > 0 and speed["after"] > 0
     assert data["num_steps"] > 0
     assert data["completed"] == {"live": 12, "sim": 12}
     for run in ("live", "sim"):

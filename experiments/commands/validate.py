@@ -18,7 +18,6 @@ from typing import Any
 import click
 
 from experiments.output import write_json, write_run
-from sim.batch import StepShape
 from sim.config import Capacity
 from sim.metrics import request_latencies
 from sim.models import MODELS, get_model
@@ -30,8 +29,10 @@ from sim.workload import TraceReplay
 DEFAULT_LOAD = 0.7
 TINY_MAX_PROMPT_TOKENS = 1024
 TINY_MAX_OUTPUT_TOKENS = 512
-"""Azure conversation lengths scaled so the longest of a slice fits the tiny model (2048
-positions): prompts x ~0.25, outputs x ~0.86 on the default slice."""
+"""Azure conversation lengths scaled so the longest request of a slice fits the tiny model's
+2048 positions: prompts x ~0.25, outputs x ~0.86 on the default slice. 200 requests then take
+about 15 s live on a 2-core CPU at 70% load. (Prompts up to 1536 fit too, but prefills of
+1000+ tokens are where the quick calibration grid is weakest: TTFT errors triple.)"""
 SHIPPED_PROFILES = {"tiny": "tiny-cpu.json"}
 
 
@@ -135,12 +136,6 @@ def make_plan(profile_path: Path, model: str, device: str | None, dtype: str | N
                 replay.prompt_scale, replay.output_scale)
 
 
-def step_kind(shape: StepShape) -> str:
-    if shape.prefill_tokens and shape.decode_seqs:
-        return "mixed"
-    return "prefill" if shape.prefill_tokens else "decode"
-
-
 def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
     """validation.json, live/ and sim/ run directories, and the plots; returns the plots."""
     from experiments.commands.run import write_steps
@@ -168,7 +163,7 @@ def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
         cdf_plot(out / "e2el-cdf.png", {"live": live_e2el, "simulated": sim_e2el}, "E2EL (ms)",
                  f"End-to-end latency, live vs simulated ({policy})", log_x=True),
         step_scatter(out / "step-scatter.png", v.steps.measured_s, v.steps.predicted_s,
-                     [step_kind(shape) for shape, _ in v.live.step_log],
+                     v.steps.kinds,
                      f"Every live step: profile's prediction vs measured ({policy})"),
     ]
 
@@ -186,7 +181,7 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo):
          f"{plan.capacity.num_blocks} KV blocks), then simulating them ...")
     t0 = time.perf_counter()
     v = validate(plan.workload.requests(), plan.scheduler, plan.capacity, CalibratedCost(plan.profile),
-                 plan.setup, progress)
+                 plan.setup, progress, plan.profile.samples)
     echo(f"live run: {v.live_summary['duration']:.1f} s of serving ({time.perf_counter() - t0:.1f} s wall)")
     echo(format_table(v))
     write_outputs(out, plan, v)
