@@ -10,6 +10,7 @@ computing their padding, which the step's ``padding`` shape carries to the cost 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 
 from sim.batch import Batch, ScheduledSeq, StepShape, chunk_attention
 from sim.kv import BlockManager, blocks_for
@@ -25,6 +26,7 @@ class StaticPolicy:
         self.kv = kv
         self.key = order_key(config.order)
         self.waiting: list[tuple[OrderKey, Request]] = []
+        self._by_arrival: deque[Request] = deque()  # waiting requests in arrival order, lazily pruned
         self.rejected: list[Request] = []
         self.batch: list[Request] = []
         self.pad_len = 0  # longest prompt of the running batch
@@ -52,11 +54,15 @@ class StaticPolicy:
             self.rejected.append(request)
             return
         heapq.heappush(self.waiting, (self.key(request), request))
+        self._by_arrival.append(request)
 
     def next_wakeup_s(self, now: float) -> float | None:
         if self.batch or not self.waiting:
             return None
-        return min(r.arrival_s for _, r in self.waiting) + self.config.max_wait_s
+        oldest = self._by_arrival
+        while oldest[0].status is not Status.WAITING:
+            oldest.popleft()
+        return oldest[0].arrival_s + self.config.max_wait_s
 
     def schedule(self, now: float) -> Batch | None:
         if not self.batch:
