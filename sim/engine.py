@@ -151,14 +151,11 @@ def record_run_gaps(itl: GapRecorder, seqs, before: Sequence[tuple[float | None,
             first_gaps[gap] = first_gaps.get(gap, 0) + 1
     for gap, count in first_gaps.items():
         itl.add(gap, count)
-    produced.sort()
-    alive = len(produced)
-    i = 0
-    for j in range(1, len(ends_s)):
-        while i < len(produced) and produced[i] <= j:
-            i += 1
-            alive -= 1
-        itl.add(ends_s[j] - ends_s[j - 1], alive)
+    if len(ends_s) > 1:
+        ends = np.asarray(ends_s)
+        # Step j (from 1) gives a token to every sequence that produced more than j tokens.
+        done_by = np.searchsorted(np.sort(np.asarray(produced)), np.arange(1, len(ends_s)), side="right")
+        itl.add_many(np.diff(ends), len(produced) - done_by)
 
 
 def _urgent_timeout(env: simpy.Environment, delay: float) -> simpy.Event:

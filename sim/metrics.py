@@ -25,22 +25,34 @@ class GapRecorder:
     def __init__(self) -> None:
         self._gaps: list[float] = []
         self._counts: list[int] = []
+        self._gap_runs: list[np.ndarray] = []
+        self._count_runs: list[np.ndarray] = []
 
     def add(self, gap_s: float, count: int = 1) -> None:
         if count > 0:
             self._gaps.append(gap_s)
             self._counts.append(count)
 
+    def add_many(self, gaps_s: np.ndarray, counts: np.ndarray) -> None:
+        """Many (gap, count) pairs at once (a run of steps)."""
+        self._gap_runs.append(np.asarray(gaps_s, dtype=np.float64))
+        self._count_runs.append(np.asarray(counts, dtype=np.int64))
+
     def extend(self, other: GapRecorder) -> None:
         self._gaps.extend(other._gaps)
         self._counts.extend(other._counts)
+        self._gap_runs.extend(other._gap_runs)
+        self._count_runs.extend(other._count_runs)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self._gaps, dtype=np.float64), np.asarray(self._counts, dtype=np.int64)
+        gaps = np.concatenate([np.asarray(self._gaps, dtype=np.float64), *self._gap_runs])
+        counts = np.concatenate([np.asarray(self._counts, dtype=np.int64), *self._count_runs])
+        keep = counts > 0
+        return gaps[keep], counts[keep]
 
     @property
     def total(self) -> int:
-        return int(sum(self._counts))
+        return int(sum(self._counts) + sum(int(c.sum()) for c in self._count_runs))
 
 
 @dataclass
