@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from calibrate.fit import fit
+from calibrate.fit import fit, fit_step_model
 from calibrate.grid import GridPoint, make_grid
 from calibrate.profile import DEFAULT_HOST_LINK_BYTES_PER_S, Profile
 from calibrate.samples import Sample
@@ -77,13 +77,18 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
                     block_size: int = 16, quick: bool = False, seed: int = 0, repeats: int = 3, warmup: int = 1,
                     passes: int = 2,
                     threads: int | None = None, memory_utilization: float = 0.9, folds: int = 5,
-                    grid: Sequence[GridPoint] | None = None, progress: bool = True) -> Profile:
-    """Calibrate ``model`` on ``device``: time the grid (or ``grid`` when given), fit, return the profile.
+                    grid: Sequence[GridPoint] | None = None, progress: bool = True, live: bool = True,
+                    live_plan=None) -> Profile:
+    """Calibrate ``model`` on ``device``: time the grid (or ``grid`` when given), then (``live``)
+    serve a synthetic workload on the live engine (:mod:`calibrate.live`, ``live_plan`` or
+    :meth:`LivePlan.for_model`), fit to both, return the profile. A custom ``grid`` gets a live
+    phase only with an explicit ``live_plan``.
 
     Ctrl-C during the grid keeps what was measured: the profile says ``interrupted``.
     """
     import torch
 
+    from calibrate.live import LivePlan, live_kv_blocks, run_live_phase
     from calibrate.measure import SWAP_PROBE_BYTES, measure_grid, measure_host_link
     from runtime.kvcache import blocks_from_memory, kv_bytes_per_token
     from runtime.runner import ModelRunner
@@ -106,8 +111,13 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     points = list(grid) if grid is not None else make_grid(spec.max_position, num_blocks, block_size, quick)
     if not points:
         raise CalibrationError(f"{model}: no grid point fits {num_blocks} KV blocks of {block_size} tokens")
+    plan = None
+    if live and (grid is None or live_plan is not None):
+        plan = live_plan if live_plan is not None else LivePlan.for_model(spec.max_position, quick, seed)
     if dev.type != "cuda":
         num_blocks = max(p.kv_blocks(block_size) for p in points)
+        if plan is not None:
+            num_blocks = max(num_blocks, live_kv_blocks(plan, block_size))
     host_blocks = max(1, min(num_blocks, SWAP_PROBE_BYTES // block_bytes))
     blocks = BlockManager(num_blocks, block_size, num_host_blocks=host_blocks)
     runner = ModelRunner(net, blocks, seed=seed)
@@ -116,10 +126,19 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
                             progress=progress)
     if not measured.samples:
         raise CalibrationError("calibration interrupted before any step was measured; nothing to fit")
-    result = fit(measured.samples, folds=folds, seed=seed)
+    samples = list(measured.samples)
+    live_info = None
+    if plan is not None and not measured.interrupted:
+        try:
+            live_samples, live_info = run_live_phase(runner, plan, fit_step_model(samples), progress=progress)
+        except KeyboardInterrupt:
+            live_samples, live_info = [], plan.to_dict() | {"runs": [], "interrupted": True}
+        samples += live_samples
+    result = fit(samples, folds=folds, seed=seed)
     return Profile(
         model_fit=result.model,
-        samples=measured.samples,
+        samples=samples,
+        live=live_info,
         **device_provenance(dev),
         dtype=dtype_name(torch_dtype),
         block_size=block_size,

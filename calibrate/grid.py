@@ -7,6 +7,11 @@ Three families, so that the fit sees each feature move on its own and together:
 - decode-only: batch sizes x context lengths;
 - mixed: a decode batch plus one prefill chunk (chunked prefill's typical step).
 
+A decode batch's contexts are spread (:func:`spread_contexts`, from a eighth of the nominal
+context up to it), as in a serving engine where sequences started at different times: the
+runtime pads each decode group to its longest sequence, so a batch of identical contexts
+would time the cheapest case and under-predict real mixed-length batches.
+
 Bounds come from the model (no sequence longer than ``max_position``) and the KV pool (a
 step's sequences must fit in it at once). Chunk sizes stop at ``max_step_tokens``, the largest
 step a serving engine would schedule.
@@ -51,6 +56,15 @@ class GridPoint:
         return max(self.seq_lengths()) <= max_len and self.kv_blocks(block_size) <= num_blocks
 
 
+def spread_contexts(context: int, batch: int) -> tuple[int, ...]:
+    """``batch`` decode contexts spread evenly from ``context // 8`` to ``context`` (a single
+    sequence: just ``context``)."""
+    if batch == 1:
+        return (context,)
+    lo = max(1, context // 8)
+    return tuple(lo + (context - lo) * j // (batch - 1) for j in range(batch))
+
+
 def _geometric(lo: int, hi: int, factor: int) -> list[int]:
     values = []
     v = lo
@@ -64,7 +78,8 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
               max_step_tokens: int = 8192) -> list[GridPoint]:
     """The calibration grid, every point fitting ``max_len`` and a pool of ``num_blocks`` blocks.
 
-    ``quick`` gives a coarse grid (about 40 points) for CPUs and tests.
+    ``quick`` gives a coarse grid (about 80 points) for CPUs and tests; it is denser around
+    10-100k tokens of total decode context, where a CPU's caches run out.
     """
     step_cap = min(max_step_tokens, max_len)
     if quick:
@@ -76,6 +91,9 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         # (decode batch, decode context, chunk, chunk context)
         mixed = [(b, c, p, pc) for b in (4, 32) for c in (max_len // 8, max_len // 2) for p in (32, 256)
                  for pc in (0, max_len // 4)]
+        # denser around the cache cliff: more batch sizes at moderate contexts, and mixed steps there
+        dense_decode = [(b, c) for b in (8, 32, 48, 96) for c in (256, 512, 1024) if c < max_len]
+        mixed += [(b, c, p, 0) for b in (16, 64) for c in (512, 1024) if c < max_len for p in (32, 256)]
     else:
         chunks = _geometric(16, step_cap, 2)
         contexts = [0, *_geometric(512, max_len, 4)]
@@ -84,11 +102,14 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         decode_contexts = sorted({*_geometric(16, max_len, 4), max_len - 1})
         mixed = [(b, c, p, pc) for b in (1, 8, 32, 128) for c in (256, 2048) for p in (64, 512, 2048)
                  for pc in (0, 2048)]
+        dense_decode = []
     points = [GridPoint(prefill=((chunk, ctx),)) for chunk in chunks for ctx in contexts]
     for seqs, chunk in multi:
         points += [GridPoint(prefill=((chunk, ctx),) * seqs) for ctx in (0, min(contexts[-1], 512))]
-    points += [GridPoint(decode=(ctx,) * batch) for batch in batches for ctx in decode_contexts]
-    points += [GridPoint(prefill=((chunk, pctx),), decode=(ctx,) * batch) for batch, ctx, chunk, pctx in mixed]
+    points += [GridPoint(decode=spread_contexts(ctx, batch)) for batch in batches for ctx in decode_contexts]
+    points += [GridPoint(decode=spread_contexts(ctx, batch)) for batch, ctx in dense_decode]
+    points += [GridPoint(prefill=((chunk, pctx),), decode=spread_contexts(ctx, batch))
+               for batch, ctx, chunk, pctx in mixed]
     seen: set[GridPoint] = set()
     grid = []
     for p in points:

@@ -31,7 +31,12 @@ is added, removed or changes meaning. Schema version 1::
                            "knee_tokens": int|null, "knee_decode_context_tokens": int|null}
     errors                {"folds": k, "held_out": TABLE|null, "in_sample": TABLE}, TABLE =
                           {prefill|decode|mixed|all: {"n", "median_ape_pct", "p90_ape_pct"}}
-    samples               [{the columns of calibrate.samples.Sample}, ...]
+    live                  (optional, nullable) the live phase's synthetic workload and runs
+                          (calibrate.live); samples with origin "live" came from it
+    samples               {"columns": [the columns of calibrate.samples.Sample],
+                           "rows": [[one value per column], ...]}: one row per measured
+                          step (tens of thousands with a live phase, hence rows, not objects),
+                          each with its origin: grid | live | csv
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.fit import FEATURES, StepModel
-from calibrate.samples import Sample, SamplesError
+from calibrate.samples import CSV_COLUMNS, Sample, SamplesError
 from sim.batch import StepShape
 
 SCHEMA_VERSION = 1
@@ -94,6 +99,8 @@ class Profile:
     """True when calibration was stopped early (Ctrl-C) and the fit used the samples so far."""
     out_of_memory_steps: int = 0
     """Grid points left out because running them ran the device out of memory."""
+    live: dict | None = None
+    """The live phase (:mod:`calibrate.live`): its workload and runs; None when skipped."""
 
     def to_dict(self) -> dict:
         return {
@@ -122,7 +129,9 @@ class Profile:
             "out_of_memory_steps": self.out_of_memory_steps,
             "fit": self.model_fit.to_dict(),
             "errors": self.errors,
-            "samples": [s.to_dict() for s in self.samples],
+            "live": self.live,
+            "samples": {"columns": list(CSV_COLUMNS), "rows": [[getattr(s, c) for c in CSV_COLUMNS]
+                                                                for s in self.samples]},
         }
 
 
@@ -154,7 +163,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "out_of_memory_steps": (_INT, False),
     "fit": ((dict,), False),
     "errors": ((dict,), False),
-    "samples": ((list,), False),
+    "samples": ((dict,), False),
 }
 
 
@@ -189,16 +198,30 @@ def profile_from_dict(data: object, path: Path) -> Profile:
         raise ProfileError(f"{path}: field 'block_size' must be >= 1, got {data['block_size']}")
     if not (math.isfinite(data["host_link_bytes_per_s"]) and data["host_link_bytes_per_s"] > 0):
         raise ProfileError(f"{path}: field 'host_link_bytes_per_s' must be > 0")
+    samples = _samples_from_dict(data["samples"], path)
+    values = {k: data[k] for k in _FIELDS if k not in ("schema_version", "fit", "samples")}
+    live = data.get("live")
+    if live is not None and not isinstance(live, dict):
+        raise ProfileError(f"{path}: field 'live' must be an object or null, got {type(live).__name__}")
+    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, live=live, **values)
+
+
+def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
+    for name in ("columns", "rows"):
+        if name not in table:
+            raise ProfileError(f"{path}: field 'samples.{name}' is missing")
+        _check(path, f"samples.{name}", table[name], (list,), False)
+    columns = table["columns"]
     samples = []
-    for i, row in enumerate(data["samples"]):
-        if not isinstance(row, dict):
-            raise ProfileError(f"{path}: field 'samples[{i}]' must be an object")
+    for i, row in enumerate(table["rows"]):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise ProfileError(f"{path}: field 'samples.rows[{i}]' must be a list of {len(columns)} values "
+                               f"(one per column)")
         try:
-            samples.append(Sample.from_dict(row, f"{path}: samples[{i}]"))
+            samples.append(Sample.from_dict(dict(zip(columns, row, strict=True)), f"{path}: samples.rows[{i}]"))
         except SamplesError as e:
             raise ProfileError(str(e)) from None
-    values = {k: data[k] for k in _FIELDS if k not in ("schema_version", "fit", "samples")}
-    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, **values)
+    return samples
 
 
 def _model_from_dict(fit: dict, path: Path) -> StepModel:
@@ -242,7 +265,13 @@ def load_profile(path: str | Path) -> Profile:
 def save_profile(profile: Profile, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    data = profile.to_dict()
+    samples = data.pop("samples")
+    head = json.dumps(data, indent=1).removesuffix("\n}")
+    # One sample per line: indented, tens of thousands of rows would take a line per value.
+    rows = ",\n".join("   " + json.dumps(row) for row in samples["rows"])
+    path.write_text(f'{head},\n "samples": {{\n  "columns": {json.dumps(samples["columns"])},\n'
+                    f'  "rows": [\n{rows}\n  ]\n }}\n}}\n')
 
 
 class CalibratedCost:

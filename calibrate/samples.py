@@ -6,8 +6,10 @@ The CSV has one row per step. Required columns::
 
 Optional columns: ``prefill_attention_tokens`` (exact prefill attention work, the sum over
 chunks of ``chunk * (context + (chunk + 1) / 2)``; empty or absent means "estimate it from the
-sums, assuming equal chunks"), ``step_ms_min``, ``step_ms_max`` (the spread over repeats) and
-``repeats``. ``step_ms`` is the median over repeats of the whole engine step, in milliseconds;
+sums, assuming equal chunks"), ``step_ms_min``, ``step_ms_max`` (the spread over repeats),
+``repeats`` and ``origin`` (``grid``: a controlled calibration step; ``live``: a step the live
+engine ran on a synthetic workload during calibration; ``csv``: measured elsewhere; empty or
+absent means ``csv``). ``step_ms`` is the mean over repeats of the whole engine step, in milliseconds;
 a file with ``step_s`` (seconds) instead is read too, so the ``steps.csv`` of ``servesim run``
 fits as it is. ``swap_in_tokens`` and ``swap_out_tokens`` may be present: predicting prices
 them; fitting needs them 0. Other columns are ignored.
@@ -27,6 +29,7 @@ REQUIRED_COLUMNS = ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", 
                     "decode_context_tokens", "step_ms")
 INT_COLUMNS = ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", "decode_seqs", "decode_context_tokens")
 SWAP_COLUMNS = ("swap_in_tokens", "swap_out_tokens")
+ORIGINS = ("grid", "live", "csv")
 
 
 class SamplesError(ValueError):
@@ -35,7 +38,8 @@ class SamplesError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One measured step. ``step_ms`` is the median over ``repeats``; min and max give the spread."""
+    """One measured step. ``step_ms`` is the mean over ``repeats``; min and max give the spread.
+    ``origin`` says where it was measured: ``grid``, ``live`` or ``csv``."""
 
     prefill_tokens: int
     prefill_seqs: int
@@ -47,6 +51,7 @@ class Sample:
     step_ms_min: float | None = None
     step_ms_max: float | None = None
     repeats: int = 1
+    origin: str = "csv"
 
     @property
     def shape(self) -> StepShape:
@@ -130,6 +135,11 @@ def _parse_row(row: dict, where: str) -> Sample:
         values["repeats"] = _number(row["repeats"], where, "repeats", integer=True)
         if values["repeats"] < 1:
             raise SamplesError(f"{where}: field 'repeats' must be >= 1, got {row['repeats']!r}")
+    origin = row.get("origin")
+    if origin not in (None, ""):
+        if origin not in ORIGINS:
+            raise SamplesError(f"{where}: field 'origin' must be one of {', '.join(ORIGINS)}, got {origin!r}")
+        values["origin"] = origin
     return Sample(step_ms=step_ms, **values)  # type: ignore[arg-type]
 
 
@@ -199,4 +209,5 @@ def write_samples(path: str | Path, samples: Iterable[Sample]) -> None:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
         for s in samples:
-            w.writerow(["" if v is None else repr(v) for v in (getattr(s, c) for c in CSV_COLUMNS)])
+            w.writerow(["" if v is None else v if isinstance(v, str) else repr(v)
+                        for v in (getattr(s, c) for c in CSV_COLUMNS)])

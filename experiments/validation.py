@@ -185,19 +185,18 @@ def speed_check(runner: Any, samples: Sequence[Any], max_len: int, max_points: i
         return None
     from calibrate.measure import measure_grid
 
-    by_shape = {}
+    then: dict[tuple[int, ...], tuple[Any, float]] = {}  # shape -> (grid point, step_ms at calibration)
     for s in sorted(samples, key=lambda s: s.step_ms):
         point = _grid_point(s)
         if (point is not None and s.step_ms <= max_step_ms and point.fits(max_len, runner.blocks.num_free,
                                                                           runner.blocks.block_size)):
-            by_shape[_shape_key(s)] = (point, s.step_ms)
-    if not by_shape:
+            then[_shape_key(s)] = (point, s.step_ms)
+    if not then:
         return None
-    chosen = list(by_shape.values())
+    chosen = list(then.values())
     chosen = [chosen[i] for i in sorted({round(i) for i in np.linspace(0, len(chosen) - 1, max_points)})]
-    then = {_shape_key(s): s.step_ms for s in samples}
     measured = measure_grid(runner, [p for p, _ in chosen], repeats=3, warmup=2, progress=False).samples
-    ratios = [m.step_ms / then[_shape_key(m)] for m in measured if _shape_key(m) in then]
+    ratios = [m.step_ms / then[_shape_key(m)][1] for m in measured if _shape_key(m) in then]
     return float(np.median(ratios)) if ratios else None
 
 
@@ -206,25 +205,17 @@ def _shape_key(s: Any) -> tuple[int, ...]:
 
 
 def _grid_point(s: Any) -> Any:
-    """The calibration grid point of a sample whose sequences are all alike, else None."""
+    """The calibration grid point of a prefill-only grid sample whose chunks are all alike,
+    else None (a decode grid point spreads its contexts, which the sums do not give back)."""
     from calibrate.grid import GridPoint
 
-    if s.prefill_seqs > 1 and s.decode_seqs > 0:
+    if s.origin != "grid" or s.decode_seqs or not s.prefill_seqs:
         return None
-    prefill: tuple[tuple[int, int], ...] = ()
-    decode: tuple[int, ...] = ()
-    if s.prefill_seqs:
-        chunk, rest = divmod(s.prefill_tokens, s.prefill_seqs)
-        context, rest2 = divmod(s.prefill_context_tokens, s.prefill_seqs)
-        if rest or rest2 or chunk < 1:
-            return None
-        prefill = ((chunk, context),) * s.prefill_seqs
-    if s.decode_seqs:
-        context, rest = divmod(s.decode_context_tokens, s.decode_seqs)
-        if rest or context < 1:
-            return None
-        decode = (context,) * s.decode_seqs
-    return GridPoint(prefill=prefill, decode=decode) if prefill or decode else None
+    chunk, rest = divmod(s.prefill_tokens, s.prefill_seqs)
+    context, rest2 = divmod(s.prefill_context_tokens, s.prefill_seqs)
+    if rest or rest2 or chunk < 1:
+        return None
+    return GridPoint(prefill=((chunk, context),) * s.prefill_seqs)
 
 
 # -- comparison ----------------------------------------------------------------------------------

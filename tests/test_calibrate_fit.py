@@ -91,7 +91,9 @@ def test_error_table_by_kind():
     """The error table separates prefill, decode and mixed steps and pools them in all."""
     samples = [Sample(10, 1, 0, 0, 0, 10.0), Sample(0, 0, 0, 4, 40, 4.0), Sample(5, 1, 0, 2, 8, 8.0)]
     table = error_table(samples, [11.0, 4.0, 6.0])
-    assert table["prefill"] == {"n": 1, "median_ape_pct": pytest.approx(10.0), "p90_ape_pct": pytest.approx(10.0)}
+    assert table["prefill"] == {"n": 1, "median_ape_pct": pytest.approx(10.0), "p90_ape_pct": pytest.approx(10.0),
+                                "bias_pct": pytest.approx(10.0)}
+    assert "live" not in table
     assert table["decode"]["median_ape_pct"] == 0
     assert table["mixed"]["median_ape_pct"] == pytest.approx(25.0)
     assert table["all"]["n"] == 3
@@ -156,3 +158,19 @@ def test_shipped_profile_monotone_with_estimated_attention(shape, field, step):
     if (bigger.prefill_seqs == 0) != (bigger.prefill_tokens == 0):
         return
     assert 0 <= model.predict_ms(shape) <= model.predict_ms(bigger) * (1 + 1e-12)
+
+
+def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
+    """Live samples share LIVE_WEIGHT x the grid's weight, equally per kind; origin survives CSV."""
+    from calibrate.fit import LIVE_WEIGHT, sample_weights
+    from calibrate.samples import read_samples, write_samples
+
+    grid = [Sample(10, 1, 0, 0, 0, 10.0, origin="grid"), Sample(0, 0, 0, 4, 40, 4.0, origin="grid")]
+    live = [Sample(0, 0, 0, 2, 20, 3.0, origin="live")] * 8 + [Sample(50, 1, 0, 0, 0, 9.0, origin="live")]
+    w = sample_weights(grid + live)
+    assert list(w[:2]) == [1, 1]
+    assert w[2:10].sum() == pytest.approx(LIVE_WEIGHT * 2 / 2) and w[10] == pytest.approx(LIVE_WEIGHT * 2 / 2)
+    write_samples(tmp_path / "s.csv", grid + live)
+    assert [s.origin for s in read_samples(tmp_path / "s.csv")] == [s.origin for s in grid + live]
+    table = error_table(grid + live, [s.step_ms for s in grid + live])
+    assert table["live"]["n"] == 9 and table["all"]["n"] == 11 and table["decode"]["n"] == 1

@@ -122,3 +122,18 @@ def test_out_of_memory_step_left_out():
     assert measured.out_of_memory == [SMALL_GRID[3]]
     assert len(measured.samples) == len(SMALL_GRID) - 1 and not measured.interrupted
     assert runner.blocks.num_free == 64
+
+
+def test_live_phase_adds_live_samples():
+    """A tiny live phase: the engine's steps join the grid's as samples of origin 'live'."""
+    from calibrate.live import LivePlan
+
+    plan = LivePlan(num_requests=3, prompt_dist="uniform:8:32", output_dist="uniform:2:6", loads=(0.8,),
+                    policies=("continuous", "chunked"), time_budget_s=30)
+    prof = run_calibration("tiny", device="cpu", grid=SMALL_GRID, repeats=2, threads=1, folds=3, progress=False,
+                           live_plan=plan)
+    origins = {s.origin for s in prof.samples}
+    assert origins == {"grid", "live"}
+    assert sum(s.origin == "grid" for s in prof.samples) == len(SMALL_GRID)
+    assert [r["policy"] for r in prof.live["runs"]] == ["continuous", "chunked"]
+    assert prof.errors["held_out"]["live"]["n"] == sum(s.origin == "live" for s in prof.samples)

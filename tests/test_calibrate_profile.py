@@ -18,7 +18,7 @@ from calibrate.profile import (
     load_profile,
     save_profile,
 )
-from calibrate.samples import Sample
+from calibrate.samples import CSV_COLUMNS, Sample
 from sim.batch import StepShape
 from sim.models import get_model
 
@@ -103,8 +103,9 @@ def test_missing_coefficient(profile_path):
 
 def test_bad_sample_named(profile_path):
     """A broken raw sample is named by its index and field."""
-    edited(profile_path, lambda d: d["samples"][2].update(step_ms="fast"))
-    with pytest.raises(ProfileError, match=r"samples\[2\]: field 'step_ms' is not a number"):
+    column = CSV_COLUMNS.index("step_ms")
+    edited(profile_path, lambda d: d["samples"]["rows"][2].__setitem__(column, "fast"))
+    with pytest.raises(ProfileError, match=r"samples\.rows\[2\]: field 'step_ms' is not a number"):
         load_profile(profile_path)
 
 
@@ -154,3 +155,10 @@ def test_decode_run_times_identical_to_step_time(coef, knee, dknee, decodes, con
     run = cost.decode_run_times(shape, n)
     steps = [cost.step_time(replace(shape, decode_context_tokens=context + j * decodes)) for j in range(n)]
     assert run.tolist() == steps
+
+
+def test_sample_row_of_wrong_length_named(profile_path):
+    """A raw sample row with a value missing is named by its index."""
+    edited(profile_path, lambda d: d["samples"]["rows"][1].pop())
+    with pytest.raises(ProfileError, match=r"field 'samples.rows\[1\]' must be a list of \d+ values"):
+        load_profile(profile_path)

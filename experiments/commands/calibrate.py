@@ -29,7 +29,7 @@ def _print_errors(errors: dict) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Default: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV block size in tokens.")
-@click.option("--quick", is_flag=True, help="A coarse grid (~50 steps): for CPUs and tests.")
+@click.option("--quick", is_flag=True, help="A coarse grid (~70 steps) and a short live phase: for CPUs and tests (about a minute on CPU).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Weights, token ids, measuring order and the cross-validation split.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
@@ -44,13 +44,17 @@ def _print_errors(errors: dict) -> None:
               help="Fraction of CUDA memory for weights + KV pool.")
 @click.option("--samples", "samples_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the raw samples as CSV (the format `calibrate fit` reads).")
+@click.option("--live/--no-live", default=True, show_default=True,
+              help="After the grid, serve a synthetic workload (Poisson, uniform lengths; continuous and "
+                   "chunked) on the live engine and fit its steps too.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Profile JSON to write.")
 @click.pass_context
 def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
               block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
-              memory_utilization: float, samples_csv: Path | None, progress: bool, output: Path | None) -> None:
+              memory_utilization: float, samples_csv: Path | None, live: bool, progress: bool,
+              output: Path | None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
     \b
@@ -76,7 +80,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
     try:
         profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
                                   warmup=warmup, passes=passes, threads=threads, memory_utilization=memory_utilization,
-                                  progress=progress)
+                                  progress=progress, live=live)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None
     save_profile(profile, output)
@@ -86,7 +90,10 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
         click.echo(f"left out {profile.out_of_memory_steps} grid steps that ran the device out of memory", err=True)
     if profile.interrupted:
         click.echo(f"interrupted: fitted on the {len(profile.samples)} steps measured before Ctrl-C", err=True)
-    click.echo(f"{profile.model} on {profile.device}, {profile.dtype}: {len(profile.samples)} steps "
+    from calibrate.live import count_origins
+
+    origins = ", ".join(f"{n} {origin}" for origin, n in count_origins(profile.samples).items())
+    click.echo(f"{profile.model} on {profile.device}, {profile.dtype}: {len(profile.samples)} steps ({origins}) "
                f"in {profile.calibration_s:.1f} s")
     _print_errors(profile.errors)
     click.echo(f"wrote {output}")

@@ -1,0 +1,139 @@
+"""The live phase of calibration: the real :class:`~runtime.engine.LiveEngine` serves a
+synthetic workload, and every step it logs becomes a sample (``origin`` ``live``).
+
+Grid steps are timed in isolation, back to back; a serving engine's steps also carry the
+scheduler's work, wake-ups after idle waits, prefills that join a decoding batch, decode groups
+of mixed lengths. The live steps are timed exactly as validation times them (the whole engine
+step, from the end of the previous one or the wake-up), so the fit sees them too.
+
+The workload is synthetic (never a validation trace): Poisson arrivals at a few fractions of
+the saturation throughput the grid-only model predicts, prompt and output lengths uniform
+within the model's positions, under each of :data:`POLICIES`.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from calibrate.fit import StepModel
+from calibrate.samples import Sample
+
+POLICIES = ("continuous", "chunked")
+LOADS = (0.5, 0.9)
+CHUNKED_TOKEN_BUDGET = 512
+"""What ``servesim`` gives chunked prefill by default."""
+CPU_LIVE_KV_BLOCKS = 2048
+"""The pool the live phase needs on CPU at most (as ``servesim validate``'s default)."""
+
+
+@dataclass(frozen=True)
+class LivePlan:
+    """The synthetic workload of the live phase (recorded in the profile's ``live`` field)."""
+
+    num_requests: int = 48
+    prompt_dist: str = ""
+    output_dist: str = ""
+    loads: tuple[float, ...] = LOADS
+    policies: tuple[str, ...] = POLICIES
+    token_budget: int = CHUNKED_TOKEN_BUDGET
+    seed: int = 0
+    time_budget_s: float = 40.0
+    """Runs stop being started once this much wall time has gone."""
+
+    @classmethod
+    def for_model(cls, max_len: int, quick: bool, seed: int = 0) -> LivePlan:
+        """Prompts up to half the positions, outputs up to a quarter (so every request fits)."""
+        return cls(num_requests=48 if quick else 128, prompt_dist=f"uniform:16:{max_len // 2}",
+                   output_dist=f"uniform:8:{max_len // 4}", seed=seed, time_budget_s=40.0 if quick else 600.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"arrival": "poisson", "loads": list(self.loads), "policies": list(self.policies)}
+
+
+def live_kv_blocks(plan: LivePlan, block_size: int) -> int:
+    """Blocks for every request of one run at once (so nothing is preempted), capped."""
+    from sim.kv import blocks_for
+    from sim.workload import SyntheticWorkload
+
+    reqs = SyntheticWorkload(num_requests=plan.num_requests, prompt_dist=plan.prompt_dist,
+                             output_dist=plan.output_dist, seed=plan.seed).generate()
+    return min(CPU_LIVE_KV_BLOCKS, sum(blocks_for(r.max_tokens, block_size) for r in reqs))
+
+
+def _saturation_rps(requests, scheduler, num_blocks: int, block_size: int, model: StepModel) -> float:
+    """Request throughput the simulator predicts with ``model`` and every request at t = 0."""
+    from sim.cluster import make_router
+    from sim.engine import simulate
+    from sim.kv import BlockManager
+    from sim.metrics import summarize
+    from sim.policies import make_policy
+    from sim.request import Request
+
+    class _Cost:
+        def step_time(self, shape):
+            return model.predict_ms(shape) / 1000
+
+    at_once = [Request(r.id, 0.0, r.prompt_tokens, r.output_tokens, r.priority) for r in requests]
+    result = simulate(at_once, lambda: make_policy(scheduler, BlockManager(num_blocks, block_size)), _Cost(),
+                      make_router("round_robin"), 1)
+    return float(summarize(result.requests, result.itl())["request_throughput"])
+
+
+def step_sample(shape, step_s: float) -> Sample:
+    return Sample(prefill_tokens=shape.prefill_tokens, prefill_seqs=shape.prefill_seqs,
+                  prefill_context_tokens=shape.prefill_context_tokens, decode_seqs=shape.decode_seqs,
+                  decode_context_tokens=shape.decode_context_tokens,
+                  prefill_attention_tokens=shape.prefill_attention_tokens, step_ms=step_s * 1000,
+                  step_ms_min=step_s * 1000, step_ms_max=step_s * 1000, repeats=1, origin="live")
+
+
+def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool = False) -> tuple[list[Sample], dict]:
+    """Serve the plan's workloads on ``runner`` (its pool must be empty and hold
+    :func:`live_kv_blocks`); returns the samples and a description of the runs."""
+    from runtime.engine import LiveEngine
+    from sim.policies import make_policy
+    from sim.policies.base import SchedulerConfig
+    from sim.workload import SyntheticWorkload
+
+    blocks = runner.blocks
+    samples: list[Sample] = []
+    runs = []
+    started = time.perf_counter()
+    gc_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for k, (policy, load) in enumerate((p, x) for x in plan.loads for p in plan.policies):
+            if time.perf_counter() - started > plan.time_budget_s:
+                break
+            scheduler = SchedulerConfig(policy=policy,
+                                        token_budget=plan.token_budget if policy == "chunked" else None)
+            base = SyntheticWorkload(num_requests=plan.num_requests, prompt_dist=plan.prompt_dist,
+                                     output_dist=plan.output_dist, seed=plan.seed + k)
+            sat = _saturation_rps(base.generate(), scheduler, blocks.num_blocks, blocks.block_size, grid_model)
+            requests = SyntheticWorkload(rate=load * sat, num_requests=plan.num_requests,
+                                         prompt_dist=plan.prompt_dist, output_dist=plan.output_dist,
+                                         seed=plan.seed + k).generate()
+            t0 = time.perf_counter()
+            result = LiveEngine(runner, make_policy(scheduler, blocks), progress=progress).run(requests)
+            for r in requests:
+                runner.release(r.id)
+            kept = [step_sample(shape, s) for shape, s in result.step_log
+                    if s > 0 and not shape.swap_in_tokens and not shape.swap_out_tokens]
+            samples += kept
+            runs.append({"policy": policy, "load": load, "rate": load * sat, "seed": plan.seed + k,
+                         "steps": len(kept), "wall_s": time.perf_counter() - t0})
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return samples, plan.to_dict() | {"runs": runs, "wall_s": time.perf_counter() - started}
+
+
+def count_origins(samples: Sequence[Sample]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in samples:
+        out[s.origin] = out.get(s.origin, 0) + 1
+    return out
