@@ -151,9 +151,9 @@ def _nnls_tall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return nnls(a, b, maxiter=50 * a.shape[1])[0]
     ab = np.column_stack([a, b])
     try:  # the R of [a b]'s QR, from its Gram matrix (fast); QR itself when that is ill-conditioned
-        r = np.linalg.cholesky(ab.T @ ab).T
+        r: np.ndarray = np.linalg.cholesky(ab.T @ ab).T
     except np.linalg.LinAlgError:
-        r = np.linalg.qr(ab, mode="r")
+        r = np.linalg.qr(ab, mode="r")  # type: ignore[assignment]  # mode "r" returns R alone
     n = a.shape[1]
     return nnls(r[:n, :n], r[:n, n], maxiter=50 * n)[0]
 

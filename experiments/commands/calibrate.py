@@ -29,7 +29,8 @@ def _print_errors(errors: dict) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Default: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV block size in tokens.")
-@click.option("--quick", is_flag=True, help="A coarse grid (~70 steps) and a short live phase: for CPUs and tests (about a minute on CPU).")
+@click.option("--quick", is_flag=True,
+              help="A coarse grid (~70 steps) and a short live phase: for CPUs and tests (about a minute on CPU).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Weights, token ids, measuring order and the cross-validation split.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
