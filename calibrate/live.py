@@ -22,7 +22,10 @@ from calibrate.fit import StepModel
 from calibrate.samples import Sample
 
 POLICIES = ("continuous", "chunked")
-LOADS = (0.5, 0.9)
+LOADS = (0.5, 0.9, 1.5)
+"""Fractions of the predicted saturation throughput: light and heavy load (many steps after
+an idle wait, small batches), and an overload whose queue grows the decode batches to the
+sizes a loaded engine runs."""
 CHUNKED_TOKEN_BUDGET = 512
 """What ``servesim`` gives chunked prefill by default."""
 CPU_LIVE_KV_BLOCKS = 2048

@@ -11,29 +11,17 @@ pytest.importorskip("transformers")
 from runtime.engine import LiveEngine  # noqa: E402
 from runtime.hf_static import HFStaticEngine  # noqa: E402
 from runtime.runner import ModelRunner  # noqa: E402
-from runtime.weights import build_hf_model, load_model  # noqa: E402
+from runtime.weights import build_hf_model  # noqa: E402
 from sim.kv import BlockManager  # noqa: E402
 from sim.models import get_model  # noqa: E402
 from sim.policies import SchedulerConfig, make_policy  # noqa: E402
 from sim.request import Request, Status  # noqa: E402
 from tests.checks import CheckedPolicy  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEED = 7
 LENGTHS = [(30, 12), (5, 20), (70, 8), (17, 15), (40, 10), (3, 25), (52, 6), (9, 18)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: fastest for a model this small, and immune to a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def net():
-    return load_model(get_model("tiny"), seed=0)
 
 
 def requests() -> list[Request]:

@@ -24,21 +24,10 @@ from sim.policies import SchedulerConfig, make_policy  # noqa: E402
 from sim.request import Request, Status  # noqa: E402
 from sim.workload import SyntheticWorkload  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = ["--threads", "1", "--no-progress", "--arrival", "poisson", "--num-requests", "6", "--rate", "200",
          "--prompt-tokens", "uniform:4:40", "--output-tokens", "uniform:2:12"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def net():
-    return load_model(get_model("tiny"), seed=0)
 
 
 def engine(net, config: SchedulerConfig, num_blocks: int = 512, block_size: int = 16) -> LiveEngine:

@@ -15,6 +15,8 @@ from sim.kv import BlockManager  # noqa: E402
 from sim.models import MODELS, ModelSpec  # noqa: E402
 from sim.request import Request  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SPECS = {
     "llama": ModelSpec("t-llama", "llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=96, vocab_size=512, max_position=256, rope_theta=500000.0,
@@ -27,15 +29,6 @@ SPECS = {
                          rms_norm_eps=1e-5, tie_embeddings=False, qkv_bias=False),
 }
 ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: fastest for a model this small, and immune to a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def transformers_model(spec: ModelSpec):
