@@ -34,6 +34,9 @@ class StepShape:
     """KV token slots copied host -> device / device -> host before the step (whole blocks)."""
 
     def __post_init__(self) -> None:
+        if min(self.prefill_tokens, self.prefill_seqs, self.prefill_context_tokens, self.decode_seqs,
+               self.decode_context_tokens, self.swap_in_tokens, self.swap_out_tokens) >= 0:
+            return
         for name in ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", "decode_seqs",
                      "decode_context_tokens", "swap_in_tokens", "swap_out_tokens"):
             if getattr(self, name) < 0:
@@ -53,6 +56,15 @@ class StepShape:
     def num_tokens(self) -> int:
         """Tokens the forward pass computes."""
         return self.prefill_tokens + self.decode_seqs
+
+    def then_decode(self) -> StepShape:
+        """The next step when every sequence of this one decodes once more: a decode one token
+        further, a prefill chunk that completed its prompt now a decode (nothing swapped)."""
+        return StepShape(
+            decode_seqs=self.decode_seqs + self.prefill_seqs,
+            decode_context_tokens=self.decode_context_tokens + self.decode_seqs + self.prefill_context_tokens
+            + self.prefill_tokens,
+        )
 
     def __add__(self, other: StepShape) -> StepShape:
         return StepShape(
@@ -94,6 +106,9 @@ class ScheduledSeq:
         return f"ScheduledSeq(request={self.request.id}, start={self.start}, num_new_tokens={self.num_new_tokens})"
 
 
+NO_PADDING = StepShape()
+
+
 @dataclass
 class Batch:
     """One engine step: the sequences it computes plus swap traffic and padding.
@@ -104,17 +119,29 @@ class Batch:
     blocks are already accounted). ``padding`` is work the engine does for no request (static
     batching pads every sequence to the longest prompt and keeps finished slots busy until the
     whole batch ends).
+
+    On the simulator's fast path a policy may leave its running decodes out of ``seqs`` and
+    give only their number and summed context, ``group_decodes`` and ``group_context_tokens``
+    (see :class:`sim.policies.decode_group.DecodeGroup`); a batch for the live engine always
+    lists every sequence.
     """
 
     seqs: list[ScheduledSeq]
     swap_out_blocks: list[tuple[int, int]] = field(default_factory=list)
     swap_in_blocks: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    padding: StepShape = field(default_factory=StepShape)
+    padding: StepShape = NO_PADDING
     block_size: int = 16
+    group_decodes: int = 0
+    group_context_tokens: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs) + self.group_decodes
 
     def shape(self) -> StepShape:
-        prefill_tokens = prefill_seqs = prefill_context = decode_seqs = decode_context = 0
+        prefill_tokens = prefill_seqs = prefill_context = 0
+        decode_seqs, decode_context = self.group_decodes, self.group_context_tokens
         attention = 0.0
         for s in self.seqs:
             if s.is_decode:
@@ -135,8 +162,8 @@ class Batch:
             swap_in_tokens=len(self.swap_in_blocks) * self.block_size,
             swap_out_tokens=len(self.swap_out_blocks) * self.block_size,
         )
-        return own + self.padding
+        return own if self.padding is NO_PADDING else own + self.padding
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
+        return sum(s.num_new_tokens for s in self.seqs) + self.group_decodes

@@ -20,16 +20,18 @@ class CostModel(Protocol):
         sampling, and any swap copies it carries). Never negative."""
 
 
-def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> np.ndarray:
+def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> list[float]:
     """Step times of ``shape`` repeated ``n`` times with every decode one token further.
 
     A cost model may provide ``decode_run_times(shape, n)`` computing the same values
-    element-wise in numpy (the simulator's fast path); otherwise each step is priced alone."""
+    element-wise (a list or a numpy array; the simulator's fast path); otherwise each step is
+    priced alone."""
     vectorised = getattr(cost, "decode_run_times", None)
     if vectorised is not None:
-        return np.asarray(vectorised(shape, n), dtype=np.float64)
+        times = vectorised(shape, n)
+        return times if isinstance(times, list) else np.asarray(times, dtype=np.float64).tolist()
     seqs, context = shape.decode_seqs, shape.decode_context_tokens
-    return np.array([cost.step_time(replace(shape, decode_context_tokens=context + j * seqs)) for j in range(n)])
+    return [cost.step_time(replace(shape, decode_context_tokens=context + j * seqs)) for j in range(n)]
 
 
 class ConstantCost:

@@ -5,12 +5,13 @@ of that batch, and tells the policy the step is done: the same loop the live eng
 a wall clock. Ties at one timestamp are explicit: arrivals are scheduled with SimPy's URGENT
 priority, so a request arriving at time t is visible to every scheduling decision made at t.
 
-Fast path (the default; ``exact_steps=True`` turns it off): when a batch is only decodes, the
-policy says how many times it can repeat before it could decide differently
-(``repeat_limit``), and the loop prices all those steps at once - each one differs only by
-context length - and ends the run early at the first step that ends after an arrival the
-policy (or a KV-reading router) would react to. Times are summed in the same order as step
-by step, so both modes give the same timestamps.
+Fast path (the default; ``exact_steps=True`` turns it off): the policy keeps its own
+bookkeeping for it (``begin_fast``) and says how many steps can follow a batch before it could
+decide differently (``repeat_limit``): each next step decodes every sequence once more, so the
+loop prices them all at once - they differ only by context length - ends the run before the
+first arrival the policy (or a KV-reading router) would react to, and reports it with
+``on_steps_done``. Times are summed in the same order as step by step, so both modes give the
+same timestamps.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import simpy
 from simpy.core import URGENT
 
 from sim.batch import StepShape
 from sim.cluster import Router
 from sim.cost import CostModel, decode_run_times
-from sim.metrics import GapRecorder, TimeSeries
+from sim.metrics import GapRecorder, TimeSeries, record_gaps
 from sim.policies.base import Policy
 from sim.request import Request
 
@@ -72,26 +72,28 @@ class Replica:
             self._wakeup.succeed()
 
     def loop(self, env: simpy.Environment):
-        policy, stats = self.policy, self.stats
+        policy, stats, cost = self.policy, self.stats, self.cost
+        record, kv = stats.timeseries.record, policy.kv
+        fast = self.feed is not None and policy.begin_fast()
         while True:
-            batch = policy.schedule(env.now)
-            stats.timeseries.record(env.now, len(batch.seqs) if batch else 0, policy.num_waiting,
-                                    policy.num_running, policy.kv.num_used)
+            now = env.now
+            batch = policy.schedule(now)
+            record(now, batch.num_seqs if batch else 0, policy.num_waiting, policy.num_running, kv.num_used)
             if batch is None:
                 self._wakeup = env.event()
-                wake_s = policy.next_wakeup_s(env.now)
+                wake_s = policy.next_wakeup_s(now)
                 if wake_s is None:
                     yield self._wakeup
                 else:
-                    yield self._wakeup | env.timeout(max(0.0, wake_s - env.now))
+                    yield self._wakeup | env.timeout(max(0.0, wake_s - now))
                 self._wakeup = None
                 continue
             shape = batch.shape()
-            step_s = self.cost.step_time(shape)
+            step_s = cost.step_time(shape)
             if step_s < 0:
                 raise ValueError(f"cost model returned a negative step time {step_s}")
-            repeats = policy.repeat_limit(batch) if self.feed is not None else 1
-            if repeats == 1:
+            if not fast:
+                # The reference: one step at a time, exactly as the live engine runs.
                 yield env.timeout(step_s)
                 last = [s.request.last_token_s for s in batch.seqs]
                 policy.on_step_done(batch, env.now)
@@ -99,63 +101,48 @@ class Replica:
                 stats.busy_s += step_s
                 record_gaps(stats.itl, batch.seqs, last, env.now)
                 continue
-            ends_s, steps_s = self._run_ends(env.now, shape, step_s, repeats)
-            yield env.timeout(_delay_until(env.now, ends_s[-1]))
-            before = [(s.request.last_token_s, s.request.num_generated) for s in batch.seqs]
-            policy.on_steps_done(batch, ends_s)
+            repeats = policy.repeat_limit(batch)
+            if repeats > 1 and now + step_s >= self._arrival_limit_s():
+                repeats = 1  # an arrival that matters comes during or at the end of the first step
+            if repeats == 1:
+                yield env.timeout(step_s)
+                ends_s = [env.now]
+                stats.busy_s += step_s
+            else:
+                ends_s, steps_s = self._run_ends(now, shape, step_s, repeats)
+                yield env.timeout(_delay_until(now, ends_s[-1]))
+                for d in steps_s:
+                    stats.busy_s += d
+            policy.on_steps_done(batch, ends_s, stats.itl)
             stats.steps += len(ends_s)
-            for d in steps_s:
-                stats.busy_s += d
-            record_run_gaps(stats.itl, batch.seqs, before, ends_s)
+
+    def _arrival_limit_s(self) -> float:
+        """The next arrival that could change the next decision (inf when none can)."""
+        assert self.feed is not None
+        if self.watch_arrivals or self.policy.arrival_may_reschedule():
+            return self.feed.next_s
+        return math.inf
 
     def _run_ends(self, now: float, shape: StepShape, first_s: float, repeats: int) -> tuple[list[float], list[float]]:
-        """End times of up to ``repeats`` decode steps from ``now``; a step ending after the next
-        arrival that matters is not run (the arrival happens during or before it)."""
-        assert self.feed is not None
-        limit_s = math.inf
-        if self.watch_arrivals or self.policy.arrival_may_reschedule():
-            limit_s = self.feed.next_s
-        if limit_s < math.inf:
+        """End times of up to ``repeats`` steps from ``now``, the first of ``shape`` and each next
+        one decoding every sequence once more. Only the first step may end at or after the next
+        arrival that matters: the arrival then finds the replica inside (or at the end of) a
+        step that was scheduled on its own, with its KV blocks given, as in step mode."""
+        limit_s = self._arrival_limit_s()
+        if limit_s < math.inf and first_s > 0:
             # Cutting a run short is always exact (the scheduler is simply asked again), so
             # price only the steps that could fit before the arrival if none got slower.
             repeats = min(repeats, int((limit_s - now) / first_s) + 2)
-        steps = decode_run_times(self.cost, shape, repeats)
-        steps[0] = first_s
+        steps_s = [first_s, *decode_run_times(self.cost, shape.then_decode(), repeats - 1)]
         # Sequential sums from ``now``, exactly as stepping one at a time adds them.
-        ends = np.cumsum(np.concatenate(([now], steps)))[1:]
-        m = max(1, int(np.searchsorted(ends, limit_s, side="right")))
-        return ends[:m].tolist(), steps[:m].tolist()
-
-
-def record_gaps(itl: GapRecorder, seqs, last_token_s: Sequence[float | None], now: float) -> None:
-    """Add the inter-token gap of every sequence that sampled a token at ``now`` and had one before."""
-    gaps: dict[float, int] = {}
-    for s, prev in zip(seqs, last_token_s, strict=True):
-        if prev is not None and s.request.last_token_s == now:
-            gap = now - prev
-            gaps[gap] = gaps.get(gap, 0) + 1
-    for gap, count in gaps.items():
-        itl.add(gap, count)
-
-
-def record_run_gaps(itl: GapRecorder, seqs, before: Sequence[tuple[float | None, int]], ends_s: list[float]) -> None:
-    """Inter-token gaps of a run of decode steps: the first step's per sequence, then one gap
-    per step shared by every sequence that produced a token in it."""
-    produced = []
-    first_gaps: dict[float, int] = {}
-    for s, (prev, generated) in zip(seqs, before, strict=True):
-        k = s.request.num_generated - generated
-        produced.append(k)
-        if k > 0 and prev is not None:
-            gap = ends_s[0] - prev
-            first_gaps[gap] = first_gaps.get(gap, 0) + 1
-    for gap, count in first_gaps.items():
-        itl.add(gap, count)
-    if len(ends_s) > 1:
-        ends = np.asarray(ends_s)
-        # Step j (from 1) gives a token to every sequence that produced more than j tokens.
-        done_by = np.searchsorted(np.sort(np.asarray(produced)), np.arange(1, len(ends_s)), side="right")
-        itl.add_many(np.diff(ends), len(produced) - done_by)
+        ends_s = []
+        t = now
+        for d in steps_s:
+            t += d
+            if t >= limit_s and ends_s:
+                break
+            ends_s.append(t)
+        return ends_s, steps_s[:len(ends_s)]
 
 
 def _urgent_timeout(env: simpy.Environment, delay: float) -> simpy.Event:

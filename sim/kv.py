@@ -78,9 +78,15 @@ class BlockManager:
             raise RuntimeError(
                 f"request {request.id}: needs {need} blocks, {len(self._free)} free (call can_allocate first)"
             )
-        new = [self._free.pop() for _ in range(need)]
+        new = self._free[-need:][::-1]  # popped one by one from the top of the stack
+        del self._free[-need:]
         self.tables.setdefault(request.id, []).extend(new)
         return new
+
+    def append_block(self, request: Request) -> None:
+        """Give ``request`` one more block (check ``num_free`` first): the cheap case of
+        :meth:`allocate` when a decode's cache crosses a block boundary."""
+        self.tables[request.id].append(self._free.pop())
 
     def free(self, request: Request) -> None:
         """Return every device and host block ``request`` holds."""

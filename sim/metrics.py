@@ -8,11 +8,13 @@ arrival to the last finish. A request counts towards goodput when it meets every
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from sim.batch import ScheduledSeq
 from sim.request import Request, Status
 
 DEFAULT_PERCENTILES = (90.0, 99.0)
@@ -23,47 +25,89 @@ class GapRecorder:
     """Inter-token gaps as (gap, count) pairs, so memory grows with steps, not tokens."""
 
     def __init__(self) -> None:
-        self._gaps: list[float] = []
-        self._counts: list[int] = []
-        self._gap_runs: list[np.ndarray] = []
-        self._count_runs: list[np.ndarray] = []
+        self._gaps = array("d")
+        self._counts = array("q")
 
     def add(self, gap_s: float, count: int = 1) -> None:
         if count > 0:
             self._gaps.append(gap_s)
             self._counts.append(count)
 
-    def add_many(self, gaps_s: np.ndarray, counts: np.ndarray) -> None:
-        """Many (gap, count) pairs at once (a run of steps)."""
-        self._gap_runs.append(np.asarray(gaps_s, dtype=np.float64))
-        self._count_runs.append(np.asarray(counts, dtype=np.int64))
+    def add_many(self, gaps_s: Sequence[float] | np.ndarray, counts: np.ndarray | int) -> None:
+        """Many (gap, count) pairs at once (a run of steps); ``counts`` may be one count for all."""
+        if isinstance(counts, int):
+            self._gaps.extend(gaps_s)
+            self._counts.extend(array("q", [counts]) * len(gaps_s))
+            return
+        gaps = np.ascontiguousarray(gaps_s, dtype=np.float64)
+        self._gaps.frombytes(gaps.tobytes())
+        self._counts.frombytes(np.ascontiguousarray(counts, dtype=np.int64).tobytes())
 
     def extend(self, other: GapRecorder) -> None:
         self._gaps.extend(other._gaps)
         self._counts.extend(other._counts)
-        self._gap_runs.extend(other._gap_runs)
-        self._count_runs.extend(other._count_runs)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        gaps = np.concatenate([np.asarray(self._gaps, dtype=np.float64), *self._gap_runs])
-        counts = np.concatenate([np.asarray(self._counts, dtype=np.int64), *self._count_runs])
+        gaps = np.frombuffer(self._gaps, dtype=np.float64) if self._gaps else np.zeros(0)
+        counts = np.frombuffer(self._counts, dtype=np.int64) if self._counts else np.zeros(0, dtype=np.int64)
         keep = counts > 0
         return gaps[keep], counts[keep]
 
     @property
     def total(self) -> int:
-        return int(sum(self._counts) + sum(int(c.sum()) for c in self._count_runs))
+        return int(np.frombuffer(self._counts, dtype=np.int64).sum()) if self._counts else 0
+
+
+def record_gaps(itl: GapRecorder, seqs: Sequence[ScheduledSeq], last_token_s: Sequence[float | None],
+                now: float) -> None:
+    """Add the inter-token gap of every sequence that sampled a token at ``now`` and had one before."""
+    gaps: dict[float, int] = {}
+    for s, prev in zip(seqs, last_token_s, strict=True):
+        if prev is not None and s.request.last_token_s == now:
+            gap = now - prev
+            gaps[gap] = gaps.get(gap, 0) + 1
+    for gap, count in gaps.items():
+        itl.add(gap, count)
+
+
+def record_run_gaps(itl: GapRecorder, seqs: Sequence[ScheduledSeq], before: Sequence[tuple[float | None, int]],
+                    ends_s: Sequence[float]) -> None:
+    """Inter-token gaps of a run of decode steps: the first step's per sequence, then one gap
+    per step shared by every sequence that produced a token in it."""
+    produced = []
+    first_gaps: dict[float, int] = {}
+    for s, (prev, generated) in zip(seqs, before, strict=True):
+        k = s.request.num_generated - generated
+        produced.append(k)
+        if k > 0 and prev is not None:
+            gap = ends_s[0] - prev
+            first_gaps[gap] = first_gaps.get(gap, 0) + 1
+    for gap, count in first_gaps.items():
+        itl.add(gap, count)
+    if len(ends_s) > 1:
+        ends = np.asarray(ends_s)
+        # Step j (from 1) gives a token to every sequence that produced more than j tokens.
+        done_by = np.searchsorted(np.sort(np.asarray(produced)), np.arange(1, len(ends_s)), side="right")
+        itl.add_many(np.diff(ends), len(produced) - done_by)
+
+
+def _floats() -> array:
+    return array("d")
+
+
+def _ints() -> array:
+    return array("q")
 
 
 @dataclass
 class TimeSeries:
-    """One row per scheduling decision of a replica."""
+    """One row per scheduling decision of a replica (compact arrays: millions of rows fit)."""
 
-    time_s: list[float] = field(default_factory=list)
-    batch_size: list[int] = field(default_factory=list)
-    num_waiting: list[int] = field(default_factory=list)
-    num_running: list[int] = field(default_factory=list)
-    kv_blocks_used: list[int] = field(default_factory=list)
+    time_s: array = field(default_factory=_floats)
+    batch_size: array = field(default_factory=_ints)
+    num_waiting: array = field(default_factory=_ints)
+    num_running: array = field(default_factory=_ints)
+    kv_blocks_used: array = field(default_factory=_ints)
 
     def record(self, now: float, batch_size: int, waiting: int, running: int, kv_used: int) -> None:
         self.time_s.append(now)

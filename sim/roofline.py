@@ -38,9 +38,24 @@ class RooflineCost:
         swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
         return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
 
-    def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
+    def decode_run_times(self, shape: StepShape, n: int) -> list[float] | np.ndarray:
         """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
-        same arithmetic in the same order, element-wise, so the values are identical."""
+        same arithmetic in the same order, element-wise, so the values are identical. Short
+        runs (the common case) are cheaper as a plain loop than as numpy calls."""
+        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
+        swap_s = swap_bytes / self.hardware.host_link_bytes_per_s
+        if n <= 32:
+            token_flops, attention = self.flops_per_token * shape.num_tokens, shape.attention_work
+            seqs, prefill_context, kv_write = shape.decode_seqs, shape.prefill_context_tokens, shape.num_tokens
+            context = shape.decode_context_tokens
+            times = []
+            for _ in range(n):
+                flops = token_flops + self.flops_per_attention_pair * (attention + context + seqs)
+                memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (context + prefill_context + kv_write)
+                forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
+                times.append(self.hardware.step_overhead_s + forward_s + swap_s)
+                context += seqs
+            return times
         context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
         pairs = shape.attention_work + context + shape.decode_seqs
         flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
@@ -48,5 +63,4 @@ class RooflineCost:
         kv_write = shape.num_tokens
         memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
         forward_s = np.maximum(flops / self.compute_rate, memory_bytes / self.memory_rate)
-        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
-        return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
+        return self.hardware.step_overhead_s + forward_s + swap_s

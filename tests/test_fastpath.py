@@ -113,3 +113,80 @@ def test_fast_path_matches_when_arrivals_tie_with_step_ends(policy, slots):
         out.append(simulate(requests, lambda: make_policy(config, BlockManager(40, 8)), ConstantCost(0.25),
                             make_router("round_robin"), 1, exact_steps=exact))
     assert_same(*out)
+
+
+@pytest.mark.parametrize("router", ["least_kv", "least_loaded"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 60), st.integers(1, 40)), min_size=1, max_size=30))
+def test_fast_path_matches_when_arrivals_tie_with_runs_on_replicas(router, slots):
+    """Arrivals exactly at step ends are routed on the same loads in both modes, KV blocks included."""
+    from sim.cost import ConstantCost
+
+    rows = sorted((k * 0.25, p, o, 0) for k, p, o in slots)
+    config = SchedulerConfig(policy="chunked", max_num_seqs=4, token_budget=32)
+    out = []
+    for exact in (True, False):
+        requests = [Request(i, a, p, o) for i, (a, p, o, _) in enumerate(rows)]
+        out.append(simulate(requests, lambda: make_policy(config, BlockManager(60, 4)), ConstantCost(0.25),
+                            make_router(router), 2, exact_steps=exact))
+    assert_same(*out)
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous", "chunked"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy, num_blocks=st.integers(min_value=30, max_value=200))
+def test_fast_path_token_times_match(policy, rows, num_blocks):
+    """With per-token times kept, both modes give every request the same token timestamps."""
+    config = SchedulerConfig(policy=policy, preempt="off" if policy == "static" else "recompute", max_num_seqs=6,
+                             batch_size=4, max_wait_s=0.02, token_budget=48 if policy == "chunked" else None)
+    rows = sorted(rows, key=lambda r: r[0])
+    out = []
+    for exact in (True, False):
+        requests = [Request(i, a, p, o, pr) for i, (a, p, o, pr) in enumerate(rows)]
+        out.append(simulate(requests, lambda: make_policy(config, BlockManager(num_blocks, 8, num_blocks)), COST,
+                            make_router("round_robin"), token_times=True, exact_steps=exact))
+    assert_same(*out)
+    for a, b in zip(out[0].requests, out[1].requests, strict=True):
+        assert a.token_times_s is not None and b.token_times_s is not None
+        assert len(a.token_times_s) == len(b.token_times_s) == b.num_generated
+        assert all(close(x, y) for x, y in zip(a.token_times_s, b.token_times_s, strict=True))
+        if b.token_times_s:
+            assert b.token_times_s[-1] == b.last_token_s and b.token_times_s[0] == b.first_token_s
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy, budget=st.integers(min_value=1, max_value=5))
+def test_fast_path_with_a_budget_below_max_num_seqs(rows, budget):
+    """A token budget smaller than max_num_seqs (some decodes wait a step) still matches step mode."""
+    config = SchedulerConfig(policy="chunked", max_num_seqs=6, token_budget=budget)
+    exact, fast = run_both(rows, config, num_blocks=100)
+    assert_same(exact, fast)
+
+
+@settings(max_examples=200, deadline=None)
+@given(decodes=st.integers(0, 300), context=st.integers(0, 10**6), prefill=st.integers(0, 4096),
+       prefill_context=st.integers(0, 10**5), swap=st.integers(0, 4096), n=st.integers(1, 80))
+def test_roofline_run_times_identical_to_step_time(decodes, context, prefill, prefill_context, swap, n):
+    """The roofline's run pricing (loop or numpy) equals step_time of each step, to the bit."""
+    from dataclasses import replace
+
+    from sim.batch import StepShape
+    from sim.cost import decode_run_times
+
+    shape = StepShape(prefill_tokens=prefill, prefill_seqs=1 if prefill else 0,
+                      prefill_context_tokens=prefill_context if prefill else 0, decode_seqs=decodes,
+                      decode_context_tokens=context, swap_in_tokens=swap)
+    run = decode_run_times(COST, shape, n)
+    assert run == [COST.step_time(replace(shape, decode_context_tokens=context + j * decodes)) for j in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["continuous", "chunked"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.lists(st.tuples(st.integers(0, 8), st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=20),
+       budget=st.integers(min_value=6, max_value=12))
+def test_fast_path_matches_with_a_tight_token_budget(policy, slots, budget):
+    """A budget that prefill chunks use up exactly (other prefills left for the next step) matches step mode."""
+    rows = sorted((k * 0.01, p, o, 0) for k, p, o in slots)
+    config = SchedulerConfig(policy=policy, max_num_seqs=6, token_budget=budget if policy == "chunked" else 64)
+    exact, fast = run_both(rows, config, num_blocks=200)
+    assert_same(exact, fast)

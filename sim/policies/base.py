@@ -8,6 +8,7 @@ from typing import Protocol
 
 from sim.batch import Batch
 from sim.kv import BlockManager
+from sim.metrics import GapRecorder
 from sim.queues import ORDERS
 from sim.request import Request
 
@@ -75,16 +76,22 @@ class Policy(Protocol):
     def next_wakeup_s(self, now: float) -> float | None:
         """When an idle policy may have work without a new arrival (a batching timeout)."""
 
+    # The simulator's fast path; the live engine never calls these.
+    def begin_fast(self) -> bool:
+        """Switch to the fast path's bookkeeping before the first step (False: not possible,
+        the executor steps every iteration). After it, ``schedule`` may leave grouped decodes
+        out of ``Batch.seqs`` and every step is reported with ``on_steps_done``."""
+
     def repeat_limit(self, batch: Batch) -> int:
-        """Times ``batch`` can run in a row, each decode one token further, with no decision
-        in between (1 when it cannot repeat). The simulator's fast path; the live engine
-        never asks."""
+        """Steps that can run from ``batch`` with no decision in between (1: only this one),
+        each after the first decoding every sequence of the one before once more."""
 
     def arrival_may_reschedule(self) -> bool:
         """Whether an arrival now could change the next batch."""
 
-    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
-        """Account ``len(ends_s)`` repeats of ``batch`` that ended at ``ends_s``."""
+    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
+        """Account ``len(ends_s)`` repeats of ``batch`` that ended at ``ends_s`` and record their
+        inter-token gaps in ``itl``; returns the requests they finished."""
 
     @property
     def num_waiting(self) -> int:

@@ -22,11 +22,11 @@ import bisect
 import heapq
 import math
 
-import numpy as np
-
 from sim.batch import Batch, ScheduledSeq
 from sim.kv import BlockManager, blocks_for
+from sim.metrics import GapRecorder
 from sim.policies.base import SchedulerConfig, register
+from sim.policies.decode_group import DecodeGroup
 from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
 
@@ -47,6 +47,10 @@ class ContinuousPolicy:
         # Keep a few blocks free when admitting next to running requests, so that admission
         # does not force an immediate preemption at the next block boundary (vLLM: 1%).
         self.watermark_blocks = max(1, kv.num_blocks // 100)
+        # The simulator's fast path (begin_fast): running decodes live in a group, the other
+        # running requests in ``prefilling`` (queue order).
+        self.group: DecodeGroup | None = None
+        self.prefilling: list[Request] = []
 
     # -- Policy protocol ---------------------------------------------------------------------
     @property
@@ -85,14 +89,20 @@ class ContinuousPolicy:
 
     def schedule(self, now: float) -> Batch | None:
         step = _Step(budget=self.config.token_budget)
+        if self.group is not None:
+            step.unlisted = len(self.group)  # every member decodes (unless preempted below)
+            step.budget_left -= step.unlisted
         if self.config.order == "priority" and self.config.preempt != "off":
             self._preempt_for_priority(step)
-        self._schedule_running(step)
+        if self.group is None:
+            self._schedule_running(step)
+        else:
+            self._schedule_group(step, self.group)
         if not step.memory_preempted:
             self._schedule_swapped(step, now)
             if not self.swapped:
                 self._schedule_waiting(step, now)
-        if not step.seqs:
+        if not step.seqs and not step.unlisted:
             if step.swap_out:
                 raise RuntimeError("scheduler preempted requests but scheduled nothing")
             return None
@@ -102,6 +112,8 @@ class ContinuousPolicy:
             swap_in_blocks=step.swap_in,
             preempted=step.preempted,
             block_size=self.kv.block_size,
+            group_decodes=step.unlisted,
+            group_context_tokens=self.group.context_tokens if step.unlisted else 0,
         )
 
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:
@@ -120,38 +132,48 @@ class ContinuousPolicy:
             self.running = [r for r in self.running if r.status is Status.RUNNING]
         return finished
 
-    # -- runs of identical decode steps (the simulator's fast path) ---------------------------
+    # -- the simulator's fast path -------------------------------------------------------------
+    def begin_fast(self) -> bool:
+        """Keep running decodes in a :class:`DecodeGroup` from now on: ``schedule`` leaves them
+        out of ``Batch.seqs`` and steps are reported with :meth:`on_steps_done`. Not possible
+        when a token budget below ``max_num_seqs`` can leave some decodes out of a step."""
+        budget = self.config.token_budget
+        if budget is not None and budget < self.config.max_num_seqs:
+            return False
+        assert not self.running, "begin_fast must come before the first step"
+        self.group = DecodeGroup(0 if self.config.preempt == "off" else self.kv.block_size)
+        return True
+
     def repeat_limit(self, batch: Batch) -> int:
-        """How many steps in a row ``batch`` can run, every decode one token further each step,
-        before this policy could decide differently: the first finish, or the first step whose
-        new KV blocks the pool cannot supply (a preemption). Arrivals are the executor's to
-        watch, through :meth:`arrival_may_reschedule`."""
-        if batch.swap_out_blocks or batch.swap_in_blocks or batch.preempted or batch.padding.num_tokens:
-            return 1
-        if not all(s.is_decode for s in batch.seqs):
+        """How many steps in a row can run from ``batch`` with no decision in between, each
+        next one decoding every sequence once more: until the first finish, or the first step
+        whose new KV blocks the pool cannot supply (a preemption). Prefill chunks may be in
+        the first step if each completes its prompt and nothing waits (a later step could
+        admit it). Arrivals are the executor's to watch, through :meth:`arrival_may_reschedule`."""
+        group = self.group
+        if group is None or batch.preempted or batch.swap_in_blocks or batch.swap_out_blocks:
             return 1
         if self.config.order == "priority" and self.config.preempt != "off" and self.waiting:
             return 1  # a waiting request may become worth a priority preemption as blocks run out
-        n = min(s.request.output_tokens - s.request.num_generated for s in batch.seqs)
-        if n <= 1 or self.config.preempt == "off":
-            return max(n, 1)
-        bs = self.kv.block_size
-        # Step j caches start + j tokens; a request first needs a new block at step
-        # held * bs - start + 1 and then every bs steps. The step at which the pool's free
-        # blocks run out would preempt, so the run stops before it.
-        tables = self.kv.tables
-        first = []
-        demand = 0
-        for s in batch.seqs:
-            f = len(tables[s.request.id]) * bs - s.start + 1
-            if f <= n:
-                first.append(f)
-                demand += (n - f) // bs + 1
-        free = self.kv.num_free
-        if demand <= free:
-            return n
-        events = np.sort(np.concatenate([np.arange(f, n + 1, bs) for f in first]))
-        return max(1, int(events[free]) - 1)
+        n = group.steps_to_finish() if len(group) else math.inf
+        joining: list[tuple[int, int]] = []  # (tokens cached, blocks held) after the first step
+        if batch.seqs:
+            if self.waiting or self.swapped:
+                return 1  # the next step could admit one
+            listed_prefills = 0
+            for s in batch.seqs:
+                r = s.request
+                cached = s.start + s.num_new_tokens
+                if cached != r.num_tokens:
+                    return 1  # a prefill continues in the next step
+                listed_prefills += r in self.prefilling
+                n = min(n, r.output_tokens - r.num_generated)  # its last token's step
+                joining.append((cached, self.kv.blocks_held(r)))
+            if listed_prefills < len(self.prefilling):
+                return 1  # a prefill this step had no budget for runs in the next
+        if n <= 1:
+            return 1
+        return group.block_limited_steps(int(n), self.kv.num_free, joining)
 
     def arrival_may_reschedule(self) -> bool:
         """Whether an arrival now could change the next step (else a run may go past it)."""
@@ -163,26 +185,74 @@ class ContinuousPolicy:
         # run of decodes frees a slot or a block for that head.
         return not (self.config.order == "fcfs" and (self.waiting or self.swapped))
 
-    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
-        """Account ``len(ends_s)`` repeats of a decode ``batch`` (see :meth:`repeat_limit`)."""
-        if len(ends_s) == 1:
-            return self.on_step_done(batch, ends_s[0])
-        m = len(ends_s)
-        finished: list[Request] = []
+    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
+        """Account ``len(ends_s)`` steps from ``batch`` (more than one only when
+        :meth:`repeat_limit` allowed it) and record their inter-token gaps in ``itl``."""
+        assert self.group is not None, "on_steps_done needs begin_fast"
+        if not batch.seqs:
+            return self._group_steps_done(ends_s, itl)
+        finished = self._group_steps_done(ends_s[:1], itl)
+        # Listed sequences after the group's: a request whose prompt completes joins the group
+        # for the steps after this one.
+        now, group, prefilling = ends_s[0], self.group, self.prefilling
         for s in batch.seqs:
             r = s.request
-            if self.config.preempt != "off":
-                self.kv.allocate(r, s.start + m)
-            r.num_computed_tokens = s.start + m
-            r.record_tokens(ends_s)
+            r.num_computed_tokens = s.start + s.num_new_tokens
+            if r.num_computed_tokens < r.num_tokens:
+                if r not in prefilling:
+                    bisect.insort(prefilling, r, key=self.key)
+                continue
+            prev = r.last_token_s
+            r.record_token(now)
+            if prev is not None:
+                itl.add(now - prev)
+            if r in prefilling:
+                prefilling.remove(r)
             if r.is_done:
-                r.status = Status.FINISHED
-                r.finish_s = ends_s[-1]
-                self.kv.free(r)
+                self._finish(r, now)
                 finished.append(r)
-        if finished:
-            self.running = [r for r in self.running if r.status is Status.RUNNING]
+            else:
+                group.join(r, self.key(r), self.kv.blocks_held(r))
+        if len(ends_s) > 1:
+            # The first step completed every prefill in it; the rest are the group's decodes.
+            assert not finished
+            finished = self._group_steps_done(ends_s[1:], itl)
         return finished
+
+    def _group_steps_done(self, ends_s: list[float], itl: GapRecorder) -> list[Request]:
+        group, kv = self.group, self.kv
+        assert group is not None
+        # Blocks for the steps after the first: the first's were given when it was scheduled,
+        # and repeat_limit made sure the pool has these.
+        for m in group.needing_blocks(group.steps + len(ends_s)):
+            kv.append_block(m.request)
+        finished = group.advance(ends_s, itl)
+        for r in finished:
+            group.leave(r)
+            self._finish(r, ends_s[-1])
+        return finished
+
+    def _finish(self, r: Request, now: float) -> None:
+        r.status = Status.FINISHED
+        r.finish_s = now
+        self.kv.free(r)
+        self.running.remove(r)
+
+    def _schedule_group(self, step: _Step, group: DecodeGroup) -> None:
+        """Phase 2 with a decode group: every member decodes; only those whose cache outgrows
+        its blocks at this step need attention (in queue order, as the loop over running has)."""
+        t = group.steps + 1
+        kv = self.kv
+        for m in group.needing_blocks(t):
+            r = m.request
+            if r not in group:
+                continue  # preempted earlier in this step
+            if kv.num_free:
+                kv.append_block(r)  # what _make_room does when a block is free
+            else:
+                self._make_room(r, group.tokens_to_hold(m, t), step)
+        if self.prefilling:
+            self._schedule_prefills(step, list(self.prefilling))
 
     # -- phases ------------------------------------------------------------------------------
     def _chunk(self, request: Request, step: _Step) -> int:
@@ -190,7 +260,7 @@ class ContinuousPolicy:
         remaining = request.remaining_prefill
         if self.chunked_prefill:
             return int(min(remaining, step.budget_left))
-        if remaining <= step.budget_left or not step.seqs:
+        if remaining <= step.budget_left or not (step.seqs or step.unlisted):
             # A whole prefill that is larger than the budget (only a recompute can be) runs
             # alone in its own step rather than never.
             return remaining
@@ -221,6 +291,9 @@ class ContinuousPolicy:
             if not reserved and hold > len(tables[r.id]) * bs and not self._make_room(r, hold, step):
                 continue
             step.add(ScheduledSeq(r, r.num_computed_tokens, 1))
+        self._schedule_prefills(step, prefills)
+
+    def _schedule_prefills(self, step: _Step, prefills: list[Request]) -> None:
         for r in prefills:
             if r.status is not Status.RUNNING:
                 continue
@@ -317,6 +390,13 @@ class ContinuousPolicy:
 
     def _preempt(self, victim: Request, step: _Step) -> None:
         self.running.remove(victim)
+        if self.group is not None:
+            if victim in self.group:
+                self.group.leave(victim)
+                step.unlisted -= 1
+                step.budget_left += 1
+            else:
+                self.prefilling.remove(victim)
         step.remove(victim)
         step.preempted.append(victim)
         victim.preemptions += 1
@@ -344,6 +424,7 @@ class _Step:
         self.swapped_in: set[int] = set()
         self.preempted: list[Request] = []
         self.memory_preempted = False
+        self.unlisted = 0  # decodes of the policy's group, in the step but not in ``seqs``
 
     def add(self, seq: ScheduledSeq) -> None:
         self.seqs.append(seq)

@@ -14,6 +14,7 @@ from collections import deque
 
 from sim.batch import Batch, ScheduledSeq, StepShape, chunk_attention
 from sim.kv import BlockManager, blocks_for
+from sim.metrics import GapRecorder, record_run_gaps
 from sim.policies.base import SchedulerConfig, register
 from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
@@ -109,6 +110,11 @@ class StaticPolicy:
         )
         return Batch(seqs=seqs, padding=padding, block_size=self.kv.block_size)
 
+    # -- the simulator's fast path -------------------------------------------------------------
+    def begin_fast(self) -> bool:
+        """Runs of whole batches need no bookkeeping beyond the step-by-step one."""
+        return True
+
     def repeat_limit(self, batch: Batch) -> int:
         """Decode steps left in the running batch: its shape only grows in context until the end."""
         if self.steps_done == 0:
@@ -118,10 +124,17 @@ class StaticPolicy:
     def arrival_may_reschedule(self) -> bool:
         return not self.batch
 
-    def on_steps_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
-        """Account ``len(ends_s)`` decode steps of the running batch."""
+    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
+        """Account ``len(ends_s)`` steps of ``batch`` and record their inter-token gaps in ``itl``."""
+        before = [(s.request.last_token_s, s.request.num_generated) for s in batch.seqs]
         if len(ends_s) == 1:
-            return self.on_step_done(batch, ends_s[0])
+            finished = self.on_step_done(batch, ends_s[0])
+        else:
+            finished = self._on_run_done(batch, ends_s)
+        record_run_gaps(itl, batch.seqs, before, ends_s)
+        return finished
+
+    def _on_run_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
         finished: list[Request] = []
         for s in batch.seqs:
             r = s.request
