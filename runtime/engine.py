@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from runtime.runner import ModelRunner
 from sim.batch import StepShape
-from sim.engine import ReplicaStats, SimResult, record_gaps
+from sim.engine import ReplicaStats, SimResult
+from sim.metrics import record_gaps
 from sim.policies.base import Policy
 from sim.request import Request, Status
 
