@@ -4,12 +4,19 @@ The model is linear in a few features of the step shape, with non-negative coeff
 
     step_ms = const
             + a * prefill_tokens + b * prefill_attention + c * prefill_seqs + d * prefill_context_tokens
-            + e * decode_seqs + f * decode_context_tokens
+            + e * decode_seqs + f * decode_context_tokens + s * decode_batch_context
             + g * max(0, num_tokens - knee_tokens)
             + h * max(0, decode_context_tokens - knee_decode_context_tokens)
 
 ``num_tokens`` is every token the forward pass computes (prefill tokens plus one per decode);
-``prefill_attention`` is :attr:`sim.batch.StepShape.attention_work` (query-key pairs).
+``prefill_attention`` is :attr:`sim.batch.StepShape.attention_work` (query-key pairs);
+``decode_batch_context`` is ``decode_context_tokens * (1 - 1 / decode_seqs)`` (0 without decodes):
+the context a decode batch carries beyond one sequence's share. A lone decode reads its own
+cache; a batch of decodes of different lengths is attended in padded groups (and spills more
+cache), so a context token costs more the more sequences share the step. Measured live steps
+on CPU show it: a single decode's context costs about half per token what a large batch's does,
+which no (seqs, context) line fits at both ends. The feature is 0 for one sequence and tends
+to the whole context for many, and it stays linear in the context as a decode run advances.
 
 The two hinge terms are knees, where one resource runs out and each unit starts to cost more.
 ``knee_tokens`` is the roofline's: below it a step is bound by reading the weights, so a token
@@ -32,7 +39,8 @@ a step disturbed far beyond it. Every solve is non-negative least squares.
 
 Samples from the live engine (``origin`` ``live``, see :mod:`calibrate.live`) are many noisy
 single steps; together they weigh :data:`LIVE_WEIGHT` times as much as the grid's samples
-together, shared equally by the kinds of live step (see :func:`sample_weights`).
+together, shared equally by the kinds of live step and within a kind in proportion to each
+step's time (see :func:`sample_weights`).
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ from calibrate.samples import Sample
 from sim.batch import StepShape
 
 FEATURES = ("const", "prefill_tokens", "prefill_attention", "prefill_seqs", "prefill_context_tokens",
-            "decode_seqs", "decode_context_tokens", "tokens_over_knee", "decode_context_over_knee")
+            "decode_seqs", "decode_context_tokens", "decode_batch_context", "tokens_over_knee",
+            "decode_context_over_knee")
 KINDS = ("prefill", "decode", "mixed")
 ROWS = (*KINDS, "live", "all")
 """Rows of an error table: grid steps by kind, the live engine's steps, every step."""
@@ -92,7 +101,8 @@ class StepModel:
         """``predict_ms`` of ``shape`` repeated ``n`` times with every decode one token further,
         element-wise in numpy with the same operations in the same order (identical values)."""
         context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
-        columns: dict[str, np.ndarray] = {"decode_context_tokens": context.astype(np.float64)}
+        columns: dict[str, np.ndarray] = {"decode_context_tokens": context.astype(np.float64),
+                                          "decode_batch_context": _batch_context(context, shape.decode_seqs)}
         if self.knee_decode_context_tokens is not None:
             columns["decode_context_over_knee"] = np.maximum(0.0, context - self.knee_decode_context_tokens)
         total = np.zeros(n)
@@ -110,11 +120,17 @@ def _hinge(value: float, knee: int | None) -> float:
     return 0.0 if knee is None else max(0.0, value - knee)
 
 
+def _batch_context(context, seqs: int):
+    """``decode_batch_context`` (see the module docstring) of a context (a float or an array)."""
+    return context * (1 - 1 / seqs) if seqs else context * 0.0
+
+
 def features(shape: StepShape, knee_tokens: int | None = None,
              knee_decode_context_tokens: int | None = None) -> tuple[float, ...]:
     """The model's feature vector for one step, in :data:`FEATURES` order."""
     return (1.0, float(shape.prefill_tokens), float(shape.attention_work), float(shape.prefill_seqs),
             float(shape.prefill_context_tokens), float(shape.decode_seqs), float(shape.decode_context_tokens),
+            float(_batch_context(shape.decode_context_tokens, shape.decode_seqs)),
             _hinge(shape.num_tokens, knee_tokens), _hinge(shape.decode_context_tokens, knee_decode_context_tokens))
 
 
@@ -162,16 +178,23 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     """Each grid (or CSV) sample weighs 1; the live samples together weigh :data:`LIVE_WEIGHT`
     x the others' total (all of it when there are only live samples), shared equally by the
     kinds of live step (prefill, decode, mixed): a run has few prefill-only steps, but they
-    are its TTFT, as the many decodes are its TPOT."""
+    are its TTFT, as the many decodes are its TPOT.
+
+    Within a kind, a live step weighs in proportion to its measured time: the fit then
+    minimises relative error per unit of engine time, not per step. A loaded run spends most
+    of its time, and its requests most of their decode, in a minority of long steps (large
+    decode batches); weighing every step alike lets the many short steps of quiet periods
+    decide the fit and under-predict exactly the steps that set TPOT under load."""
     live = np.array([s.origin == "live" for s in samples])
     w = np.ones(len(samples))
     if live.any():
         total = LIVE_WEIGHT * (~live).sum() if not live.all() else float(live.sum())
         kinds = np.array([s.kind for s in samples])
+        step_ms = np.array([s.step_ms for s in samples], dtype=float)
         present = [k for k in KINDS if (live & (kinds == k)).any()]
         for k in present:
             sel = live & (kinds == k)
-            w[sel] = total / len(present) / sel.sum()
+            w[sel] = total / len(present) * step_ms[sel] / step_ms[sel].sum()
     return w
 
 

@@ -3,9 +3,10 @@
 A profile holds where it was measured, the fitted :class:`~calibrate.fit.StepModel`, its error,
 and the raw samples it was fitted on (so it can be refitted or audited). Every top-level field
 is required; those marked nullable may be ``null``. ``schema_version`` changes whenever a field
-is added, removed or changes meaning. Schema version 1::
+is added, removed or changes meaning (version 2 added the ``decode_batch_context`` feature to
+``fit``). Schema version 2::
 
-    schema_version        1
+    schema_version        2
     created_utc           ISO 8601 date, UTC
     source                "measured" (servesim calibrate) | "csv:PATH" (servesim calibrate fit)
     device                e.g. "NVIDIA H100 80GB HBM3", "cpu: AMD EPYC (2 logical cores)"
@@ -52,7 +53,7 @@ from calibrate.fit import FEATURES, StepModel
 from calibrate.samples import CSV_COLUMNS, Sample, SamplesError
 from sim.batch import StepShape
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_HOST_LINK_BYTES_PER_S = 25e9
 """Used when the host link was not measured: pinned copies over PCIe Gen4 x16 sustain ~25 GB/s."""
 

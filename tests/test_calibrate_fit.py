@@ -55,6 +55,25 @@ def test_known_formula_recovered_within_one_percent():
         assert model.predict_ms(shape) == pytest.approx(formula_ms(shape), rel=0.01)
 
 
+def test_batch_context_cost_recovered():
+    """A context token that costs more when several decodes share the step (as padded groups of
+    mixed lengths do) is recovered through ``decode_batch_context``: one sequence's token costs
+    1e-4 ms, a large batch's nearly 3e-4 ms."""
+    def batch_ms(s: StepShape) -> float:
+        shared = s.decode_context_tokens * (1 - 1 / s.decode_seqs) if s.decode_seqs else 0.0
+        return formula_ms(s) + 2e-4 * shared
+
+    samples = [point_sample(p, batch_ms) for p in make_grid(4096, 100_000, 16, quick=True)]
+    model = fit_step_model(samples)
+    assert model.coefficients_ms["decode_batch_context"] == pytest.approx(2e-4, rel=0.05)
+    for shape in random_shapes(300, seed=2):
+        assert model.predict_ms(shape) == pytest.approx(batch_ms(shape), rel=0.01)
+    one = StepShape(decode_seqs=1, decode_context_tokens=1000)
+    many = StepShape(decode_seqs=50, decode_context_tokens=1000)
+    # the same context over 50 sequences: 49 x 0.05 ms per sequence + 2e-4 x 980 shared tokens
+    assert model.predict_ms(many) - model.predict_ms(one) == pytest.approx(2.45 + 0.196, rel=0.02)
+
+
 def test_roofline_knee_found():
     """Steps bound by a floor then by compute (max(5 ms, 0.02 ms/token)) are fitted within a few %."""
     def knee_ms(s: StepShape) -> float:
@@ -161,7 +180,8 @@ def test_shipped_profile_monotone_with_estimated_attention(shape, field, step):
 
 
 def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
-    """Live samples share LIVE_WEIGHT x the grid's weight, equally per kind; origin survives CSV."""
+    """Live samples share LIVE_WEIGHT x the grid's weight, equally per kind and within a kind in
+    proportion to their time; origin survives CSV."""
     from calibrate.fit import LIVE_WEIGHT, sample_weights
     from calibrate.samples import read_samples, write_samples
 
@@ -170,6 +190,8 @@ def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
     w = sample_weights(grid + live)
     assert list(w[:2]) == [1, 1]
     assert w[2:10].sum() == pytest.approx(LIVE_WEIGHT * 2 / 2) and w[10] == pytest.approx(LIVE_WEIGHT * 2 / 2)
+    slow = [Sample(0, 0, 0, 2, 20, 3.0, origin="live"), Sample(0, 0, 0, 40, 900, 12.0, origin="live")]
+    assert sample_weights(grid + slow)[3] == pytest.approx(4 * sample_weights(grid + slow)[2])
     write_samples(tmp_path / "s.csv", grid + live)
     assert [s.origin for s in read_samples(tmp_path / "s.csv")] == [s.origin for s in grid + live]
     table = error_table(grid + live, [s.step_ms for s in grid + live])
