@@ -135,7 +135,7 @@ class Replica:
             repeats = min(repeats, int((limit_s - now) / first_s) + 2)
         steps_s = [first_s, *decode_run_times(self.cost, shape.then_decode(), repeats - 1)]
         # Sequential sums from ``now``, exactly as stepping one at a time adds them.
-        ends_s = []
+        ends_s: list[float] = []
         t = now
         for d in steps_s:
             t += d

@@ -47,20 +47,19 @@ class RooflineCost:
         if n <= 32:
             token_flops, attention = self.flops_per_token * shape.num_tokens, shape.attention_work
             seqs, prefill_context, kv_write = shape.decode_seqs, shape.prefill_context_tokens, shape.num_tokens
-            context = shape.decode_context_tokens
+            step_context = shape.decode_context_tokens
             times = []
             for _ in range(n):
-                flops = token_flops + self.flops_per_attention_pair * (attention + context + seqs)
-                memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (context + prefill_context + kv_write)
+                flops = token_flops + self.flops_per_attention_pair * (attention + step_context + seqs)
+                memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (step_context + prefill_context + kv_write)
                 forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
                 times.append(self.hardware.step_overhead_s + forward_s + swap_s)
-                context += seqs
+                step_context += seqs
             return times
         context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
         pairs = shape.attention_work + context + shape.decode_seqs
-        flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
+        run_flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
         kv_read = context + shape.prefill_context_tokens
-        kv_write = shape.num_tokens
-        memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
-        forward_s = np.maximum(flops / self.compute_rate, memory_bytes / self.memory_rate)
-        return self.hardware.step_overhead_s + forward_s + swap_s
+        run_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + shape.num_tokens)
+        return self.hardware.step_overhead_s + np.maximum(run_flops / self.compute_rate,
+                                                          run_bytes / self.memory_rate) + swap_s

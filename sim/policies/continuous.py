@@ -113,7 +113,7 @@ class ContinuousPolicy:
             preempted=step.preempted,
             block_size=self.kv.block_size,
             group_decodes=step.unlisted,
-            group_context_tokens=self.group.context_tokens if step.unlisted else 0,
+            group_context_tokens=self.group.context_tokens if step.unlisted and self.group is not None else 0,
         )
 
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:

@@ -147,7 +147,8 @@ class DecodeGroup:
         first, last = self.steps + 2, self.steps + n
         starts = [m.next_block for m in self.members.values()]
         starts += [held * bs - cached + first for cached, held in joining]
-        events = np.sort(np.concatenate([np.arange(max(s, first), last + 1, bs) for s in starts] or [[]]))
+        events = np.sort(np.concatenate([np.arange(max(s, first), last + 1, bs) for s in starts]
+                                        or [np.empty(0, dtype=np.int64)]))
         if events.size <= free_blocks:
             return n
         return max(1, int(events[free_blocks]) - self.steps - 1)
