@@ -228,13 +228,21 @@ def step_kind(shape: StepShape) -> str:
     return "prefill" if shape.prefill_tokens else "decode"
 
 
+BATCH_BANDS = ((1, 1), (2, 3), (4, 15), (16, 63), (64, None))
+"""Decode batch sizes (sequences, inclusive; None: no upper end) whose steps are summarised
+together: a light-load run is mostly single decodes, while the few large batches carry the time
+(and the TPOT) of a loaded one, and a cost model can be right on one and off on the other."""
+
+
 @dataclass(frozen=True)
 class StepErrors:
-    """Measured and predicted seconds of every live step, their kinds, and relative errors."""
+    """Measured and predicted seconds of every live step, their kinds, decode batch sizes,
+    and relative errors."""
 
     measured_s: np.ndarray
     predicted_s: np.ndarray
     kinds: tuple[str, ...] = ()
+    decode_seqs: tuple[int, ...] = ()
 
     @property
     def rel_errors(self) -> np.ndarray:
@@ -255,6 +263,26 @@ class StepErrors:
         out["step_errors_by_kind"] = {
             kind: {"steps": int((kinds == kind).sum()), **_error_stats(self.rel_errors[kinds == kind])}
             for kind in ("prefill", "decode", "mixed") if (kinds == kind).any()}
+        out["step_errors_by_batch"] = self.by_batch()
+        return out
+
+    def by_batch(self) -> dict[str, dict[str, float]]:
+        """Per band of :data:`BATCH_BANDS` (steps with decodes, prefill chunks or not): steps,
+        share of the measured time, median signed error and the summed time's error."""
+        seqs = np.asarray(self.decode_seqs, dtype=np.int64)
+        total = float(self.measured_s.sum())
+        out: dict[str, dict[str, float]] = {}
+        if seqs.size != self.measured_s.size or total <= 0:
+            return out
+        for lo, hi in BATCH_BANDS:
+            sel = (seqs >= lo) & (seqs <= (hi if hi is not None else seqs.max()))
+            if not sel.any():
+                continue
+            name = str(lo) if lo == hi else f"{lo}-{hi}" if hi is not None else f"{lo}+"
+            measured = float(self.measured_s[sel].sum())
+            out[name] = {"steps": int(sel.sum()), "time_share": measured / total,
+                         "median_step_signed_error": float(np.median(self.rel_errors[sel])),
+                         "total_rel_error": float(self.predicted_s[sel].sum()) / measured - 1}
         return out
 
 
@@ -270,7 +298,8 @@ def step_errors(step_log: Sequence[tuple[StepShape, float]], cost: CostModel) ->
     """Price every logged live step ``(shape, measured_s)`` with ``cost``."""
     measured = np.array([s for _, s in step_log], dtype=np.float64)
     predicted = np.array([cost.step_time(shape) for shape, _ in step_log], dtype=np.float64)
-    return StepErrors(measured, predicted, tuple(step_kind(shape) for shape, _ in step_log))
+    return StepErrors(measured, predicted, tuple(step_kind(shape) for shape, _ in step_log),
+                      tuple(shape.decode_seqs for shape, _ in step_log))
 
 
 def compare_summaries(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -342,6 +371,10 @@ def format_table(v: Validation) -> str:
     kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
                       for kind, k in s["step_errors_by_kind"].items())
     lines.append(f"  median signed per kind: {kinds}")
+    bands = ", ".join(f"{name} {b['total_rel_error'] * 100:+.1f}% ({b['time_share'] * 100:.0f}% of time)"
+                      for name, b in s["step_errors_by_batch"].items())
+    if bands:
+        lines.append(f"  summed step time by decode batch size: {bands}")
     if v.speed_before is not None or v.speed_after is not None:
         lines.append("device speed vs calibration (profile steps re-timed): "
                      f"{format_speed(v.speed_before)} before the live run, {format_speed(v.speed_after)} after")

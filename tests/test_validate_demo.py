@@ -6,12 +6,13 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from experiments.cli import main
 from experiments.commands.validate import shipped_profile
-from experiments.validation import metric_names, rel_error
+from experiments.validation import StepErrors, metric_names, rel_error
 
 pytest.importorskip("torch")
 
@@ -59,6 +60,11 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
     assert math.isfinite(data["median_step_signed_error"]) and math.isfinite(data["total_step_time_rel_error"])
     assert set(data["step_errors_by_kind"]) <= {"prefill", "decode", "mixed"}
     assert sum(k["steps"] for k in data["step_errors_by_kind"].values()) == data["num_steps"]
+    bands = data["step_errors_by_batch"]
+    steps_with_decodes = sum(k["steps"] for kind, k in data["step_errors_by_kind"].items() if kind != "prefill")
+    assert sum(b["steps"] for b in bands.values()) == steps_with_decodes
+    assert 0 < sum(b["time_share"] for b in bands.values()) <= 1 + 1e-9
+    assert "summed step time by decode batch size" in res.output
     speed = data["device_speed_vs_profile"]
     assert speed["before"] > 0 and speed["after"] > 0
     assert data["num_steps"] > 0
@@ -93,6 +99,21 @@ def test_rel_error_edge_cases():
     assert rel_error(0.0, 3.0) is None
 
 
+def test_step_errors_by_decode_batch_size():
+    """Steps are banded by decode batch size with their share of the time and summed error;
+    prefill-only steps are in no band, empty bands are left out."""
+    errors = StepErrors(measured_s=np.array([1.0, 1.0, 2.0, 4.0, 8.0]),
+                        predicted_s=np.array([1.1, 0.9, 2.0, 5.0, 6.0]),
+                        kinds=("prefill", "decode", "decode", "mixed", "decode"), decode_seqs=(0, 1, 3, 3, 70))
+    bands = errors.by_batch()
+    assert list(bands) == ["1", "2-3", "64+"]
+    assert bands["1"] == {"steps": 1, "time_share": pytest.approx(1 / 16),
+                          "median_step_signed_error": pytest.approx(-0.1), "total_rel_error": pytest.approx(-0.1)}
+    assert bands["2-3"]["steps"] == 2 and bands["2-3"]["time_share"] == pytest.approx(6 / 16)
+    assert bands["2-3"]["total_rel_error"] == pytest.approx(7 / 6 - 1)
+    assert bands["64+"]["total_rel_error"] == pytest.approx(-0.25)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--load", "0.5", "--time-scale", "2"], "not both"),
     (["--load", "0"], "--load"),
@@ -121,6 +142,7 @@ def _check_report(out):
     for image in images:
         assert (out / image).read_bytes()[:4] == b"\x89PNG", image
     assert "| mean TTFT (ms) |" in report
+    assert re.search(r"By decode batch size .*: 1 sequence\(s\): \d+% of the time, summed error [-+]\d", report)
     assert "static" in report and "chunked+swap" in report
     return report
 

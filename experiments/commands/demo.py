@@ -199,6 +199,11 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         f"{steps['p90_step_rel_error'] * 100:.1f}% (median signed {steps['median_step_signed_error'] * 100:+.1f}%; "
         f"summed over the run {v.steps.total_rel_error * 100:+.1f}%). {speed_text}",
         "",
+        "By decode batch size (a loaded engine spends most of its time, and its requests most of their decode, "
+        "in the larger batches): " + ", ".join(
+            f"{name} sequence(s): {b['time_share']:.0%} of the time, summed error {b['total_rel_error'] * 100:+.1f}%"
+            for name, b in steps["step_errors_by_batch"].items()) + ".",
+        "",
         "At 70% load queueing amplifies a cost error two to three times in the latencies: a device running 5% "
         "slower than when it was calibrated shows as 10-15% in TPOT and E2EL.",
         "",
