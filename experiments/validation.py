@@ -294,6 +294,22 @@ def _error_stats(err: np.ndarray) -> dict[str, float]:
             "median_step_signed_error": float(np.median(err))}
 
 
+def profile_live_error(samples: Sequence[Any], cost: CostModel) -> dict[str, float] | None:
+    """The cost model's error on the profile's own live samples (the steps the live engine ran
+    during calibration), in the units of :meth:`StepErrors.summary`; None without live samples.
+
+    It is what a validation's per-step error compares with: the fit predicts the mean step, and
+    the jitter of short steps is skewed (a few much slower), so even on its own samples the
+    prediction sits above the median step. A validation whose median signed error matches it
+    shows no drift; the difference between the two is the device's."""
+    live = [s for s in samples if getattr(s, "origin", None) == "live"]
+    if not live:
+        return None
+    measured = np.array([s.step_ms / 1000 for s in live])
+    predicted = np.array([cost.step_time(s.shape) for s in live])
+    return {"steps": len(live), **_error_stats((predicted - measured) / measured)}
+
+
 def step_errors(step_log: Sequence[tuple[StepShape, float]], cost: CostModel) -> StepErrors:
     """Price every logged live step ``(shape, measured_s)`` with ``cost``."""
     measured = np.array([s for _, s in step_log], dtype=np.float64)
@@ -321,6 +337,8 @@ class Validation:
     steps: StepErrors
     speed_before: float | None = None
     speed_after: float | None = None
+    profile_live: dict[str, float] | None = None
+    """:func:`profile_live_error`: the same model on the profile's own live steps."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -330,7 +348,15 @@ class Validation:
         out["total_step_time_rel_error"] = self.steps.total_rel_error
         out["completed"] = {"live": self.live_summary["completed"], "sim": self.sim_summary["completed"]}
         out["device_speed_vs_profile"] = {"before": self.speed_before, "after": self.speed_after}
+        out["profile_live_step_error"] = self.profile_live
         return out | (extra or {})
+
+    @property
+    def drift(self) -> float:
+        """The live steps' median signed error beyond the profile's own on its live samples
+        (the device running slower, negative, or faster than when it was calibrated)."""
+        own = self.profile_live["median_step_signed_error"] if self.profile_live else 0.0
+        return self.steps.summary()["median_step_signed_error"] - own
 
 
 def validate(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, cost: CostModel,
@@ -343,7 +369,8 @@ def validate(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: 
     live_summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
     sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
     return Validation(live, sim, live_summary, sim_summary, compare_summaries(live_summary, sim_summary),
-                      step_errors(live.step_log, cost), run.speed_before, run.speed_after)
+                      step_errors(live.step_log, cost), run.speed_before, run.speed_after,
+                      profile_live_error(profile_samples, cost))
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -375,6 +402,12 @@ def format_table(v: Validation) -> str:
                       for name, b in s["step_errors_by_batch"].items())
     if bands:
         lines.append(f"  summed step time by decode batch size: {bands}")
+    if v.profile_live is not None:
+        own = v.profile_live
+        lines.append(f"  the profile on its own {own['steps']} calibration live steps: median |err| "
+                     f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
+                     f"{own['median_step_signed_error'] * 100:+.1f}% (it fits the mean step; short steps' jitter is "
+                     "skewed)")
     if v.speed_before is not None or v.speed_after is not None:
         lines.append("device speed vs calibration (profile steps re-timed): "
                      f"{format_speed(v.speed_before)} before the live run, {format_speed(v.speed_after)} after")
@@ -395,10 +428,11 @@ def drift_warning(v: Validation) -> str | None:
     profile's steps re-timed, or the live steps uniformly off. The run metrics then measure
     that change, not the simulator (at 70% load a 5% slower device adds ~15% to latency)."""
     speeds = [x - 1 for x in (v.speed_before, v.speed_after) if x is not None]
-    bias = v.steps.summary()["median_step_signed_error"]
+    bias = v.drift
     if max([abs(x) for x in speeds] + [0.0]) <= DRIFT_WARN and abs(bias) <= DRIFT_WARN:
         return None
     return ("the device did not run at its calibrated speed (re-timed profile steps: "
             f"{format_speed(v.speed_before)} before, {format_speed(v.speed_after)} after; live steps "
-            f"{abs(bias) * 100:.0f}% {'slower' if bias < 0 else 'faster'} than predicted at the median). Other "
+            f"{abs(bias) * 100:.0f}% {'slower' if bias < 0 else 'faster'} than predicted at the median, beyond "
+            "the profile's own offset on its calibration live steps). Other "
             "processes or a throttled CPU? Recalibrate just before validating, on an otherwise idle machine.")

@@ -65,6 +65,7 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
     assert sum(b["steps"] for b in bands.values()) == steps_with_decodes
     assert 0 < sum(b["time_share"] for b in bands.values()) <= 1 + 1e-9
     assert "summed step time by decode batch size" in res.output
+    assert "profile_live_step_error" in data  # null: the fixture profile has no live phase
     speed = data["device_speed_vs_profile"]
     assert speed["before"] > 0 and speed["after"] > 0
     assert data["num_steps"] > 0
@@ -112,6 +113,32 @@ def test_step_errors_by_decode_batch_size():
     assert bands["2-3"]["steps"] == 2 and bands["2-3"]["time_share"] == pytest.approx(6 / 16)
     assert bands["2-3"]["total_rel_error"] == pytest.approx(7 / 6 - 1)
     assert bands["64+"]["total_rel_error"] == pytest.approx(-0.25)
+
+
+def test_profile_live_error_and_drift():
+    """The profile's error on its own live samples is the reference a run's median signed error
+    is judged against: the same offset in the run is no drift; only the difference is."""
+    from calibrate.samples import Sample
+    from experiments.validation import Validation, drift_warning, profile_live_error
+    from sim.cost import ConstantCost
+
+    samples = [Sample(0, 0, 0, 1, 10, ms, origin="live") for ms in (1.0, 1.0, 0.8, 2.0)]
+    samples.append(Sample(0, 0, 0, 1, 10, 0.1, origin="grid"))
+    own = profile_live_error(samples, ConstantCost(0.001))
+    assert own is not None and own["steps"] == 4
+    assert own["median_step_signed_error"] == pytest.approx(0.0)  # errors 0, 0, +0.25, -0.5
+    assert own["median_step_rel_error"] == pytest.approx(0.125)
+    assert profile_live_error(samples[-1:], ConstantCost(0.001)) is None
+
+    def run(predicted_s, own):
+        steps = StepErrors(np.full(5, 1.0), np.asarray(predicted_s, dtype=float), ("decode",) * 5, (1,) * 5)
+        return Validation(None, None, {}, {}, {}, steps, 1.0, 1.0, own)
+
+    offset = {"steps": 10, "median_step_rel_error": 0.15, "median_step_signed_error": 0.15, "p90_step_rel_error": 0.2}
+    assert run([1.15] * 5, offset).drift == pytest.approx(0.0) and drift_warning(run([1.15] * 5, offset)) is None
+    assert run([1.15] * 5, None).drift == pytest.approx(0.15)
+    assert "faster than predicted" in drift_warning(run([1.15] * 5, None))
+    assert "slower than predicted" in drift_warning(run([0.95] * 5, offset))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -162,6 +162,12 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
     if v.speed_before is not None:
         speed_text = (f"The profile's own steps, timed again just before and after the live run, ran "
                       f"{format_speed(v.speed_before)} and {format_speed(v.speed_after)} than at calibration.")
+    if v.profile_live is not None:
+        own = v.profile_live
+        speed_text += (f" For reference, the profile on its own {own['steps']} calibration live steps: median |error| "
+                       f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
+                       f"{own['median_step_signed_error'] * 100:+.1f}% (the fit predicts the mean step, and short "
+                       "steps' jitter is skewed: a few are much slower, so the typical step is shorter than the mean).")
     warning = drift_warning(v)
     if warning:
         speed_text += f"\n\n**Warning:** {warning}"
