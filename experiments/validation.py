@@ -23,7 +23,7 @@ import dataclasses
 import gc
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -318,10 +318,36 @@ def step_errors(step_log: Sequence[tuple[StepShape, float]], cost: CostModel) ->
                       tuple(shape.decode_seqs for shape, _ in step_log))
 
 
-def compare_summaries(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``{metric: {"live", "sim", "rel_error"}}`` for every metric of :func:`metric_names`."""
-    return {key: {"live": float(live[key]), "sim": float(sim[key]), "rel_error": rel_error(live[key], sim[key])}
-            for key, _ in metric_names()}
+def compare_summaries(live: dict[str, Any], sim: dict[str, Any],
+                      live_runs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``{metric: {"live", "sim", "rel_error"}}`` for every metric of :func:`metric_names`; with
+    several live runs (``live`` their mean), each entry also lists them under ``live_runs``."""
+    out: dict[str, Any] = {}
+    for key, _ in metric_names():
+        out[key] = {"live": float(live[key]), "sim": float(sim[key]), "rel_error": rel_error(live[key], sim[key])}
+        if len(live_runs) > 1:
+            out[key]["live_runs"] = [float(run[key]) for run in live_runs]
+    return out
+
+
+def mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of several runs' summaries, key by key (numbers only; other values from the first)."""
+    out = dict(summaries[0])
+    for key in list(out):
+        values = [s.get(key) for s in summaries]
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in values):
+            out[key] = float(np.mean(values))  # type: ignore[arg-type]
+    return out
+
+
+def live_spread(v: Validation, key: str) -> float | None:
+    """(max - min) / mean of a metric over the live runs: how far the live engine is from
+    reproducing itself; None with a single run."""
+    runs = v.metrics[key].get("live_runs")
+    if not runs or len(runs) < 2:
+        return None
+    mean = float(np.mean(runs))
+    return (max(runs) - min(runs)) / mean if mean else 0.0
 
 
 @dataclass
@@ -329,16 +355,19 @@ class Validation:
     """Both runs, their summaries, and the errors."""
 
     live: Any
-    """The live engine's ``LiveResult``."""
+    """The live engine's ``LiveResult`` (the first run's when it was repeated)."""
     sim: SimResult
     live_summary: dict[str, Any]
+    """The live summary (the mean over the runs when repeated)."""
     sim_summary: dict[str, Any]
-    metrics: dict[str, dict[str, float | None]]
+    metrics: dict[str, Any]
     steps: StepErrors
     speed_before: float | None = None
     speed_after: float | None = None
     profile_live: dict[str, float] | None = None
     """:func:`profile_live_error`: the same model on the profile's own live steps."""
+    live_runs: list[Any] = field(default_factory=list)
+    """Every live run's ``LiveResult`` (``live`` is the first)."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -349,6 +378,7 @@ class Validation:
         out["completed"] = {"live": self.live_summary["completed"], "sim": self.sim_summary["completed"]}
         out["device_speed_vs_profile"] = {"before": self.speed_before, "after": self.speed_after}
         out["profile_live_step_error"] = self.profile_live
+        out["live_runs"] = max(1, len(self.live_runs))
         return out | (extra or {})
 
     @property
@@ -360,17 +390,26 @@ class Validation:
 
 
 def validate(requests: Sequence[Request], scheduler: SchedulerConfig, capacity: Capacity, cost: CostModel,
-             setup: LiveSetup, progress: bool = True, profile_samples: Sequence[Any] = ()) -> Validation:
-    """Run ``requests`` live and simulated (each on fresh copies) and compare; with the
-    profile's samples, also check the device's speed against them before and after."""
-    run = live_run([dataclasses.replace(r) for r in requests], scheduler, capacity, setup, progress, profile_samples)
-    live = run.result
+             setup: LiveSetup, progress: bool = True, profile_samples: Sequence[Any] = (),
+             repeats: int = 1) -> Validation:
+    """Run ``requests`` live ``repeats`` times and simulated once (each on fresh copies) and
+    compare the simulation with the live runs' mean (a live engine on a shared or throttled
+    device does not reproduce itself; the simulator is deterministic); the per-step error pools
+    every live step. With the profile's samples, also check the device's speed against them
+    before the first run and after the last."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    runs = [live_run([dataclasses.replace(r) for r in requests], scheduler, capacity, setup, progress,
+                     profile_samples if k in (0, repeats - 1) else ()) for k in range(repeats)]
+    results = [run.result for run in runs]
     sim = simulate_run([dataclasses.replace(r) for r in requests], scheduler, capacity, cost)
-    live_summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
+    summaries = [summarize(r.requests, r.itl(), PERCENTILES, None, r.num_preemptions) for r in results]
+    live_summary = mean_summary(summaries)
     sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
-    return Validation(live, sim, live_summary, sim_summary, compare_summaries(live_summary, sim_summary),
-                      step_errors(live.step_log, cost), run.speed_before, run.speed_after,
-                      profile_live_error(profile_samples, cost))
+    steps = step_errors([step for r in results for step in r.step_log], cost)
+    metrics = compare_summaries(live_summary, sim_summary, summaries)
+    return Validation(results[0], sim, live_summary, sim_summary, metrics, steps, runs[0].speed_before,
+                      runs[-1].speed_after, profile_live_error(profile_samples, cost), results)
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -382,14 +421,23 @@ def _fmt(value: float | None, pct: bool = False) -> str:
 
 
 def format_table(v: Validation) -> str:
-    """The metrics table (live, sim, relative error) and the step error lines."""
+    """The metrics table (live, sim, relative error; with repeated live runs ``live`` is their
+    mean and ``live spread`` their (max - min) / mean) and the step error lines."""
     label_w = max(len(label) for _, label in metric_names())
-    lines = [f"{'metric':<{label_w}}  {'live':>10}  {'sim':>10}  {'error':>8}",
-             f"{'-' * label_w}  {'-' * 10}  {'-' * 10}  {'-' * 8}"]
+    repeated = len(v.live_runs) > 1
+    head = f"{'metric':<{label_w}}  {'live':>10}  {'sim':>10}  {'error':>8}"
+    rule = f"{'-' * label_w}  {'-' * 10}  {'-' * 10}  {'-' * 8}"
+    lines = [head + (f"  {'live spread':>11}" if repeated else ""), rule + (f"  {'-' * 11}" if repeated else "")]
     for key, label in metric_names():
         m = v.metrics[key]
-        lines.append(f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  "
-                     f"{_fmt(m['rel_error'], pct=True):>8}")
+        row = f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  {_fmt(m['rel_error'], pct=True):>8}"
+        if repeated:
+            spread = live_spread(v, key)
+            row += f"  {'-' if spread is None else f'{spread * 100:.1f}%':>11}"
+        lines.append(row)
+    if repeated:
+        lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
+                     "they were ((max - min) / mean)")
     s = v.steps.summary()
     lines.append(f"per-step error over {v.steps.measured_s.size} live steps: median |err| "
                  f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "
@@ -406,7 +454,7 @@ def format_table(v: Validation) -> str:
         own = v.profile_live
         lines.append(f"  the profile on its own {own['steps']} calibration live steps: median |err| "
                      f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
-                     f"{own['median_step_signed_error'] * 100:+.1f}% (it fits the mean step; short steps' jitter is "
+                     f"{own['median_step_signed_error'] * 100:+.1f}% (it fits the typical step; short steps' jitter is "
                      "skewed)")
     if v.speed_before is not None or v.speed_after is not None:
         lines.append("device speed vs calibration (profile steps re-timed): "

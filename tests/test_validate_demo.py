@@ -78,6 +78,26 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_validate_repeats_compares_with_the_live_mean(tmp_path, profile_path):
+    """--repeats 2 serves the slice twice: each metric's live value is the mean of both runs,
+    listed under live_runs, the table shows their spread, and both run directories exist."""
+    out = tmp_path / "val"
+    res = invoke("validate", "--profile", str(profile_path), *SMALL, "--load", "0.5", "--repeats", "2",
+                 "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert "live spread" in res.output and "the mean of 2 runs" in res.output
+    data = json.loads((out / "validation.json").read_text())
+    assert data["live_runs"] == 2
+    for key in ("mean_ttft_ms", "mean_tpot_ms", "request_throughput"):
+        runs = data[key]["live_runs"]
+        assert len(runs) == 2 and data[key]["live"] == pytest.approx(sum(runs) / 2)
+        assert data[key]["rel_error"] == pytest.approx(data[key]["sim"] / data[key]["live"] - 1)
+    steps = [(out / d / "steps.csv").read_text().count("\n") - 1 for d in ("live", "live-2")]
+    assert data["num_steps"] == sum(steps)
+    second = json.loads((out / "live-2" / "summary.json").read_text())
+    assert second["completed"] == 12 and second["mean_ttft_ms"] == pytest.approx(data["mean_ttft_ms"]["live_runs"][1])
+
+
 def test_validate_same_kv_pool_and_policy_in_both_runs(tmp_path, profile_path):
     """The live and simulated runs record the same policy, KV blocks and time scale."""
     out = tmp_path / "val"
@@ -144,6 +164,7 @@ def test_profile_live_error_and_drift():
 @pytest.mark.parametrize("args, message", [
     (["--load", "0.5", "--time-scale", "2"], "not both"),
     (["--load", "0"], "--load"),
+    (["--repeats", "0"], "--repeats"),
     (["--load", "-1"], "--load"),
     (["--profile", "/nonexistent/profile.json"], "does not exist"),
     (["--model", "qwen2.5-7b", "--device", "cuda"], "--profile is required"),

@@ -140,12 +140,17 @@ def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
     """validation.json, live/ and sim/ run directories, and the plots; returns the plots."""
     from experiments.commands.run import write_steps
     from experiments.plots import cdf_plot, step_scatter
+    from experiments.validation import PERCENTILES
+    from sim.metrics import summarize
 
     out.mkdir(parents=True, exist_ok=True)
     config = {"command": "validate", **plan.describe()}
-    write_run(out / "live", config | {"executor": "live"}, v.live.requests, v.live_summary,
-              [s.timeseries for s in v.live.replicas])
-    write_steps(out / "live" / "steps.csv", v.live.step_log)
+    for k, live in enumerate(v.live_runs or [v.live]):
+        directory = out / ("live" if k == 0 else f"live-{k + 1}")
+        summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
+        write_run(directory, config | {"executor": "live", "live_run": k + 1}, live.requests, summary,
+                  [s.timeseries for s in live.replicas])
+        write_steps(directory / "steps.csv", live.step_log)
     write_run(out / "sim", config | {"executor": "sim"}, v.sim.requests, v.sim_summary,
               [s.timeseries for s in v.sim.replicas])
     write_json(out / "validation.json", v.to_json({"setup": config}))
@@ -154,7 +159,11 @@ def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
         done = [request_latencies(r) for r in result.requests if r.status is Status.FINISHED]
         return [t * 1000 for t, _, _ in done], [e * 1000 for _, _, e in done]
 
-    live_ttft, live_e2el = latencies(v.live)
+    live_ttft, live_e2el = [], []  # every live run's requests together
+    for live in v.live_runs or [v.live]:
+        ttft, e2el = latencies(live)
+        live_ttft += ttft
+        live_e2el += e2el
     sim_ttft, sim_e2el = latencies(v.sim)
     policy = plan.scheduler.policy
     return [
@@ -168,8 +177,9 @@ def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
     ]
 
 
-def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo):
-    """Run the plan live and simulated, print the table, write everything; returns the Validation."""
+def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo, repeats: int = 1):
+    """Run the plan live (``repeats`` times) and simulated, print the table, write everything;
+    returns the Validation."""
     from calibrate.profile import CalibratedCost
     from experiments.validation import format_table, validate
 
@@ -177,15 +187,18 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo):
     if plan.load is not None:
         echo(f"saturation (simulated, all {n} requests queued at once): {plan.capacity_rps:.2f} req/s; "
              f"time scale {plan.workload.time_scale:.3g} for {plan.load:.0%} load")
-    echo(f"serving {n} requests live ({plan.setup.model} on {plan.setup.device}, {plan.scheduler.policy}, "
+    times = f"{repeats} times" if repeats > 1 else "once"
+    echo(f"serving {n} requests live {times} ({plan.setup.model} on {plan.setup.device}, {plan.scheduler.policy}, "
          f"{plan.capacity.num_blocks} KV blocks), then simulating them ...")
     t0 = time.perf_counter()
     v = validate(plan.workload.requests(), plan.scheduler, plan.capacity, CalibratedCost(plan.profile),
-                 plan.setup, progress, plan.profile.samples)
-    echo(f"live run: {v.live_summary['duration']:.1f} s of serving ({time.perf_counter() - t0:.1f} s wall)")
+                 plan.setup, progress, plan.profile.samples, repeats)
+    serving = " + ".join(f"{r.replicas[0].busy_s:.1f}" for r in v.live_runs)
+    echo(f"live: {serving} s busy serving ({time.perf_counter() - t0:.1f} s wall)")
     echo(format_table(v))
     write_outputs(out, plan, v)
-    echo(f"wrote {out}/: validation.json, live/, sim/, ttft-cdf.png, e2el-cdf.png, step-scatter.png")
+    more = f", live-2/ .. live-{repeats}/" if repeats > 1 else ""
+    echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png, step-scatter.png")
     return v
 
 
@@ -224,6 +237,10 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo):
 @click.option("--time-scale", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Speed the trace up by this factor instead of --load.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Weights and prompt token ids.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Serve the slice this many times live and compare the simulation with the runs' mean; the "
+                   "table then shows how far apart the live runs were (a shared or throttled device does not "
+                   "reproduce itself).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-o", "--output", default="servesim-validate", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
@@ -231,7 +248,8 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
              trace: str, start: int, num_requests: int, max_prompt_tokens: int | None,
              max_output_tokens: int | None, policy: str, order: str, preempt: str | None, max_num_seqs: int,
              token_budget: int | None, batch_size: int, max_wait_s: float, kv_blocks: int | None,
-             load: float | None, time_scale: float | None, seed: int, progress: bool, output: Path) -> None:
+             load: float | None, time_scale: float | None, seed: int, repeats: int, progress: bool,
+             output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice.
 
     Serves the slice on the real engine, simulates it with the profile's cost model (same
@@ -271,4 +289,4 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
         raise click.ClickException("validate runs the live engine, which needs torch "
                                    "(pip install 'servesim[runtime]')") from None
     click.echo(f"profile {profile_path} ({plan.profile.model} on {plan.profile.device}, {plan.profile.dtype})")
-    execute(plan, output, progress)
+    execute(plan, output, progress, repeats=repeats)
