@@ -43,8 +43,8 @@ is non-negative least squares.
 
 Samples from the live engine (``origin`` ``live``, see :mod:`calibrate.live`) are many noisy
 single steps; together they weigh :data:`LIVE_WEIGHT` times as much as the grid's samples
-together, shared equally by the kinds of live step and within a kind in proportion to each
-step's time (see :func:`sample_weights`).
+together, shared equally by the groups of live step (prefill, mixed, light and batched
+decode) and within a group in proportion to each step's time (see :func:`sample_weights`).
 """
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ ROBUST_SCALE = 0.05
 timing noise is fitted in least squares; the skewed tail of steps slowed by the machine pulls
 only linearly, so the model predicts the typical step (see the module docstring)."""
 IRLS_ITERATIONS = 6
-LIVE_WEIGHT = 2.0
-"""Total weight of the live samples relative to the grid samples' total."""
+LIVE_WEIGHT = 4.0
+"""Total weight of the live samples relative to the grid samples' total: the live steps are
+the engine's real operating points, the grid gives coverage (shapes a short synthetic run
+never reaches) and separates features that move together in live steps."""
+LIGHT_DECODE_SEQS = 3
+LIVE_GROUPS = ("prefill", "mixed", "light decode", "batched decode")
 
 
 @dataclass(frozen=True)
@@ -178,11 +182,22 @@ def _nnls_tall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return nnls(r[:n, :n], r[:n, n], maxiter=50 * n)[0]
 
 
+def _live_group(s: Sample) -> str:
+    """The group a live sample's weight is shared in: its kind, decodes split at
+    :data:`LIGHT_DECODE_SEQS` sequences."""
+    if s.kind == "decode":
+        return "light decode" if s.decode_seqs <= LIGHT_DECODE_SEQS else "batched decode"
+    return s.kind
+
+
 def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     """Each grid (or CSV) sample weighs 1; the live samples together weigh :data:`LIVE_WEIGHT`
     x the others' total (all of it when there are only live samples), shared equally by the
-    kinds of live step (prefill, decode, mixed): a run has few prefill-only steps, but they
-    are its TTFT, as the many decodes are its TPOT.
+    groups of live step: prefill, mixed, light decode (up to :data:`LIGHT_DECODE_SEQS`
+    sequences) and batched decode. A run has few prefill-only steps, but they are its TTFT, as
+    the decodes are its TPOT; and a lightly loaded engine runs mostly one to three decodes a
+    step (most of the steps) while a loaded one spends its time in large batches, so neither
+    regime is left to decide the other.
 
     Within a kind, a live step weighs in proportion to its measured time: the fit then
     minimises relative error per unit of engine time, not per step. A loaded run spends most
@@ -193,9 +208,9 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     w = np.ones(len(samples))
     if live.any():
         total = LIVE_WEIGHT * (~live).sum() if not live.all() else float(live.sum())
-        kinds = np.array([s.kind for s in samples])
+        kinds = np.array([_live_group(s) for s in samples])
         step_ms = np.array([s.step_ms for s in samples], dtype=float)
-        present = [k for k in KINDS if (live & (kinds == k)).any()]
+        present = [k for k in LIVE_GROUPS if (live & (kinds == k)).any()]
         for k in present:
             sel = live & (kinds == k)
             w[sel] = total / len(present) * step_ms[sel] / step_ms[sel].sum()

@@ -180,8 +180,8 @@ def test_shipped_profile_monotone_with_estimated_attention(shape, field, step):
 
 
 def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
-    """Live samples share LIVE_WEIGHT x the grid's weight, equally per kind and within a kind in
-    proportion to their time; origin survives CSV."""
+    """Live samples share LIVE_WEIGHT x the grid's weight, equally per group (kind; decodes light
+    or batched) and within a group in proportion to their time; origin survives CSV."""
     from calibrate.fit import LIVE_WEIGHT, sample_weights
     from calibrate.samples import read_samples, write_samples
 
@@ -190,8 +190,13 @@ def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
     w = sample_weights(grid + live)
     assert list(w[:2]) == [1, 1]
     assert w[2:10].sum() == pytest.approx(LIVE_WEIGHT * 2 / 2) and w[10] == pytest.approx(LIVE_WEIGHT * 2 / 2)
-    slow = [Sample(0, 0, 0, 2, 20, 3.0, origin="live"), Sample(0, 0, 0, 40, 900, 12.0, origin="live")]
-    assert sample_weights(grid + slow)[3] == pytest.approx(4 * sample_weights(grid + slow)[2])
+    # decodes: a light group (up to LIGHT_DECODE_SEQS sequences) and a batched one share equally,
+    # and within a group a step weighs in proportion to its time
+    decodes = [Sample(0, 0, 0, 1, 20, 0.5, origin="live"), Sample(0, 0, 0, 3, 60, 1.5, origin="live"),
+               Sample(0, 0, 0, 8, 900, 3.0, origin="live"), Sample(0, 0, 0, 40, 900, 12.0, origin="live")]
+    w = sample_weights(grid + decodes)
+    assert w[3] == pytest.approx(3 * w[2]) and w[5] == pytest.approx(4 * w[4])
+    assert w[2] + w[3] == pytest.approx(w[4] + w[5]) == pytest.approx(LIVE_WEIGHT * 2 / 2)
     write_samples(tmp_path / "s.csv", grid + live)
     assert [s.origin for s in read_samples(tmp_path / "s.csv")] == [s.origin for s in grid + live]
     table = error_table(grid + live, [s.step_ms for s in grid + live])
