@@ -41,10 +41,12 @@ class Sizes:
     max_output_tokens: int
     compare_requests: int | None
     rate_fractions: tuple[float, ...]
+    live_repeats: int
+    """Live runs the validation compares with (their mean)."""
 
 
-FULL = Sizes(200, TINY_MAX_PROMPT_TOKENS, TINY_MAX_OUTPUT_TOKENS, None, RATE_FRACTIONS)
-QUICK = Sizes(12, 128, 32, 300, (0.75, 1.5))
+FULL = Sizes(200, TINY_MAX_PROMPT_TOKENS, TINY_MAX_OUTPUT_TOKENS, None, RATE_FRACTIONS, 3)
+QUICK = Sizes(12, 128, 32, 300, (0.75, 1.5), 1)
 """``--quick``: a demo of seconds, for tests."""
 
 
@@ -106,14 +108,22 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}%"
 
 
-def validation_markdown(v: Any) -> str:
-    from experiments.validation import metric_names
+def _spread(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
 
+
+def validation_markdown(v: Any) -> str:
+    from experiments.validation import live_spread, metric_names
+
+    repeated = len(v.live_runs) > 1
     rows = []
     for key, label in metric_names():
         m = v.metrics[key]
-        rows.append([label, f"{m['live']:.2f}", f"{m['sim']:.2f}", _pct(m["rel_error"])])
-    return _md_table(["metric", "live", "simulated", "error (sim - live) / live"], rows)
+        rows.append([label, f"{m['live']:.2f}", f"{m['sim']:.2f}", _pct(m["rel_error"])]
+                    + ([_spread(live_spread(v, key))] if repeated else []))
+    head = ["metric", f"live (mean of {len(v.live_runs)} runs)" if repeated else "live", "simulated",
+            "error (sim - live) / live"] + (["live spread (max - min) / mean"] if repeated else [])
+    return _md_table(head, rows)
 
 
 def comparison_markdown(cmp: dict[str, Any]) -> tuple[str, str, dict[str, float | None]]:
@@ -154,6 +164,10 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
     v, plan, cmp = info["validation"], info["plan"], info["compare"]
     prof = plan.profile
     steps = v.steps.summary()
+    served = "once on the live engine"
+    if len(v.live_runs) > 1:
+        served = (f"{len(v.live_runs)} times on the live engine (the live column is their mean: on a shared CPU "
+                  "the live engine does not reproduce itself, see the spread)")
     by_rate, at_top, ratios = comparison_markdown(cmp)
     top_rate = cmp["rates"][-1]
     ratio_text = ", ".join(f"{label} {ratios[label]:.2f}x" for label in cmp["labels"] if ratios.get(label))
@@ -195,8 +209,8 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         f"output lengths x {plan.output_scale:.3f} to fit the tiny model), time-scaled x "
         f"{plan.workload.time_scale:.3g} to {plan.load:.0%} of the simulated saturation throughput "
         f"({plan.capacity_rps:.2f} req/s), served by policy `{plan.scheduler.policy}` with "
-        f"{plan.capacity.num_blocks} KV blocks of {plan.capacity.block_size} tokens: once on the live engine, "
-        "once in the simulator priced by the profile. Same requests, seed, policy and KV pool.",
+        f"{plan.capacity.num_blocks} KV blocks of {plan.capacity.block_size} tokens: {served}, once in the "
+        "simulator priced by the profile. Same requests, seed, policy and KV pool.",
         "",
         validation_markdown(v),
         "",
@@ -349,10 +363,11 @@ def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_re
         plan = make_plan(profile_path, MODEL, "cpu", None, threads, workload, SchedulerConfig(), None, 0.7, 0)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    v = execute(plan, output / "validation", progress, echo=_indented)
+    v = execute(plan, output / "validation", progress, echo=_indented, repeats=sizes.live_repeats)
     phase_s["validation"] = time.perf_counter() - t0
     commands.append(f"servesim validate --profile {profile_rel} -n {n_val} --max-prompt-tokens {mp} "
-                    f"--max-output-tokens {mo} --threads {threads} --load 0.7 -o validation")
+                    f"--max-output-tokens {mo} --threads {threads} --load 0.7 --repeats {sizes.live_repeats} "
+                    "-o validation")
 
     # 3. comparison
     t0 = time.perf_counter()
