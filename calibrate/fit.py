@@ -36,10 +36,10 @@ under-prediction of noisy steps. The loss is Huber with a narrow threshold
 (:data:`ROBUST_SCALE`): least squares within ordinary noise, linear beyond, so the fit follows
 the typical step rather than the mean. Short steps' jitter is skewed - a few run much slower,
 from the machine rather than from the step's shape - and fitting the mean put the prediction
-above most of them: on the tiny CPU profile's own live steps the median signed error was +5.4%
-with a threshold of 0.5 and +2.6% with 0.05, while their summed time was predicted within
-+1.6% and -0.7% respectively (the long steps that carry the time are less skewed). Every solve
-is non-negative least squares.
+above most of them: on the shipped tiny CPU profile's own live steps a threshold of 0.5 gives
+a median signed error of +3.0% (median |error| 5.2%) and 0.05 gives +1.4% (4.4%), while their
+summed time is predicted within +0.6% and -1.3% respectively (the long steps that carry the
+time are less skewed). Every solve is non-negative least squares.
 
 Samples from the live engine (``origin`` ``live``, see :mod:`calibrate.live`) are many noisy
 single steps; together they weigh :data:`LIVE_WEIGHT` times as much as the grid's samples
@@ -109,8 +109,9 @@ class StepModel:
         """``predict_ms`` of ``shape`` repeated ``n`` times with every decode one token further,
         element-wise in numpy with the same operations in the same order (identical values)."""
         context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
+        batch_context = np.asarray(_batch_context(context, shape.decode_seqs))
         columns: dict[str, np.ndarray] = {"decode_context_tokens": context.astype(np.float64),
-                                          "decode_batch_context": _batch_context(context, shape.decode_seqs)}
+                                          "decode_batch_context": batch_context}
         if self.knee_decode_context_tokens is not None:
             columns["decode_context_over_knee"] = np.maximum(0.0, context - self.knee_decode_context_tokens)
         total = np.zeros(n)
@@ -128,7 +129,7 @@ def _hinge(value: float, knee: int | None) -> float:
     return 0.0 if knee is None else max(0.0, value - knee)
 
 
-def _batch_context(context, seqs: int):
+def _batch_context(context: float | np.ndarray, seqs: int) -> float | np.ndarray:
     """``decode_batch_context`` (see the module docstring) of a context (a float or an array)."""
     return context * (1 - 1 / seqs) if seqs else context * 0.0
 
@@ -199,7 +200,7 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     step (most of the steps) while a loaded one spends its time in large batches, so neither
     regime is left to decide the other.
 
-    Within a kind, a live step weighs in proportion to its measured time: the fit then
+    Within a group, a live step weighs in proportion to its measured time: the fit then
     minimises relative error per unit of engine time, not per step. A loaded run spends most
     of its time, and its requests most of their decode, in a minority of long steps (large
     decode batches); weighing every step alike lets the many short steps of quiet periods

@@ -298,10 +298,10 @@ def profile_live_error(samples: Sequence[Any], cost: CostModel) -> dict[str, flo
     """The cost model's error on the profile's own live samples (the steps the live engine ran
     during calibration), in the units of :meth:`StepErrors.summary`; None without live samples.
 
-    It is what a validation's per-step error compares with: the fit predicts the mean step, and
-    the jitter of short steps is skewed (a few much slower), so even on its own samples the
-    prediction sits above the median step. A validation whose median signed error matches it
-    shows no drift; the difference between the two is the device's."""
+    It is what a validation's per-step error compares with: no model fits noisy steps exactly,
+    and the jitter of short steps is skewed (a few much slower), so even on its own samples
+    the prediction is off by a few percent and a little above the median step. A validation
+    whose median signed error matches it shows no drift; the difference is the device's."""
     live = [s for s in samples if getattr(s, "origin", None) == "live"]
     if not live:
         return None

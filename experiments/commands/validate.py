@@ -197,7 +197,7 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo, repea
     echo(f"live: {serving} s busy serving ({time.perf_counter() - t0:.1f} s wall)")
     echo(format_table(v))
     write_outputs(out, plan, v)
-    more = f", live-2/ .. live-{repeats}/" if repeats > 1 else ""
+    more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
     echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png, step-scatter.png")
     return v
 
