@@ -340,6 +340,10 @@ def mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def format_spread(spread: float | None) -> str:
+    return "-" if spread is None else f"{spread * 100:.1f}%"
+
+
 def live_spread(v: Validation, key: str) -> float | None:
     """(max - min) / mean of a metric over the live runs: how far the live engine is from
     reproducing itself; None with a single run."""
@@ -432,8 +436,7 @@ def format_table(v: Validation) -> str:
         m = v.metrics[key]
         row = f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  {_fmt(m['rel_error'], pct=True):>8}"
         if repeated:
-            spread = live_spread(v, key)
-            row += f"  {'-' if spread is None else f'{spread * 100:.1f}%':>11}"
+            row += f"  {format_spread(live_spread(v, key)):>11}"
         lines.append(row)
     if repeated:
         lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
@@ -454,8 +457,8 @@ def format_table(v: Validation) -> str:
         own = v.profile_live
         lines.append(f"  the profile on its own {own['steps']} calibration live steps: median |err| "
                      f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
-                     f"{own['median_step_signed_error'] * 100:+.1f}% (it fits the typical step; short steps' jitter is "
-                     "skewed)")
+                     f"{own['median_step_signed_error'] * 100:+.1f}% (no model fits noisy steps "
+                     "exactly; beyond this, the run's error is the device's drift)")
     if v.speed_before is not None or v.speed_after is not None:
         lines.append("device speed vs calibration (profile steps re-timed): "
                      f"{format_speed(v.speed_before)} before the live run, {format_speed(v.speed_after)} after")

@@ -108,19 +108,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}%"
 
 
-def _spread(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
-
-
 def validation_markdown(v: Any) -> str:
-    from experiments.validation import live_spread, metric_names
+    from experiments.validation import format_spread, live_spread, metric_names
 
     repeated = len(v.live_runs) > 1
     rows = []
     for key, label in metric_names():
         m = v.metrics[key]
         rows.append([label, f"{m['live']:.2f}", f"{m['sim']:.2f}", _pct(m["rel_error"])]
-                    + ([_spread(live_spread(v, key))] if repeated else []))
+                    + ([format_spread(live_spread(v, key))] if repeated else []))
     head = ["metric", f"live (mean of {len(v.live_runs)} runs)" if repeated else "live", "simulated",
             "error (sim - live) / live"] + (["live spread (max - min) / mean"] if repeated else [])
     return _md_table(head, rows)
@@ -180,8 +176,8 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         own = v.profile_live
         speed_text += (f" For reference, the profile on its own {own['steps']} calibration live steps: median |error| "
                        f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
-                       f"{own['median_step_signed_error'] * 100:+.1f}% (the fit predicts the mean step, and short "
-                       "steps' jitter is skewed: a few are much slower, so the typical step is shorter than the mean).")
+                       f"{own['median_step_signed_error'] * 100:+.1f}% (no model fits noisy steps exactly; this run's "
+                       "per-step error beyond that is the device's drift).")
     warning = drift_warning(v)
     if warning:
         speed_text += f"\n\n**Warning:** {warning}"

@@ -194,7 +194,7 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo, repea
     v = validate(plan.workload.requests(), plan.scheduler, plan.capacity, CalibratedCost(plan.profile),
                  plan.setup, progress, plan.profile.samples, repeats)
     serving = " + ".join(f"{r.replicas[0].busy_s:.1f}" for r in v.live_runs)
-    echo(f"live: {serving} s busy serving ({time.perf_counter() - t0:.1f} s wall)")
+    echo(f"live engine busy {serving} s ({time.perf_counter() - t0:.1f} s wall, simulation included)")
     echo(format_table(v))
     write_outputs(out, plan, v)
     more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
