@@ -38,7 +38,7 @@ def _run(args: tuple[str, int, str, bool, int]) -> dict:
     from sim.simulation import run_simulation
 
     requests = _workload(workload, num_requests, seed)
-    config = SimConfig(scheduler=SchedulerConfig(policy=policy, preempt="off" if policy == "static" else "recompute"),
+    config = SimConfig(scheduler=SchedulerConfig(policy=policy),
                        exact_steps=exact)
     t0 = time.perf_counter()
     run = run_simulation(config, requests)

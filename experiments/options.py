@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from sim.policies.base import PREEMPT_MODES, SchedulerConfig
+from sim.policies import POLICIES, SchedulerConfig
+from sim.policies.base import PREEMPT_MODES
 from sim.queues import ORDERS
 from sim.workload import ARRIVALS, SyntheticWorkload, TraceReplay
 
@@ -57,19 +58,36 @@ def workload_options(f: Callable) -> Callable:
     ])(f)
 
 
+def policy_choice() -> click.Choice:
+    """``--policy``'s choices: every registered policy."""
+    return click.Choice(sorted(POLICIES))
+
+
+def policy_help() -> str:
+    return "Scheduling policy: " + "; ".join(f"{name}: {info.summary}" for name, info in sorted(POLICIES.items())) + "."
+
+
+def preempt_help() -> str:
+    defaults = ", ".join(f"{name} {info.preempt_modes[0]}" + ("" if len(info.preempt_modes) > 1 else " only")
+                         for name, info in sorted(POLICIES.items()))
+    return f"What to do when KV blocks run out [default per policy: {defaults}]."
+
+
+def token_budget_help() -> str:
+    defaults = ", ".join(f"{name}: {info.default_token_budget}" for name, info in sorted(POLICIES.items())
+                         if info.default_token_budget is not None)
+    return f"Most tokens per step [default: no limit; {defaults}]."
+
+
 def policy_options(f: Callable) -> Callable:
     return _apply([
-        click.option("--policy", default="continuous", show_default=True,
-                     type=click.Choice(["static", "continuous", "chunked"]), help="Scheduling policy."),
+        click.option("--policy", default="continuous", show_default=True, type=policy_choice(), help=policy_help()),
         click.option("--order", default="fcfs", show_default=True, type=click.Choice(list(ORDERS)),
                      help="Queue order (sjf uses the trace's true output length: an oracle)."),
-        click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)),
-                     help="What to do when KV blocks run out: continuous and chunked default to recompute; "
-                          "static only allows off."),
+        click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)), help=preempt_help()),
         click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most requests running at once (continuous, chunked)."),
-        click.option("--token-budget", default=None, type=click.IntRange(min=1),
-                     help="Most tokens per step (chunked: default 512; continuous: no limit)."),
+        click.option("--token-budget", default=None, type=click.IntRange(min=1), help=token_budget_help()),
         click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
                      help="Static batching: requests per batch."),
         click.option("--max-wait-s", default=1.0, show_default=True, type=click.FloatRange(min=0),
@@ -101,7 +119,7 @@ def build_scheduler(opts: dict[str, Any], policy: str | None = None, preempt: st
     return SchedulerConfig(
         policy=policy, order=opts["order"], max_num_seqs=opts["max_num_seqs"], token_budget=opts["token_budget"],
         batch_size=opts["batch_size"], max_wait_s=opts["max_wait_s"],
-        preempt=preempt or opts.get("preempt") or ("off" if policy == "static" else "recompute"),
+        preempt=preempt or opts.get("preempt"),
     )
 
 

@@ -72,7 +72,10 @@ class SimConfig:
     exact_steps: bool = False
 
     def __post_init__(self) -> None:
-        get_model(self.model)
+        model = get_model(self.model)
+        if self.scheduler.max_model_len is None:
+            # vLLM's default max_model_len: the model's positions.
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=model.max_position))
         get_hardware(self.hardware)
         dtype_bytes(self.dtype)
         if self.replicas < 1:

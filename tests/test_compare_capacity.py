@@ -187,7 +187,7 @@ def test_rate_scaler_sets_the_mean_rate_of_a_trace_and_a_synthetic_workload():
 def test_sweep_results_do_not_depend_on_jobs():
     """The same specs give the same summaries, in input order, run in-process or in two processes."""
     scaler = RateScaler(SyntheticWorkload(num_requests=60, prompt_dist="uniform:64:256", output_dist="uniform:8:64"))
-    specs = [RunSpec(p, SimConfig(scheduler=SchedulerConfig(policy=p, preempt="off" if p == "static" else "recompute"),
+    specs = [RunSpec(p, SimConfig(scheduler=SchedulerConfig(policy=p),
                                   model="qwen2.5-0.5b"), scaler.at(rate), rate)
              for rate in (4.0, 400.0) for p in ("static", "continuous")]
     serial = run_sweep(specs, jobs=1)

@@ -82,7 +82,7 @@ def compare_policies(profile_path: Path, trace_path: Path, block_size: int, kv_b
     configs = []
     for label in POLICIES:
         name, preempt = parse_policy(label)
-        sched = SchedulerConfig(policy=name, preempt=preempt or ("off" if name == "static" else "recompute"))
+        sched = SchedulerConfig(policy=name, preempt=preempt)
         configs.append((label, SimConfig(scheduler=sched, kv=KVConfig(num_blocks=kv_blocks, block_size=block_size,
                                                                       swap_gib=swap_gib if preempt == "swap" else 0),
                                          model=MODEL, profile=str(profile_path))))

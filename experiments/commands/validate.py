@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from experiments.options import policy_choice, policy_help, preempt_help, token_budget_help
 from experiments.output import write_json, write_run
 from sim.config import Capacity
 from sim.metrics import request_latencies
@@ -220,13 +221,11 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo=click.echo, repea
               help=f"Scale prompts down so the longest is this [tiny: {TINY_MAX_PROMPT_TOKENS}].")
 @click.option("--max-output-tokens", default=None, type=click.IntRange(min=1),
               help=f"Scale outputs down so the longest is this [tiny: {TINY_MAX_OUTPUT_TOKENS}].")
-@click.option("--policy", default="continuous", show_default=True, type=click.Choice(["static", "continuous",
-                                                                                      "chunked"]))
+@click.option("--policy", default="continuous", show_default=True, type=policy_choice(), help=policy_help())
 @click.option("--order", default="fcfs", show_default=True, type=click.Choice(list(ORDERS)))
-@click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)),
-              help="[default: recompute; static: off]")
+@click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)), help=preempt_help())
 @click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--token-budget", default=None, type=click.IntRange(min=1), help="[chunked: 512]")
+@click.option("--token-budget", default=None, type=click.IntRange(min=1), help=token_budget_help())
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Static batching.")
 @click.option("--max-wait-s", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Static batching.")
 @click.option("--kv-blocks", default=None, type=click.IntRange(min=1),
@@ -277,7 +276,7 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
     try:
         sched = SchedulerConfig(policy=policy, order=order, max_num_seqs=max_num_seqs, token_budget=token_budget,
                                 batch_size=batch_size, max_wait_s=max_wait_s,
-                                preempt=preempt or ("off" if policy == "static" else "recompute"))
+                                preempt=preempt)
         workload = TraceReplay(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
                                max_prompt_tokens=mp, max_output_tokens=mo)
         plan = make_plan(profile_path, model, device, dtype, threads, workload, sched, kv_blocks, load, seed)

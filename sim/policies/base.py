@@ -8,7 +8,6 @@ from typing import Protocol
 
 from sim.batch import Batch
 from sim.kv import BlockManager
-from sim.metrics import GapRecorder
 from sim.queues import ORDERS
 from sim.request import Request
 
@@ -20,8 +19,12 @@ class SchedulerConfig:
     """Knobs of every policy; each policy reads the ones it uses.
 
     ``token_budget`` caps the tokens one step computes (vLLM's ``max_num_batched_tokens``);
-    ``None`` means no cap (whole-prompt prefill of any length). ``batch_size`` and
-    ``max_wait_s`` are static batching's.
+    ``None`` means the policy's default (:attr:`PolicyInfo.default_token_budget`; for most, no
+    cap: whole-prompt prefill of any length). ``preempt`` ``None`` means the policy's default
+    (the first of its :attr:`PolicyInfo.preempt_modes`). Both are resolved here, so a config
+    written to ``config.json`` says what ran. ``batch_size`` and ``max_wait_s`` are static
+    batching's. ``max_model_len`` is the longest sequence (prompt + output) the model takes;
+    a longer request is rejected with that reason (``None``: no limit but KV capacity).
     """
 
     policy: str = "continuous"
@@ -30,18 +33,23 @@ class SchedulerConfig:
     token_budget: int | None = None
     batch_size: int = 16
     max_wait_s: float = 1.0
-    preempt: str = "recompute"
+    preempt: str | None = None
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}")
+        info = policy_info(self.policy)
         if self.order not in ORDERS:
             raise ValueError(f"unknown queue order {self.order!r}; known: {', '.join(ORDERS)}")
-        if self.preempt not in PREEMPT_MODES:
-            raise ValueError(f"preempt must be one of {', '.join(PREEMPT_MODES)}, got {self.preempt!r}")
-        if self.policy == "static" and self.preempt != "off":
-            raise ValueError(f"static batching reserves KV for the whole batch and never preempts; "
-                             f"preempt must be 'off', got {self.preempt!r}")
+        if self.preempt is None:
+            object.__setattr__(self, "preempt", info.preempt_modes[0])
+        if self.preempt not in info.preempt_modes:
+            if info.preempt_modes == ("off",):
+                raise ValueError(f"policy {self.policy!r} never preempts ({info.summary}); "
+                                 f"preempt must be 'off', got {self.preempt!r}")
+            raise ValueError(f"preempt must be one of {', '.join(info.preempt_modes)} for policy {self.policy!r}, "
+                             f"got {self.preempt!r}")
+        if self.token_budget is None and info.default_token_budget is not None:
+            object.__setattr__(self, "token_budget", info.default_token_budget)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.token_budget is not None and self.token_budget < 1:
@@ -50,6 +58,15 @@ class SchedulerConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+
+    def reject_reason(self, prompt_tokens: int, output_tokens: int) -> str | None:
+        """Why a request of these lengths can never run under this config (None: it can)."""
+        if self.max_model_len is not None and prompt_tokens + output_tokens > self.max_model_len:
+            return (f"{prompt_tokens} prompt + {output_tokens} output tokens exceed the model's "
+                    f"{self.max_model_len} positions")
+        return None
 
 
 class Policy(Protocol):
@@ -58,7 +75,9 @@ class Policy(Protocol):
     The executor loop is: ``batch = policy.schedule(now)``; if it is ``None`` wait for an
     arrival (or until ``next_wakeup_s``); else run the batch, then call
     ``policy.on_step_done(batch, now)`` with the time the step ended. The policy owns the
-    queues and the :class:`BlockManager`; it never reads a clock.
+    queues and the :class:`BlockManager`; it never reads a clock. The live engine and the
+    simulator (step by step) use exactly this; the simulator's optional fast path is a
+    separate capability (:mod:`sim.fastpath`).
     """
 
     kv: BlockManager
@@ -76,23 +95,6 @@ class Policy(Protocol):
     def next_wakeup_s(self, now: float) -> float | None:
         """When an idle policy may have work without a new arrival (a batching timeout)."""
 
-    # The simulator's fast path; the live engine never calls these.
-    def begin_fast(self) -> bool:
-        """Switch to the fast path's bookkeeping before the first step (False: not possible,
-        the executor steps every iteration). After it, ``schedule`` may leave grouped decodes
-        out of ``Batch.seqs`` and every step is reported with ``on_steps_done``."""
-
-    def repeat_limit(self, batch: Batch) -> int:
-        """Steps that can run from ``batch`` with no decision in between (1: only this one),
-        each after the first decoding every sequence of the one before once more."""
-
-    def arrival_may_reschedule(self) -> bool:
-        """Whether an arrival now could change the next batch."""
-
-    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
-        """Account ``len(ends_s)`` repeats of ``batch`` that ended at ``ends_s`` and record their
-        inter-token gaps in ``itl``; returns the requests they finished."""
-
     @property
     def num_waiting(self) -> int:
         """Requests queued and not running (swapped ones included)."""
@@ -107,24 +109,46 @@ class Policy(Protocol):
 
 
 PolicyFactory = Callable[[SchedulerConfig, BlockManager], Policy]
-POLICIES: dict[str, PolicyFactory] = {}
 
 
-def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy available by ``name``."""
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A registered policy: how to build it and what the CLI and defaults need to know."""
+
+    name: str
+    factory: PolicyFactory
+    summary: str
+    preempt_modes: tuple[str, ...] = PREEMPT_MODES
+    """Preemption modes it supports, its default first."""
+    default_token_budget: int | None = None
+
+
+POLICIES: dict[str, PolicyInfo] = {}
+
+
+def register(name: str, *, summary: str, preempt_modes: tuple[str, ...] = PREEMPT_MODES,
+             default_token_budget: int | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Class decorator: make a policy available by ``name`` (CLI choices, defaults and the test
+    matrix all read :data:`POLICIES`)."""
+    unknown = [m for m in preempt_modes if m not in PREEMPT_MODES]
+    if not preempt_modes or unknown:
+        raise ValueError(f"preempt_modes must be a non-empty subset of {PREEMPT_MODES}, got {preempt_modes}")
 
     def deco(factory: PolicyFactory) -> PolicyFactory:
         if name in POLICIES:
             raise ValueError(f"policy {name!r} registered twice")
-        POLICIES[name] = factory
+        POLICIES[name] = PolicyInfo(name, factory, summary, preempt_modes, default_token_budget)
         return factory
 
     return deco
 
 
-def make_policy(config: SchedulerConfig, kv: BlockManager) -> Policy:
+def policy_info(name: str) -> PolicyInfo:
     try:
-        factory = POLICIES[config.policy]
+        return POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {config.policy!r}; known: {', '.join(sorted(POLICIES))}") from None
-    return factory(config, kv)
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+
+
+def make_policy(config: SchedulerConfig, kv: BlockManager) -> Policy:
+    return policy_info(config.policy).factory(config, kv)

@@ -7,20 +7,13 @@ stalls every decode behind it for a whole step.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from sim.kv import BlockManager
-from sim.policies.base import SchedulerConfig, register
+from sim.policies.base import register
 from sim.policies.continuous import ContinuousPolicy
 
 DEFAULT_TOKEN_BUDGET = 512
 
 
-@register("chunked")
+@register("chunked", summary="chunked prefill under a per-step token budget, decodes first (Sarathi-Serve, vLLM v1)",
+          default_token_budget=DEFAULT_TOKEN_BUDGET)
 class ChunkedPolicy(ContinuousPolicy):
     chunked_prefill = True
-
-    def __init__(self, config: SchedulerConfig, kv: BlockManager) -> None:
-        if config.token_budget is None:
-            config = replace(config, token_budget=DEFAULT_TOKEN_BUDGET)
-        super().__init__(config, kv)

@@ -31,7 +31,7 @@ from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
 
 
-@register("continuous")
+@register("continuous", summary="iteration-level scheduling, whole-prompt prefill (Orca, vLLM v0)")
 class ContinuousPolicy:
     chunked_prefill = False
 
@@ -79,6 +79,9 @@ class ContinuousPolicy:
         heapq.heappush(self.waiting, (self.key(request), request))
 
     def reject_reason(self, request: Request) -> str | None:
+        too_long = self.config.reject_reason(request.prompt_tokens, request.output_tokens)
+        if too_long is not None:
+            return too_long
         if not self.kv.fits_at_all(request.max_tokens):
             need = blocks_for(request.max_tokens, self.kv.block_size)
             return f"needs {need} KV blocks for {request.max_tokens} tokens; capacity is {self.kv.num_blocks}"

@@ -20,7 +20,8 @@ from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
 
 
-@register("static")
+@register("static", summary="request-level batching: a batch runs to completion (HF generate)",
+          preempt_modes=("off",))
 class StaticPolicy:
     def __init__(self, config: SchedulerConfig, kv: BlockManager) -> None:
         self.config = config
@@ -46,12 +47,13 @@ class StaticPolicy:
         return 0
 
     def add(self, request: Request, now: float) -> None:
-        if not self.kv.fits_at_all(request.max_tokens):
+        reason = self.config.reject_reason(request.prompt_tokens, request.output_tokens)
+        if reason is None and not self.kv.fits_at_all(request.max_tokens):
             need = blocks_for(request.max_tokens, self.kv.block_size)
+            reason = f"needs {need} KV blocks for {request.max_tokens} tokens; capacity is {self.kv.num_blocks}"
+        if reason is not None:
             request.status = Status.REJECTED
-            request.reject_reason = (
-                f"needs {need} KV blocks for {request.max_tokens} tokens; capacity is {self.kv.num_blocks}"
-            )
+            request.reject_reason = reason
             self.rejected.append(request)
             return
         heapq.heappush(self.waiting, (self.key(request), request))
