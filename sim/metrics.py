@@ -176,7 +176,9 @@ def request_latencies(r: Request) -> tuple[float, float | None, float]:
     assert r.first_token_s is not None and r.finish_s is not None
     ttft = r.first_token_s - r.arrival_s
     e2el = r.finish_s - r.arrival_s
-    tpot = (e2el - ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
+    # Tokens received, not asked for: they differ when an external engine stops early (vLLM
+    # divides by the tokens it got too); the simulator and the live engine give what was asked.
+    tpot = (e2el - ttft) / (r.num_generated - 1) if r.num_generated > 1 else None
     return ttft, tpot, e2el
 
 

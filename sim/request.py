@@ -19,6 +19,8 @@ class Status(enum.Enum):
     SWAPPED = "swapped"
     FINISHED = "finished"
     REJECTED = "rejected"
+    FAILED = "failed"
+    """An external engine's request that errored (``servesim bench``); ``reject_reason`` says why."""
 
 
 @dataclass(eq=False, slots=True)
