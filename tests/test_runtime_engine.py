@@ -129,11 +129,24 @@ def test_cli_replays_a_trace_with_swap(tmp_path):
 
 
 def test_cli_reports_bad_options_plainly():
-    """Bad input is a one-line error, not a traceback: an unknown preset, a prompt too long."""
+    """Bad input is a one-line error, not a traceback: an unknown preset; hf-static with a prompt too long."""
     res = CliRunner().invoke(run, [*SMALL, "--model", "gpt-9"])
     assert res.exit_code != 0 and "tiny" in res.output
-    res = CliRunner().invoke(run, [*SMALL, "--prompt-tokens", "4000"])
+    res = CliRunner().invoke(run, [*SMALL, "--engine", "hf-static", "--prompt-tokens", "4000"])
     assert res.exit_code != 0 and "--max-prompt-tokens" in res.output and "Traceback" not in res.output
+
+
+def test_cli_rejects_requests_longer_than_the_model_as_simulate_does(tmp_path):
+    """A prompt beyond tiny's 2048 positions is rejected by the scheduler and counted with its
+    reason, as in `servesim simulate`; the other requests are served."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(run, ["--threads", "1", "--no-progress", "--arrival", "poisson", "--rate", "100",
+                                   "-n", "3", "--prompt-tokens", "4000", "--output-tokens", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 3 and summary["completed"] == 0
+    assert list(summary["reject_reasons"]) == ["4000 prompt + 2 output tokens exceed the model's 2048 positions"]
+    assert "rejected x3" in res.output
 
 
 @pytest.mark.gpu

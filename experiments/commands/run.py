@@ -18,21 +18,13 @@ from typing import Any
 import click
 
 from experiments.options import build_scheduler, build_workload, fail, policy_options, workload_options
+from runtime.config import CPU_MAX_KV_BLOCKS
 from sim.batch import StepShape
-from sim.kv import BlockManager, blocks_for
 from sim.metrics import parse_goodput, summarize
 from sim.models import MODELS, get_model
-from sim.request import Request
 
-CPU_MAX_KV_BLOCKS = 2048
 DEFAULT_NUM_REQUESTS = 32
 STEP_COLUMNS = [f.name for f in dataclasses.fields(StepShape)] + ["step_s"]
-
-
-def default_kv_blocks(requests: list[Request], block_size: int) -> int:
-    """On CPU: room for every request at once (no preemption), at most 2048 blocks."""
-    need = sum(blocks_for(r.max_tokens, block_size) for r in requests)
-    return max(1, min(CPU_MAX_KV_BLOCKS, need))
 
 
 def write_steps(path: Path, step_log: list[tuple[StepShape, float]]) -> None:
@@ -86,78 +78,70 @@ def run(**opts: Any) -> None:
     try:
         import torch
 
-        from runtime.engine import LiveEngine
-        from runtime.kvcache import blocks_from_memory, kv_bytes_per_token
-        from runtime.runner import ModelRunner
-        from runtime.weights import build_hf_model, dtype_name, load_model, resolve_device, resolve_dtype
+        from runtime.build import build_live_engine, kv_description, load_network, place
+        from runtime.config import LiveConfig
+        from runtime.weights import build_hf_model
     except ImportError as e:
         hint = "the real engine needs torch, transformers and safetensors (pip install '.[runtime]')"
         raise click.ClickException(f"{hint}: {e}") from None
     from experiments.options import workload_requests
     from experiments.output import write_run
     from experiments.report import print_summary
-    from sim.policies import make_policy
 
     if opts["num_requests"] is None and opts["duration_s"] is None:
         opts["num_requests"] = DEFAULT_NUM_REQUESTS  # a live run takes real time
     try:
-        spec = get_model(opts["model"])
         goodput = parse_goodput(opts["goodput"])
-        scheduler = build_scheduler(opts)
+        live = LiveConfig(
+            model=opts["model"], scheduler=build_scheduler(opts),
+            weights=str(opts["weights"]) if opts["weights"] else None, device=opts["device"], dtype=opts["dtype"],
+            threads=opts["threads"], seed=opts["seed"], kv_blocks=opts["kv_blocks"], block_size=opts["block_size"],
+            swap_blocks=opts["swap_blocks"], memory_utilization=opts["memory_utilization"])
         requests, workload_info = workload_requests(build_workload(opts, opts["seed"]))
-        dev = resolve_device(opts["device"])
-        dtype = resolve_dtype(opts["dtype"], dev)
+        where = place(live)
     except ValueError as e:
         raise fail(e) from None
     if not requests:
         raise click.ClickException("the workload has no requests")
-    longest = max(r.prompt_tokens + r.output_tokens for r in requests)
-    if longest > spec.max_position:
-        raise click.ClickException(f"a request needs {longest} positions; {spec.name} has {spec.max_position} "
-                                   "(scale a trace with --max-prompt-tokens / --max-output-tokens)")
-    if opts["threads"] is not None:
-        torch.set_num_threads(opts["threads"])
-
-    net = load_model(spec, opts["weights"], dtype, dev, opts["seed"])
+    # Requests longer than the model's positions are rejected by the scheduler
+    # (live.scheduler.max_model_len) and counted in the summary, as in `servesim simulate`.
+    scheduler = live.scheduler
+    if opts["engine"] == "hf-static":
+        # transformers' generate has no scheduler to reject a request with: refuse the run.
+        reason = next((why for r in requests if (why := scheduler.reject_reason(r.prompt_tokens, r.output_tokens))),
+                      None)
+        if reason is not None:
+            raise click.ClickException(f"hf-static cannot serve a request: {reason} (scale a trace with "
+                                       "--max-prompt-tokens / --max-output-tokens)")
+    net = load_network(live)
     config: dict[str, Any] = {
-        "command": "run", "engine": opts["engine"], "workload": workload_info, "model": spec.name,
-        "weights": str(opts["weights"]) if opts["weights"] else f"random(seed={opts['seed']})",
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "dtype": dtype_name(dtype), "threads": torch.get_num_threads(), "seed": opts["seed"],
+        "command": "run", "engine": opts["engine"], "workload": workload_info, "model": live.model,
+        "weights": live.weights or f"random(seed={live.seed})", "device": str(where.device),
+        "device_name": where.device_name if where.device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": where.dtype_name, "threads": torch.get_num_threads(), "seed": live.seed,
         "torch": torch.__version__, "goodput_slos_ms": goodput,
     }
     if opts["engine"] == "hf-static":
         from runtime.hf_static import HFStaticEngine
 
-        hf = build_hf_model(spec, net.hf_state_dict(), dtype, dev)
+        hf = build_hf_model(get_model(live.model), net.hf_state_dict(), where.dtype, where.device)
         del net
         config["scheduler"] = {"policy": "hf-static", "batch_size": scheduler.batch_size,
                                "max_wait_s": scheduler.max_wait_s}
-        engine = HFStaticEngine(hf, scheduler.batch_size, scheduler.max_wait_s, opts["seed"], opts["block_size"],
+        engine = HFStaticEngine(hf, scheduler.batch_size, scheduler.max_wait_s, live.seed, live.block_size,
                                 opts["progress"])
         result = engine.run(requests, opts["token_times"])
     else:
-        kv_blocks = opts["kv_blocks"]
-        if kv_blocks is None:
-            kv_blocks = (blocks_from_memory(spec, opts["block_size"], dtype, dev, opts["memory_utilization"])
-                         if dev.type == "cuda" else default_kv_blocks(requests, opts["block_size"]))
-        swap_blocks = opts["swap_blocks"]
-        if swap_blocks is None:
-            swap_blocks = kv_blocks if scheduler.preempt == "swap" else 0
         try:
-            blocks = BlockManager(kv_blocks, opts["block_size"], swap_blocks)
-            policy = make_policy(scheduler, blocks)
+            live_engine = build_live_engine(live, requests, net=net, progress=opts["progress"])
         except ValueError as e:
             raise fail(e) from None
         config["scheduler"] = dataclasses.asdict(scheduler)
-        config["kv"] = {"num_blocks": kv_blocks, "block_size": opts["block_size"], "num_host_blocks": swap_blocks,
-                        "kv_bytes_per_token": kv_bytes_per_token(spec, dtype)}
-        runner = ModelRunner(net, blocks, seed=opts["seed"])
-        result = LiveEngine(runner, policy, progress=opts["progress"]).run(requests, opts["token_times"])
+        config["kv"] = kv_description(live_engine)
+        result = live_engine.run(requests, opts["token_times"])
     summary = summarize(result.requests, result.itl(), goodput=goodput or None,
                         num_preemptions=result.num_preemptions)
-    print_summary(summary, title=f"servesim run: {config['scheduler']['policy']} on {dev}")
+    print_summary(summary, title=f"servesim run: {config['scheduler']['policy']} on {where.device}")
     if opts["output"] is not None:
         out = opts["output"]
         write_run(out, config, result.requests, summary, [s.timeseries for s in result.replicas])
