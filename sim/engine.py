@@ -5,13 +5,13 @@ of that batch, and tells the policy the step is done: the same loop the live eng
 a wall clock. Ties at one timestamp are explicit: arrivals are scheduled with SimPy's URGENT
 priority, so a request arriving at time t is visible to every scheduling decision made at t.
 
-Fast path (the default; ``exact_steps=True`` turns it off): the policy keeps its own
-bookkeeping for it (``begin_fast``) and says how many steps can follow a batch before it could
-decide differently (``repeat_limit``): each next step decodes every sequence once more, so the
-loop prices them all at once - they differ only by context length - ends the run before the
-first arrival the policy (or a KV-reading router) would react to, and reports it with
-``on_steps_done``. Times are summed in the same order as step by step, so both modes give the
-same timestamps.
+Fast path (the default; ``exact_steps=True`` turns it off): where the policy has a fast
+variant (:mod:`sim.fastpath`), the replica runs that instead. It says how many steps can follow
+a batch before it could decide differently (``repeat_limit``): each next step decodes every
+sequence once more, so the loop prices them all at once - they differ only by context length -
+ends the run before the first arrival the policy (or a KV-reading router) would react to, and
+reports it with ``on_steps_done``. Times are summed in the same order as step by step, so both
+modes give the same timestamps.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from simpy.core import URGENT
 from sim.batch import StepShape
 from sim.cluster import Router
 from sim.cost import CostModel, decode_run_times
+from sim.fastpath import FastPolicy, fast_variant
 from sim.metrics import GapRecorder, TimeSeries, record_gaps
 from sim.policies.base import Policy
 from sim.request import Request
@@ -34,7 +35,11 @@ from sim.request import Request
 
 @dataclass
 class ReplicaStats:
+    fast_path: bool = False
+    """Whether the replica ran its policy's fast variant."""
     steps: int = 0
+    run_steps: int = 0
+    """Steps the fast path accounted in runs of more than one (0 when stepping every iteration)."""
     busy_s: float = 0.0
     itl: GapRecorder = field(default_factory=GapRecorder)
     timeseries: TimeSeries = field(default_factory=TimeSeries)
@@ -53,16 +58,20 @@ class ArrivalFeed:
 
 
 class Replica:
-    """One engine: a policy (with its KV blocks) priced by a cost model."""
+    """One engine: a policy (with its KV blocks) priced by a cost model.
+
+    With ``feed`` (the arrivals to watch) the replica runs the policy's fast variant when it has
+    one; without, it steps every iteration, as the live engine does."""
 
     def __init__(self, index: int, policy: Policy, cost: CostModel, feed: ArrivalFeed | None = None,
                  watch_arrivals: bool = False) -> None:
         self.index = index
-        self.policy = policy
+        self.fast: FastPolicy | None = fast_variant(policy) if feed is not None else None
+        self.policy: Policy = self.fast or policy
         self.cost = cost
-        self.stats = ReplicaStats()
+        self.stats = ReplicaStats(fast_path=self.fast is not None)
         self._wakeup: simpy.Event | None = None
-        self.feed = feed  # None: step every iteration
+        self.feed = feed
         self.watch_arrivals = watch_arrivals
 
     def admit(self, request: Request, now: float) -> None:
@@ -72,9 +81,8 @@ class Replica:
             self._wakeup.succeed()
 
     def loop(self, env: simpy.Environment):
-        policy, stats, cost = self.policy, self.stats, self.cost
+        policy, fast, stats, cost = self.policy, self.fast, self.stats, self.cost
         record, kv = stats.timeseries.record, policy.kv
-        fast = self.feed is not None and policy.begin_fast()
         while True:
             now = env.now
             batch = policy.schedule(now)
@@ -92,7 +100,7 @@ class Replica:
             step_s = cost.step_time(shape)
             if step_s < 0:
                 raise ValueError(f"cost model returned a negative step time {step_s}")
-            if not fast:
+            if fast is None:
                 # The reference: one step at a time, exactly as the live engine runs.
                 yield env.timeout(step_s)
                 last = [s.request.last_token_s for s in batch.seqs]
@@ -101,7 +109,7 @@ class Replica:
                 stats.busy_s += step_s
                 record_gaps(stats.itl, batch.seqs, last, env.now)
                 continue
-            repeats = policy.repeat_limit(batch)
+            repeats = fast.repeat_limit(batch)
             if repeats > 1 and now + step_s >= self._arrival_limit_s():
                 repeats = 1  # an arrival that matters comes during or at the end of the first step
             if repeats == 1:
@@ -113,13 +121,15 @@ class Replica:
                 yield env.timeout(_delay_until(now, ends_s[-1]))
                 for d in steps_s:
                     stats.busy_s += d
-            policy.on_steps_done(batch, ends_s, stats.itl)
+                if len(ends_s) > 1:
+                    stats.run_steps += len(ends_s)
+            fast.on_steps_done(batch, ends_s, stats.itl)
             stats.steps += len(ends_s)
 
     def _arrival_limit_s(self) -> float:
         """The next arrival that could change the next decision (inf when none can)."""
-        assert self.feed is not None
-        if self.watch_arrivals or self.policy.arrival_may_reschedule():
+        assert self.feed is not None and self.fast is not None
+        if self.watch_arrivals or self.fast.arrival_may_reschedule():
             return self.feed.next_s
         return math.inf
 

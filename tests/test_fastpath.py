@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from sim.cluster import make_router
 from sim.engine import simulate
+from sim.fastpath import fast_variant
 from sim.hardware import get_hardware
 from sim.kv import BlockManager
 from sim.metrics import summarize
 from sim.models import get_model
-from sim.policies import SchedulerConfig, make_policy
+from sim.policies import POLICIES, SchedulerConfig, make_policy
 from sim.request import Request
 from sim.roofline import RooflineCost
 from tests.test_policies import COMBOS
@@ -44,13 +45,20 @@ def run_both(rows, config, num_blocks, replicas=1, router="round_robin"):
     return out
 
 
+def took_fast_path(result) -> bool:
+    return all(s.fast_path for s in result.replicas)
+
+
 def close(a, b):
     if a is None or b is None:
         return a is b
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def assert_same(exact, fast):
+def assert_same(exact, fast, fast_path=True):
+    """Same answers; ``fast`` really ran the fast variants (``fast_path``) and ``exact`` did not."""
+    assert not any(s.fast_path or s.run_steps for s in exact.replicas)
+    assert took_fast_path(fast) == fast_path
     assert sum(s.steps for s in exact.replicas) == sum(s.steps for s in fast.replicas)
     assert exact.num_preemptions == fast.num_preemptions
     for a, b in zip(exact.requests, fast.requests, strict=True):
@@ -156,11 +164,32 @@ def test_fast_path_token_times_match(policy, rows, num_blocks):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=rows_strategy, budget=st.integers(min_value=1, max_value=5))
-def test_fast_path_with_a_budget_below_max_num_seqs(rows, budget):
-    """A token budget smaller than max_num_seqs (some decodes wait a step) still matches step mode."""
+def test_fast_path_steps_with_a_budget_below_max_num_seqs(rows, budget):
+    """A token budget smaller than max_num_seqs (some decodes wait a step) rules the fast path out:
+    the simulator steps every iteration, with step mode's answers."""
     config = SchedulerConfig(policy="chunked", max_num_seqs=6, token_budget=budget)
     exact, fast = run_both(rows, config, num_blocks=100)
-    assert_same(exact, fast)
+    assert_same(exact, fast, fast_path=False)
+    assert not any(s.run_steps for s in fast.replicas)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fast_path_runs_steps_at_once(policy):
+    """Every registered policy with a fast variant prices most decode steps in runs, with step mode's answers."""
+    from sim.workload import SyntheticWorkload
+
+    config = SchedulerConfig(policy=policy, max_num_seqs=64, batch_size=8, max_wait_s=0.2)
+    workload = SyntheticWorkload(arrival="poisson", rate=4.0, num_requests=60, prompt_dist="uniform:16:256",
+                                 output_dist="uniform:16:128", seed=3)
+    out = []
+    for exact in (True, False):
+        out.append(simulate(workload.generate(), lambda: make_policy(config, BlockManager(2000, 16)), COST,
+                            make_router("round_robin"), 1, exact_steps=exact))
+    exact, fast = out
+    assert_same(exact, fast, fast_path=fast_variant(make_policy(config, BlockManager(2000, 16))) is not None)
+    if took_fast_path(fast):
+        steps = fast.replicas[0].steps
+        assert fast.replicas[0].run_steps > steps // 2, (fast.replicas[0].run_steps, steps)
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,4 +1,4 @@
-"""The running requests in decode phase, advanced together (the simulator's fast path).
+"""Running decodes advanced in lockstep: the bookkeeping of the simulator's fast path.
 
 Under iteration-level scheduling every step decodes every running request that has sampled
 its last token, each one token further. So between two decisions nothing about a decoding
@@ -39,7 +39,7 @@ class _Member:
         self.next_block = 0  # the step at which the member next needs a KV block (0: never)
 
 
-class DecodeGroup:
+class LockstepDecodes:
     """Decoding requests that every step advances by one token, with their next events.
 
     Steps are numbered from 1 in the order the replica runs them; ``steps`` have ended, the

@@ -80,6 +80,7 @@ class Policy(Protocol):
     separate capability (:mod:`sim.fastpath`).
     """
 
+    config: SchedulerConfig
     kv: BlockManager
     rejected: list[Request]
 

@@ -24,9 +24,7 @@ import math
 
 from sim.batch import Batch, ScheduledSeq
 from sim.kv import BlockManager, blocks_for
-from sim.metrics import GapRecorder
 from sim.policies.base import SchedulerConfig, register
-from sim.policies.decode_group import DecodeGroup
 from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
 
@@ -47,10 +45,6 @@ class ContinuousPolicy:
         # Keep a few blocks free when admitting next to running requests, so that admission
         # does not force an immediate preemption at the next block boundary (vLLM: 1%).
         self.watermark_blocks = max(1, kv.num_blocks // 100)
-        # The simulator's fast path (begin_fast): running decodes live in a group, the other
-        # running requests in ``prefilling`` (queue order).
-        self.group: DecodeGroup | None = None
-        self.prefilling: list[Request] = []
 
     # -- Policy protocol ---------------------------------------------------------------------
     @property
@@ -91,33 +85,19 @@ class ContinuousPolicy:
         return None
 
     def schedule(self, now: float) -> Batch | None:
-        step = _Step(budget=self.config.token_budget)
-        if self.group is not None:
-            step.unlisted = len(self.group)  # every member decodes (unless preempted below)
-            step.budget_left -= step.unlisted
+        step = self._new_step()
         if self.config.order == "priority" and self.config.preempt != "off":
             self._preempt_for_priority(step)
-        if self.group is None:
-            self._schedule_running(step)
-        else:
-            self._schedule_group(step, self.group)
+        self._schedule_running(step)
         if not step.memory_preempted:
             self._schedule_swapped(step, now)
             if not self.swapped:
                 self._schedule_waiting(step, now)
-        if not step.seqs and not step.unlisted:
+        if step.empty:
             if step.swap_out:
                 raise RuntimeError("scheduler preempted requests but scheduled nothing")
             return None
-        return Batch(
-            seqs=step.seqs,
-            swap_out_blocks=step.swap_out,
-            swap_in_blocks=step.swap_in,
-            preempted=step.preempted,
-            block_size=self.kv.block_size,
-            group_decodes=step.unlisted,
-            group_context_tokens=self.group.context_tokens if step.unlisted and self.group is not None else 0,
-        )
+        return self._batch(step)
 
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:
         finished: list[Request] = []
@@ -135,135 +115,21 @@ class ContinuousPolicy:
             self.running = [r for r in self.running if r.status is Status.RUNNING]
         return finished
 
-    # -- the simulator's fast path -------------------------------------------------------------
-    def begin_fast(self) -> bool:
-        """Keep running decodes in a :class:`DecodeGroup` from now on: ``schedule`` leaves them
-        out of ``Batch.seqs`` and steps are reported with :meth:`on_steps_done`. Not possible
-        when a token budget below ``max_num_seqs`` can leave some decodes out of a step."""
-        budget = self.config.token_budget
-        if budget is not None and budget < self.config.max_num_seqs:
-            return False
-        assert not self.running, "begin_fast must come before the first step"
-        self.group = DecodeGroup(0 if self.config.preempt == "off" else self.kv.block_size)
-        return True
+    # -- building a step (the simulator's fast path, sim.fastpath, overrides these) ----------
+    def _new_step(self) -> StepDraft:
+        return StepDraft(self.config.token_budget)
 
-    def repeat_limit(self, batch: Batch) -> int:
-        """How many steps in a row can run from ``batch`` with no decision in between, each
-        next one decoding every sequence once more: until the first finish, or the first step
-        whose new KV blocks the pool cannot supply (a preemption). Prefill chunks may be in
-        the first step if each completes its prompt and nothing waits (a later step could
-        admit it). Arrivals are the executor's to watch, through :meth:`arrival_may_reschedule`."""
-        group = self.group
-        if group is None or batch.preempted or batch.swap_in_blocks or batch.swap_out_blocks:
-            return 1
-        if self.config.order == "priority" and self.config.preempt != "off" and self.waiting:
-            return 1  # a waiting request may become worth a priority preemption as blocks run out
-        n = group.steps_to_finish() if len(group) else math.inf
-        joining: list[tuple[int, int]] = []  # (tokens cached, blocks held) after the first step
-        if batch.seqs:
-            if self.waiting or self.swapped:
-                return 1  # the next step could admit one
-            listed_prefills = 0
-            for s in batch.seqs:
-                r = s.request
-                cached = s.start + s.num_new_tokens
-                if cached != r.num_tokens:
-                    return 1  # a prefill continues in the next step
-                listed_prefills += r in self.prefilling
-                n = min(n, r.output_tokens - r.num_generated)  # its last token's step
-                joining.append((cached, self.kv.blocks_held(r)))
-            if listed_prefills < len(self.prefilling):
-                return 1  # a prefill this step had no budget for runs in the next
-        if n <= 1:
-            return 1
-        return group.block_limited_steps(int(n), self.kv.num_free, joining)
-
-    def arrival_may_reschedule(self) -> bool:
-        """Whether an arrival now could change the next step (else a run may go past it)."""
-        if self.config.order == "priority" and self.config.preempt != "off":
-            return True
-        if len(self.running) >= self.config.max_num_seqs:
-            return False
-        # FCFS: a newcomer queues behind a head that cannot be admitted now, and nothing in a
-        # run of decodes frees a slot or a block for that head.
-        return not (self.config.order == "fcfs" and (self.waiting or self.swapped))
-
-    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
-        """Account ``len(ends_s)`` steps from ``batch`` (more than one only when
-        :meth:`repeat_limit` allowed it) and record their inter-token gaps in ``itl``."""
-        assert self.group is not None, "on_steps_done needs begin_fast"
-        if not batch.seqs:
-            return self._group_steps_done(ends_s, itl)
-        finished = self._group_steps_done(ends_s[:1], itl)
-        # Listed sequences after the group's: a request whose prompt completes joins the group
-        # for the steps after this one.
-        now, group, prefilling = ends_s[0], self.group, self.prefilling
-        for s in batch.seqs:
-            r = s.request
-            r.num_computed_tokens = s.start + s.num_new_tokens
-            if r.num_computed_tokens < r.num_tokens:
-                if r not in prefilling:
-                    bisect.insort(prefilling, r, key=self.key)
-                continue
-            prev = r.last_token_s
-            r.record_token(now)
-            if prev is not None:
-                itl.add(now - prev)
-            if r in prefilling:
-                prefilling.remove(r)
-            if r.is_done:
-                self._finish(r, now)
-                finished.append(r)
-            else:
-                group.join(r, self.key(r), self.kv.blocks_held(r))
-        if len(ends_s) > 1:
-            # The first step completed every prefill in it; the rest are the group's decodes.
-            assert not finished
-            finished = self._group_steps_done(ends_s[1:], itl)
-        return finished
-
-    def _group_steps_done(self, ends_s: list[float], itl: GapRecorder) -> list[Request]:
-        group, kv = self.group, self.kv
-        assert group is not None
-        # Blocks for the steps after the first: the first's were given when it was scheduled,
-        # and repeat_limit made sure the pool has these.
-        for m in group.needing_blocks(group.steps + len(ends_s)):
-            kv.append_block(m.request)
-        finished = group.advance(ends_s, itl)
-        for r in finished:
-            group.leave(r)
-            self._finish(r, ends_s[-1])
-        return finished
-
-    def _finish(self, r: Request, now: float) -> None:
-        r.status = Status.FINISHED
-        r.finish_s = now
-        self.kv.free(r)
-        self.running.remove(r)
-
-    def _schedule_group(self, step: _Step, group: DecodeGroup) -> None:
-        """Phase 2 with a decode group: every member decodes; only those whose cache outgrows
-        its blocks at this step need attention (in queue order, as the loop over running has)."""
-        t = group.steps + 1
-        kv = self.kv
-        for m in group.needing_blocks(t):
-            r = m.request
-            if r not in group:
-                continue  # preempted earlier in this step
-            if kv.num_free:
-                kv.append_block(r)  # what _make_room does when a block is free
-            else:
-                self._make_room(r, group.tokens_to_hold(m, t), step)
-        if self.prefilling:
-            self._schedule_prefills(step, list(self.prefilling))
+    def _batch(self, step: StepDraft) -> Batch:
+        return Batch(seqs=step.seqs, swap_out_blocks=step.swap_out, swap_in_blocks=step.swap_in,
+                     preempted=step.preempted, block_size=self.kv.block_size)
 
     # -- phases ------------------------------------------------------------------------------
-    def _chunk(self, request: Request, step: _Step) -> int:
+    def _chunk(self, request: Request, step: StepDraft) -> int:
         """Tokens ``request`` computes this step, or 0 when it must wait."""
         remaining = request.remaining_prefill
         if self.chunked_prefill:
             return int(min(remaining, step.budget_left))
-        if remaining <= step.budget_left or not (step.seqs or step.unlisted):
+        if remaining <= step.budget_left or step.empty:
             # A whole prefill that is larger than the budget (only a recompute can be) runs
             # alone in its own step rather than never.
             return remaining
@@ -274,7 +140,7 @@ class ContinuousPolicy:
             return request.max_tokens
         return request.num_computed_tokens + num_new
 
-    def _schedule_running(self, step: _Step) -> None:
+    def _schedule_running(self, step: StepDraft) -> None:
         # self.running is kept in queue order; decodes go first, then unfinished prefills.
         decodes: list[Request] = []
         prefills: list[Request] = []
@@ -296,7 +162,7 @@ class ContinuousPolicy:
             step.add(ScheduledSeq(r, r.num_computed_tokens, 1))
         self._schedule_prefills(step, prefills)
 
-    def _schedule_prefills(self, step: _Step, prefills: list[Request]) -> None:
+    def _schedule_prefills(self, step: StepDraft, prefills: list[Request]) -> None:
         for r in prefills:
             if r.status is not Status.RUNNING:
                 continue
@@ -310,7 +176,7 @@ class ContinuousPolicy:
                 continue
             step.add(ScheduledSeq(r, r.num_computed_tokens, n))
 
-    def _make_room(self, r: Request, hold: int, step: _Step) -> bool:
+    def _make_room(self, r: Request, hold: int, step: StepDraft) -> bool:
         """Allocate blocks for ``r`` to hold ``hold`` tokens, preempting victims if needed;
         False when ``r`` itself was preempted."""
         while not self.kv.can_allocate(r, hold):
@@ -324,7 +190,7 @@ class ContinuousPolicy:
         self.kv.allocate(r, hold)
         return True
 
-    def _schedule_swapped(self, step: _Step, now: float) -> None:
+    def _schedule_swapped(self, step: StepDraft, now: float) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs and step.budget_left > 0:
             r = self.swapped[0][1]
             n = self._chunk(r, step)
@@ -342,7 +208,7 @@ class ContinuousPolicy:
             self._run(r)
             step.add(ScheduledSeq(r, r.num_computed_tokens, n))
 
-    def _schedule_waiting(self, step: _Step, now: float) -> None:
+    def _schedule_waiting(self, step: StepDraft, now: float) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs and step.budget_left > 0:
             r = self.waiting[0][1]
             n = self._chunk(r, step)
@@ -363,7 +229,7 @@ class ContinuousPolicy:
         """Add ``request`` to the running list, which stays in queue order."""
         bisect.insort(self.running, request, key=self.key)
 
-    def _preempt_for_priority(self, step: _Step) -> None:
+    def _preempt_for_priority(self, step: StepDraft) -> None:
         if not self.waiting:
             return
         head = self.waiting[0][1]
@@ -381,7 +247,7 @@ class ContinuousPolicy:
             n = min(n, self.config.token_budget)
         return self.kv.can_allocate(request, self._tokens_to_hold(request, n))
 
-    def _victim(self, exclude: Request | None, step: _Step) -> Request | None:
+    def _victim(self, exclude: Request | None, step: StepDraft) -> Request | None:
         """The running request to preempt first: lowest priority, then latest arrival."""
         best: Request | None = None
         for r in self.running:
@@ -391,15 +257,8 @@ class ContinuousPolicy:
                 best = r
         return best
 
-    def _preempt(self, victim: Request, step: _Step) -> None:
+    def _preempt(self, victim: Request, step: StepDraft) -> None:
         self.running.remove(victim)
-        if self.group is not None:
-            if victim in self.group:
-                self.group.leave(victim)
-                step.unlisted -= 1
-                step.budget_left += 1
-            else:
-                self.prefilling.remove(victim)
         step.remove(victim)
         step.preempted.append(victim)
         victim.preemptions += 1
@@ -416,7 +275,7 @@ class ContinuousPolicy:
             heapq.heappush(self.waiting, (self.key(victim), victim))
 
 
-class _Step:
+class StepDraft:
     """The batch being built in one ``schedule`` call."""
 
     def __init__(self, budget: int | None) -> None:
@@ -427,7 +286,10 @@ class _Step:
         self.swapped_in: set[int] = set()
         self.preempted: list[Request] = []
         self.memory_preempted = False
-        self.unlisted = 0  # decodes of the policy's group, in the step but not in ``seqs``
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
 
     def add(self, seq: ScheduledSeq) -> None:
         self.seqs.append(seq)

@@ -14,7 +14,6 @@ from collections import deque
 
 from sim.batch import Batch, ScheduledSeq, StepShape, chunk_attention
 from sim.kv import BlockManager, blocks_for
-from sim.metrics import GapRecorder, record_run_gaps
 from sim.policies.base import SchedulerConfig, register
 from sim.queues import OrderKey, order_key
 from sim.request import Request, Status
@@ -112,48 +111,6 @@ class StaticPolicy:
         )
         return Batch(seqs=seqs, padding=padding, block_size=self.kv.block_size)
 
-    # -- the simulator's fast path -------------------------------------------------------------
-    def begin_fast(self) -> bool:
-        """Runs of whole batches need no bookkeeping beyond the step-by-step one."""
-        return True
-
-    def repeat_limit(self, batch: Batch) -> int:
-        """Decode steps left in the running batch: its shape only grows in context until the end."""
-        if self.steps_done == 0:
-            return 1
-        return max(r.output_tokens - r.num_generated for r in self.batch)
-
-    def arrival_may_reschedule(self) -> bool:
-        return not self.batch
-
-    def on_steps_done(self, batch: Batch, ends_s: list[float], itl: GapRecorder) -> list[Request]:
-        """Account ``len(ends_s)`` steps of ``batch`` and record their inter-token gaps in ``itl``."""
-        before = [(s.request.last_token_s, s.request.num_generated) for s in batch.seqs]
-        if len(ends_s) == 1:
-            finished = self.on_step_done(batch, ends_s[0])
-        else:
-            finished = self._on_run_done(batch, ends_s)
-        record_run_gaps(itl, batch.seqs, before, ends_s)
-        return finished
-
-    def _on_run_done(self, batch: Batch, ends_s: list[float]) -> list[Request]:
-        finished: list[Request] = []
-        for s in batch.seqs:
-            r = s.request
-            produced = min(len(ends_s), r.output_tokens - r.num_generated)
-            r.num_computed_tokens = s.start + produced
-            r.record_tokens(ends_s[:produced])
-            if r.is_done:
-                r.status = Status.FINISHED
-                r.finish_s = ends_s[produced - 1]
-                finished.append(r)
-        self.steps_done += len(ends_s)
-        if all(r.is_done for r in self.batch):
-            for r in self.batch:
-                self.kv.free(r)
-            self.batch = []
-        return finished
-
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:
         finished: list[Request] = []
         for s in batch.seqs:
@@ -165,8 +122,12 @@ class StaticPolicy:
                 r.finish_s = now
                 finished.append(r)
         self.steps_done += 1
+        self._end_batch_if_done()
+        return finished
+
+    def _end_batch_if_done(self) -> None:
+        """The batch leaves (and its blocks are freed) when its longest output is done."""
         if all(r.is_done for r in self.batch):
             for r in self.batch:
                 self.kv.free(r)
             self.batch = []
-        return finished
