@@ -122,7 +122,7 @@ class Batch:
 
     On the simulator's fast path a policy may leave its running decodes out of ``seqs`` and
     give only their number and summed context, ``group_decodes`` and ``group_context_tokens``
-    (see :class:`sim.policies.decode_group.DecodeGroup`); a batch for the live engine always
+    (see :mod:`sim.fastpath`); a batch for the live engine always
     lists every sequence.
     """
 
