@@ -1,65 +1,121 @@
 """A roofline cost model: a step takes as long as its compute or its memory traffic, whichever
-is larger at the hardware's sustained rates, plus a fixed per-step overhead and swap copies.
+is larger at the hardware's sustained rates, plus the GPUs' exchanges, a fixed per-step
+overhead and swap copies.
 
-For GPUs that were never calibrated. FLOPs: 2 per matmul parameter per token, plus attention
-(4 x layers x heads x head_dim per query-key pair: QK^T and PV). Bytes: the weights once per
-step, the KV cache every sequence attends to, and the KV written for the new tokens.
+For GPUs that were never calibrated. Per GPU of a replica (:mod:`sim.parallel`): FLOPs are 2
+per active matmul parameter per token over ``tp``, plus attention (QK^T and PV for every
+query-key pair over the heads of this GPU); bytes are the weights this GPU reads once per step
+(for an MoE, the shared part plus the distinct experts the step's tokens select), the KV cache
+every sequence attends to and the KV written for the new tokens. A sliding window caps what
+each sequence attends to. Pipeline stages run one after another (one batch in flight per
+replica, as the simulator's engine loop runs), so a step is every layer's time plus the
+hand-offs between stages.
+
+There is one formula, :meth:`RooflineCost._seconds`, evaluated on a float or on a numpy array
+of decode contexts, so that ``decode_run_times(shape, n)[j]`` is bit for bit ``step_time`` of
+the j-th step (the simulator's fast path relies on it).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
 from sim.batch import StepShape
 from sim.hardware import HardwareSpec
 from sim.models import ModelSpec, dtype_bytes
+from sim.parallel import (
+    Parallelism,
+    check_parallelism,
+    comm_s,
+    kv_values_per_token_layer_per_gpu,
+    weight_read_bytes_per_gpu,
+)
+
+Context = TypeVar("Context", float, np.ndarray)
+SHORT_RUN = 32
+"""Runs up to this many steps are priced by a Python loop: cheaper than numpy's call overhead."""
+
+
+class _Step(NamedTuple):
+    """What a step's price depends on besides its decode context (constant along a decode run)."""
+
+    prefill_pairs: float
+    prefill_read: float
+    decode_seqs: float
+    kv_write: float
+    window_read: float | None  # the most decode context a sliding window lets the decodes read
+    token_flops: float
+    weight_bytes: float
+    extra_s: float  # GPU-to-GPU exchanges and swap copies
+
+
+def _maximum(a: Context, b: Context) -> Context:
+    return np.maximum(a, b) if isinstance(a, np.ndarray) else max(a, b)
+
+
+def _minimum(a: Context, b: float) -> Context:
+    return np.minimum(a, b) if isinstance(a, np.ndarray) else min(a, b)
 
 
 class RooflineCost:
-    def __init__(self, model: ModelSpec, hardware: HardwareSpec, dtype: str = "bfloat16") -> None:
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec, dtype: str = "bfloat16",
+                 parallel: Parallelism | None = None) -> None:
         self.model = model
         self.hardware = hardware
-        self.weight_bytes = model.weight_bytes(dtype)
+        self.dtype = dtype
+        self.parallel = parallel or Parallelism()
+        check_parallelism(model, self.parallel)
+        tp = self.parallel.tp
         self.kv_bytes_per_token = model.kv_bytes_per_token(dtype)
-        self.flops_per_token = 2 * model.matmul_params
-        self.flops_per_attention_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        # Per GPU: its share of the heads' KV (copied heads count in full) over every stage.
+        self.kv_bytes_per_token_gpu = model.num_layers * kv_values_per_token_layer_per_gpu(model, tp) * dtype_bytes(
+            dtype)
+        self.flops_per_attention_pair = model.attention_flops_per_pair // tp  # tp divides the heads
         self.compute_rate = hardware.peak_flops * hardware.compute_efficiency
         self.memory_rate = hardware.memory_bytes_per_s * hardware.memory_efficiency
-        self._elem = dtype_bytes(dtype)
+        # 2 FLOPs per multiply-add; an integer on one GPU, as the single-GPU price always was
+        self._flops_per_token: float = 2 * model.matmul_params if tp == 1 else 2 * model.matmul_params / tp
+        self._dense_weight_bytes = None if model.moe else weight_read_bytes_per_gpu(model, self.parallel, dtype, 0)
+
+    def _step(self, shape: StepShape) -> _Step:
+        tokens = shape.num_tokens
+        attention, prefill_read = shape.attention_work, shape.prefill_context_tokens
+        window = self.model.sliding_window
+        if window is not None:
+            attention = min(attention, shape.prefill_tokens * window)
+            prefill_read = min(prefill_read, shape.prefill_seqs * window)
+        weight_bytes = self._dense_weight_bytes
+        if weight_bytes is None:
+            weight_bytes = weight_read_bytes_per_gpu(self.model, self.parallel, self.dtype, tokens)
+        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
+        extra_s = swap_bytes / self.hardware.host_link_bytes_per_s
+        if self.parallel.gpus > 1:
+            extra_s += comm_s(self.model, self.hardware, self.parallel, self.dtype, tokens)
+        return _Step(
+            prefill_pairs=attention, prefill_read=prefill_read, decode_seqs=shape.decode_seqs, kv_write=tokens,
+            window_read=None if window is None else shape.decode_seqs * window,
+            token_flops=self._flops_per_token * tokens, weight_bytes=weight_bytes, extra_s=extra_s,
+        )
+
+    def _seconds(self, s: _Step, decode_context: Context) -> Context:
+        """The roofline of one step whose decodes attend to ``decode_context`` cached tokens."""
+        decode_read = decode_context if s.window_read is None else _minimum(decode_context, s.window_read)
+        pairs = s.prefill_pairs + decode_read + s.decode_seqs
+        flops = s.token_flops + self.flops_per_attention_pair * pairs
+        memory_bytes = s.weight_bytes + self.kv_bytes_per_token_gpu * (decode_read + s.prefill_read + s.kv_write)
+        forward_s = _maximum(flops / self.compute_rate, memory_bytes / self.memory_rate)
+        return self.hardware.step_overhead_s + forward_s + s.extra_s
 
     def step_time(self, shape: StepShape) -> float:
-        pairs = shape.attention_work + shape.decode_context_tokens + shape.decode_seqs
-        flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
-        # Decodes read their whole cache; prefill chunks read the cache before them.
-        kv_read = shape.decode_context_tokens + shape.prefill_context_tokens
-        kv_write = shape.num_tokens
-        memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + kv_write)
-        forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
-        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
-        return self.hardware.step_overhead_s + forward_s + swap_bytes / self.hardware.host_link_bytes_per_s
+        return float(self._seconds(self._step(shape), float(shape.decode_context_tokens)))
 
     def decode_run_times(self, shape: StepShape, n: int) -> list[float] | np.ndarray:
         """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
-        same arithmetic in the same order, element-wise, so the values are identical. Short
-        runs (the common case) are cheaper as a plain loop than as numpy calls."""
-        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
-        swap_s = swap_bytes / self.hardware.host_link_bytes_per_s
-        if n <= 32:
-            token_flops, attention = self.flops_per_token * shape.num_tokens, shape.attention_work
-            seqs, prefill_context, kv_write = shape.decode_seqs, shape.prefill_context_tokens, shape.num_tokens
-            step_context = shape.decode_context_tokens
-            times = []
-            for _ in range(n):
-                flops = token_flops + self.flops_per_attention_pair * (attention + step_context + seqs)
-                memory_bytes = self.weight_bytes + self.kv_bytes_per_token * (step_context + prefill_context + kv_write)
-                forward_s = max(flops / self.compute_rate, memory_bytes / self.memory_rate)
-                times.append(self.hardware.step_overhead_s + forward_s + swap_s)
-                step_context += seqs
-            return times
-        context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
-        pairs = shape.attention_work + context + shape.decode_seqs
-        run_flops = self.flops_per_token * shape.num_tokens + self.flops_per_attention_pair * pairs
-        kv_read = context + shape.prefill_context_tokens
-        run_bytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read + shape.num_tokens)
-        return self.hardware.step_overhead_s + np.maximum(run_flops / self.compute_rate,
-                                                          run_bytes / self.memory_rate) + swap_s
+        same formula on every context, so the values are identical."""
+        s = self._step(shape)
+        context, seqs = float(shape.decode_context_tokens), float(shape.decode_seqs)
+        if n <= SHORT_RUN:
+            return [self._seconds(s, context + j * seqs) for j in range(n)]
+        return self._seconds(s, context + np.arange(n, dtype=np.float64) * seqs)
