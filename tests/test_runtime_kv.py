@@ -10,13 +10,13 @@ from runtime.kvcache import KVCache, blocks_from_memory, kv_bytes_per_token  # n
 from runtime.runner import ModelRunner  # noqa: E402
 from runtime.weights import load_model  # noqa: E402
 from sim.kv import BlockManager  # noqa: E402
-from sim.models import MODELS, get_model  # noqa: E402
+from sim.models import MODELS, RUNTIME_FAMILIES, get_model  # noqa: E402
 from sim.request import Request  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if m.family in RUNTIME_FAMILIES])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kv_bytes_per_token_is_the_formula(name, dtype):
     """2 x layers x kv_heads x head_dim x dtype bytes, as the simulator's ModelSpec counts it."""
