@@ -1,5 +1,6 @@
-"""Click options shared by the commands that take a workload and a scheduling policy, and the
-builders that turn them into config objects."""
+"""Click options shared by the commands that take a workload, a scheduling policy or a
+simulated cluster, and the builders that turn them into config objects (``SimConfig``,
+``SchedulerConfig``, workload descriptions). Commands import these; no command imports another."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from typing import Any
 
 import click
 
+from experiments.sweep import RateScaler
+from sim.cluster import ROUTERS
+from sim.config import KVConfig, SimConfig, parse_policy
+from sim.hardware import HARDWARE
+from sim.models import DTYPE_BYTES, MODELS
 from sim.policies import POLICIES, SchedulerConfig
 from sim.policies.base import PREEMPT_MODES
 from sim.queues import ORDERS
@@ -140,3 +146,130 @@ def workload_requests(workload: SyntheticWorkload | TraceReplay):
 def fail(e: Exception) -> click.ClickException:
     """A user-facing error from a validation error deeper down."""
     return click.ClickException(str(e))
+
+
+# -- the simulated cluster (simulate, compare, capacity) -----------------------------------------
+
+DEFAULT_MODEL = "qwen2.5-7b"
+
+
+def cluster_options(f: Callable) -> Callable:
+    return _apply([
+        click.option("--model", default=None, type=click.Choice(list(MODELS)),
+                     help=f"Model preset (roofline cost and KV bytes per token). Default: the profile's model, "
+                          f"else {DEFAULT_MODEL}."),
+        click.option("--hardware", default="h100-sxm", show_default=True, type=click.Choice(list(HARDWARE)),
+                     help="Hardware preset for the roofline cost model."),
+        click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(list(DTYPE_BYTES))),
+        click.option("--profile", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="Calibrated profile JSON: its cost model and KV capacity replace the roofline."),
+        click.option("--kv-blocks", default=None, type=click.IntRange(min=1), help="KV blocks per replica."),
+        click.option("--gpu-memory-gib", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Device memory per replica; KV gets 90% of it minus the weights."),
+        click.option("--block-size", default=16, show_default=True, type=click.IntRange(1, 1024),
+                     help="Tokens per KV block."),
+        click.option("--swap-gib", default=4.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Host memory for swapped-out KV blocks (with --preempt swap)."),
+        click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1)),
+        click.option("--router", default="round_robin", show_default=True, type=click.Choice(list(ROUTERS))),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of synthetic workloads."),
+    ])(f)
+
+
+def load_profile_opt(path: str | None) -> Any:
+    """The ``--profile`` file's profile (None without one); a bad file is a user-facing error."""
+    if path is None:
+        return None
+    from calibrate.profile import load_profile
+
+    try:
+        return load_profile(path)
+    except ValueError as e:
+        raise fail(e) from None
+
+
+def resolve_model(opts: dict[str, Any]) -> str:
+    """--model, else the profile's model when it is a preset, else the default."""
+    if opts.get("model"):
+        return opts["model"]
+    if opts.get("profile"):
+        profile = load_profile_opt(opts["profile"])
+        if profile is not None and profile.model in MODELS:
+            return profile.model
+    return DEFAULT_MODEL
+
+
+def build_sim_config(opts: dict[str, Any], policy: str | None = None, preempt: str | None = None) -> SimConfig:
+    try:
+        return SimConfig(
+            scheduler=build_scheduler(opts, policy, preempt),
+            kv=KVConfig(num_blocks=opts["kv_blocks"], gpu_memory_gib=opts["gpu_memory_gib"],
+                        block_size=opts["block_size"], swap_gib=opts["swap_gib"]),
+            model=resolve_model(opts), hardware=opts["hardware"], dtype=opts["dtype"], profile=opts["profile"],
+            replicas=opts["replicas"], router=opts["router"], token_times=opts.get("token_times", False),
+            exact_steps=opts.get("exact_steps", False),
+        )
+    except ValueError as e:
+        raise fail(e) from None
+
+
+# -- several policies at once (compare, capacity) ------------------------------------------------
+
+
+def without_options(*names: str) -> Callable[[Callable], Callable]:
+    """Drop the named click parameters that earlier decorators attached (e.g. ``--policy``
+    when the policies come from ``--policies``)."""
+
+    def deco(f: Callable) -> Callable:
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in names]  # type: ignore[attr-defined]
+        return f
+
+    return deco
+
+
+def policy_knob_options(f: Callable) -> Callable:
+    """The policy knobs of ``simulate`` (order, preemption, budgets) without ``--policy``."""
+    return without_options("policy")(policy_options(f))
+
+
+jobs_option = click.option("--jobs", "-j", default=None, type=click.IntRange(min=1),
+                           help="Simulations to run at once, one process each [default: one per core; 1 runs "
+                                "in this process].")
+
+
+def policy_configs(opts: dict[str, Any], policies: str) -> list[tuple[str, SimConfig]]:
+    """(label, config) per comma-separated policy spec: a registered policy, optionally
+    ``+recompute`` / ``+swap`` / ``+off`` (default: ``--preempt``)."""
+    specs = [s.strip() for s in policies.split(",") if s.strip()]
+    if not specs:
+        raise click.BadParameter("give at least one policy, e.g. static,continuous,chunked+swap",
+                                 param_hint="--policies")
+    if len(set(specs)) != len(specs):
+        raise click.BadParameter(f"{policies!r} names a policy twice", param_hint="--policies")
+    out = []
+    for spec in specs:
+        try:
+            name, preempt = parse_policy(spec)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--policies") from None
+        try:
+            out.append((spec, build_sim_config(opts, name, preempt)))
+        except click.ClickException as e:
+            raise click.BadParameter(f"{spec!r}: {e.message}", param_hint="--policies") from None
+    return out
+
+
+def policies_help(verb: str) -> str:
+    """``--policies``' help: the registered policies, each with an optional preemption mode."""
+    return (f"Policies to {verb}: {', '.join(sorted(POLICIES))}, each optionally "
+            f"{', '.join('+' + m for m in PREEMPT_MODES)} (preemption; default --preempt).")
+
+
+def base_workload(opts: dict[str, Any]) -> tuple[SyntheticWorkload | TraceReplay, RateScaler]:
+    """The workload of the options, as a description, and its rate scaler (which reads a trace
+    once: a bad file is a user-facing error before any simulation)."""
+    try:
+        workload = build_workload(opts, opts["seed"])
+        return workload, RateScaler(workload)
+    except ValueError as e:
+        raise fail(e) from None

@@ -1,5 +1,6 @@
 """The run directory every executor writes: config.json, requests.csv, summary.json,
-timeseries.csv (and tokens.csv when per-token times were kept).
+timeseries.csv (and tokens.csv when per-token times were kept; steps.csv for a live run), and
+the CSV of a sweep's runs.
 
 Floats are written with ``repr`` so that the same run gives byte-identical files.
 """
@@ -7,10 +8,13 @@ Floats are written with ``repr`` so that the same run gives byte-identical files
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from sim.batch import StepShape
 from sim.metrics import TimeSeries, request_latencies
 from sim.request import Request, Status
 
@@ -81,3 +85,32 @@ def write_run(out_dir: Path, config: dict, requests: Sequence[Request], summary:
     write_timeseries(out_dir / "timeseries.csv", series)
     if any(r.token_times_s is not None for r in requests):
         write_token_times(out_dir / "tokens.csv", requests)
+
+
+STEP_COLUMNS = [f.name for f in dataclasses.fields(StepShape)] + ["step_s"]
+
+
+def write_steps(path: Path, step_log: Sequence[tuple[StepShape, float]]) -> None:
+    """One row per live engine step: its StepShape fields and the measured seconds."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(STEP_COLUMNS)
+        for shape, step_s in step_log:
+            w.writerow([repr(getattr(shape, name)) for name in STEP_COLUMNS[:-1]] + [repr(step_s)])
+
+
+def write_runs_csv(path: Path, runs: Sequence[dict[str, Any]]) -> None:
+    """One row per run of a sweep, every scalar of its summary; floats as repr, so runs compare byte for byte."""
+    columns: list[str] = []
+    for r in runs:
+        columns += [k for k in r if k not in columns]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        for r in runs:
+            row = []
+            for k in columns:
+                v = r.get(k)
+                row.append("" if v is None else json.dumps(v, sort_keys=True) if isinstance(v, dict)
+                           else repr(v) if isinstance(v, float) else str(v))
+            w.writerow(row)

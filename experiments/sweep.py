@@ -13,21 +13,24 @@ length-only trace, whose arrivals are synthetic) it is the arrival process's ``r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 from sim.config import SimConfig
 from sim.metrics import DEFAULT_PERCENTILES
 from sim.request import Request
+from sim.saturation import config_saturation_rps
 from sim.simulation import run_simulation
 from sim.workload import SyntheticWorkload, TraceReplay
 
 Workload = SyntheticWorkload | TraceReplay
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ class RateScaler:
         return self.workload.rate
 
 
+def describe_workload(workload: Workload, scaler: RateScaler) -> dict[str, Any]:
+    """A workload description for a results file: its fields, its kind and its rates."""
+    kind = "trace" if isinstance(workload, TraceReplay) else "synthetic"
+    return dataclasses.asdict(workload) | {"kind": kind, "native_rate": scaler.native_rate,
+                                           "base_rate": scaler.base_rate}
+
+
 def requests_of(workload: Workload) -> list[Request]:
     """Fresh requests from a workload description."""
     if isinstance(workload, TraceReplay):
@@ -89,22 +99,30 @@ def requests_of(workload: Workload) -> list[Request]:
     return workload.generate()
 
 
+def _profile(spec: RunSpec) -> Any | None:
+    if spec.config.profile is None:
+        return None
+    from calibrate.profile import load_profile
+
+    return load_profile(spec.config.profile)
+
+
 def run_one(spec: RunSpec, goodput: dict[str, float] | None = None,
             percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
     """Simulate one spec; the vLLM-style summary plus ``policy``, ``rate`` and ``offered_rate``
     (the measured mean rate of the requests, req/s)."""
-    profile = None
-    if spec.config.profile is not None:
-        from calibrate.profile import load_profile
-
-        profile = load_profile(spec.config.profile)
     requests = requests_of(spec.workload)
     try:
         offered = mean_rate(requests)
     except ValueError:
         offered = None
-    summary = run_simulation(spec.config, requests, profile).summary(goodput or None, percentiles)
+    summary = run_simulation(spec.config, requests, _profile(spec)).summary(goodput or None, percentiles)
     return {"policy": spec.label, "rate": spec.rate, "offered_rate": offered, **summary}
+
+
+def saturation_one(spec: RunSpec) -> float:
+    """The spec's saturation throughput (:mod:`sim.saturation`: its requests all at t = 0), req/s."""
+    return config_saturation_rps(spec.config, requests_of(spec.workload), _profile(spec))
 
 
 def default_jobs() -> int:
@@ -137,22 +155,29 @@ class Sweep:
 
     def run(self, specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
         """The summary of every spec, in the order of ``specs``."""
+        return self._map(functools.partial(run_one, goodput=self.goodput, percentiles=self.percentiles), specs)
+
+    def saturation(self, specs: Sequence[RunSpec]) -> list[float]:
+        """The saturation throughput of every spec (req/s), in the order of ``specs``."""
+        return self._map(saturation_one, specs)
+
+    def _map(self, fn: Callable[[RunSpec], T], specs: Sequence[RunSpec]) -> list[T]:
         self._bar.total += len(specs)
         self._bar.refresh()
-        results: list[dict[str, Any]] = [{} for _ in specs]
         if self.jobs == 1 or len(specs) <= 1:
-            for i, spec in enumerate(specs):
-                results[i] = run_one(spec, self.goodput, self.percentiles)
+            results = []
+            for spec in specs:
+                results.append(fn(spec))
                 self._bar.update()
             return results
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.jobs)
-        futures = {self._pool.submit(run_one, spec, self.goodput, self.percentiles): i
-                   for i, spec in enumerate(specs)}
+        futures = {self._pool.submit(fn, spec): i for i, spec in enumerate(specs)}
+        done: dict[int, T] = {}
         for future in as_completed(futures):
-            results[futures[future]] = future.result()
+            done[futures[future]] = future.result()
             self._bar.update()
-        return results
+        return [done[i] for i in range(len(specs))]
 
 
 def run_sweep(specs: Sequence[RunSpec], goodput: dict[str, float] | None = None,

@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
 
-from experiments.commands.run import STEP_COLUMNS, run  # noqa: E402
+from experiments.commands.run import run  # noqa: E402
+from experiments.output import STEP_COLUMNS  # noqa: E402
 from runtime.engine import LiveEngine  # noqa: E402
 from runtime.runner import ModelRunner  # noqa: E402
 from runtime.weights import load_model  # noqa: E402

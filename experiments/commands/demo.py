@@ -124,7 +124,7 @@ def validation_markdown(v: Any) -> str:
 
 def comparison_markdown(cmp: dict[str, Any]) -> tuple[str, str, dict[str, float | None]]:
     """(throughput by rate, latency at the highest rate, ratio to static at saturation)."""
-    from experiments.commands.compare import ratio_to_static
+    from experiments.comparison import ratio_to_static
 
     labels, rates, runs = cmp["labels"], cmp["rates"], cmp["runs"]
     by_key = {(r["policy"], r["rate"]): r for r in runs}
@@ -367,7 +367,9 @@ def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_re
 
     # 3. comparison
     t0 = time.perf_counter()
-    from experiments.commands.compare import throughput_table, write_csv, write_plots
+    from experiments.output import write_runs_csv as write_csv
+    from experiments.plots import comparison_plots as write_plots
+    from experiments.report import throughput_table
 
     trace_path, clamped = scaled_trace(output / "azure-conv-tiny.csv", plan.prompt_scale, plan.output_scale, mp, mo,
                                        n_cmp)

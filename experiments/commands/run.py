@@ -9,7 +9,6 @@ Workload and policy flags are the simulator's (``servesim simulate``).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import platform
 from pathlib import Path
@@ -18,22 +17,12 @@ from typing import Any
 import click
 
 from experiments.options import build_scheduler, build_workload, fail, policy_options, workload_options
+from experiments.output import write_steps
 from runtime.config import CPU_MAX_KV_BLOCKS
-from sim.batch import StepShape
 from sim.metrics import parse_goodput, summarize
 from sim.models import MODELS, get_model
 
 DEFAULT_NUM_REQUESTS = 32
-STEP_COLUMNS = [f.name for f in dataclasses.fields(StepShape)] + ["step_s"]
-
-
-def write_steps(path: Path, step_log: list[tuple[StepShape, float]]) -> None:
-    """One row per engine step: its StepShape fields and the measured seconds."""
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(STEP_COLUMNS)
-        for shape, step_s in step_log:
-            w.writerow([repr(getattr(shape, name)) for name in STEP_COLUMNS[:-1]] + [repr(step_s)])
 
 
 @click.command("run")

@@ -139,7 +139,7 @@ def make_plan(profile_path: Path, model: str, device: str | None, dtype: str | N
 
 def write_outputs(out: Path, plan: Plan, v: Any) -> list[Path]:
     """validation.json, live/ and sim/ run directories, and the plots; returns the plots."""
-    from experiments.commands.run import write_steps
+    from experiments.output import write_steps
     from experiments.plots import cdf_plot, step_scatter
     from experiments.validation import PERCENTILES
     from sim.metrics import summarize
