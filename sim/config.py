@@ -14,21 +14,34 @@ from typing import Any
 from sim.cost import CostModel
 from sim.hardware import GIB, get_hardware
 from sim.kv import BlockManager
-from sim.models import dtype_bytes, get_model
+from sim.models import ModelSpec, dtype_bytes, get_model
+from sim.parallel import (
+    Parallelism,
+    activation_reserve_bytes,
+    check_parallelism,
+    kv_bytes_per_token_per_gpu,
+    weight_bytes_per_gpu,
+)
 from sim.policies.base import PREEMPT_MODES, SchedulerConfig
 
 DEFAULT_MEMORY_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization default
+DEFAULT_PROFILE_TOKENS = 8192
+"""Tokens of vLLM's memory-profiling forward when no token budget is set (v1's default
+``max_num_batched_tokens`` for online serving)."""
 
 
 @dataclass(frozen=True)
 class KVConfig:
-    """KV capacity: ``num_blocks`` directly, or derived from device memory minus the weights."""
+    """KV capacity: ``num_blocks`` directly, or derived from each GPU's memory by vLLM's rule
+(:func:`kv_blocks_from_memory`). ``gpu_memory_gib`` is per GPU; ``activation_reserve_gib``
+replaces the estimated peak activation memory with a measured one."""
 
     num_blocks: int | None = None
     gpu_memory_gib: float | None = None
     block_size: int = 16
     swap_gib: float = 0.0
     memory_utilization: float = DEFAULT_MEMORY_UTILIZATION
+    activation_reserve_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -41,19 +54,39 @@ class KVConfig:
             raise ValueError(f"swap_gib must be >= 0, got {self.swap_gib}")
         if not 0 < self.memory_utilization <= 1:
             raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if self.activation_reserve_gib is not None and self.activation_reserve_gib < 0:
+            raise ValueError(f"activation_reserve_gib must be >= 0, got {self.activation_reserve_gib}")
 
 
-def kv_blocks_from_memory(memory_bytes: float, weight_bytes: int, kv_bytes_per_token: int, block_size: int,
-                          utilization: float = DEFAULT_MEMORY_UTILIZATION) -> int:
-    """Blocks that fit in ``utilization`` of the device memory once the weights are loaded."""
-    free = memory_bytes * utilization - weight_bytes
+def kv_blocks_from_memory(memory_bytes: float, weight_bytes: float, kv_bytes_per_token: int, block_size: int,
+                          utilization: float = DEFAULT_MEMORY_UTILIZATION, reserve_bytes: float = 0.0,
+                          where: str = "") -> int:
+    """vLLM's rule, on one GPU: the KV cache gets ``utilization`` of the memory minus the
+    weights and the activation reserve; ``kv_bytes_per_token`` is what a token keeps on it."""
+    free = memory_bytes * utilization - weight_bytes - reserve_bytes
     blocks = int(free // (kv_bytes_per_token * block_size))
     if blocks < 1:
         raise ValueError(
-            f"no room for the KV cache: {memory_bytes * utilization / GIB:.2f} GiB usable, "
-            f"weights take {weight_bytes / GIB:.2f} GiB"
+            f"no room for the KV cache{where}: {memory_bytes * utilization / GIB:.2f} GiB usable per GPU, "
+            f"weights take {weight_bytes / GIB:.2f} GiB and activations {reserve_bytes / GIB:.2f} GiB "
+            "(more GPUs per replica: --tp, --pp)"
         )
     return blocks
+
+
+def kv_blocks_per_replica(model: ModelSpec, par: Parallelism, dtype: str, memory_bytes: float, kv: KVConfig,
+                          scheduler: SchedulerConfig) -> int:
+    """KV blocks of one replica of ``par.gpus`` GPUs of ``memory_bytes`` each: a block holds its
+    tokens on every GPU at once, so the GPU with the least room (the largest stage) sets them."""
+    if kv.activation_reserve_gib is not None:
+        reserve = kv.activation_reserve_gib * GIB
+    else:
+        reserve = activation_reserve_bytes(model, par, dtype, scheduler.token_budget or DEFAULT_PROFILE_TOKENS,
+                                           scheduler.max_num_seqs)
+    where = f" of {model.name} on tp {par.tp} x pp {par.pp}" if par.gpus > 1 else f" of {model.name}"
+    return kv_blocks_from_memory(memory_bytes, weight_bytes_per_gpu(model, par, dtype),
+                                 kv_bytes_per_token_per_gpu(model, par, dtype), kv.block_size,
+                                 kv.memory_utilization, reserve, where)
 
 
 @dataclass(frozen=True)
@@ -70,9 +103,14 @@ class SimConfig:
     router: str = "round_robin"
     token_times: bool = False
     exact_steps: bool = False
+    tp: int = 1
+    pp: int = 1
+    """GPUs per replica: tensor-parallel ranks x pipeline stages."""
 
     def __post_init__(self) -> None:
+        # A config.json path is read here: validating it means parsing it (a small file).
         model = get_model(self.model)
+        check_parallelism(model, self.parallel)
         if self.scheduler.max_model_len is None:
             # vLLM's default max_model_len: the model's positions.
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, max_model_len=model.max_position))
@@ -85,8 +123,17 @@ class SimConfig:
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
 
+    @property
+    def parallel(self) -> Parallelism:
+        return Parallelism(self.tp, self.pp)
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs of the whole cluster: tp x pp x replicas."""
+        return self.tp * self.pp * self.replicas
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"num_gpus": self.num_gpus}
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,9 @@ def resolve_capacity(config: SimConfig, profile: Any | None = None) -> Capacity:
     """KV blocks per replica: explicit, else from the profile, else from device memory."""
     kv = config.kv
     model = get_model(config.model)
+    if profile is not None and getattr(profile, "tp", 1) != config.tp:
+        raise ValueError(f"the profile was measured at tp {getattr(profile, 'tp', 1)}, the simulation asks for "
+                         f"tp {config.tp}: a profile prices steps on the GPUs it was measured on")
     kv_bytes = profile.kv_bytes_per_token if profile is not None else model.kv_bytes_per_token(config.dtype)
     if kv.num_blocks is not None:
         blocks = kv.num_blocks
@@ -114,8 +164,7 @@ def resolve_capacity(config: SimConfig, profile: Any | None = None) -> Capacity:
             memory = kv.gpu_memory_gib * GIB
         else:
             memory = get_hardware(config.hardware).memory_bytes
-        blocks = kv_blocks_from_memory(memory, model.weight_bytes(config.dtype), kv_bytes, kv.block_size,
-                                       kv.memory_utilization)
+        blocks = kv_blocks_per_replica(model, config.parallel, config.dtype, memory, kv, config.scheduler)
     host_blocks = int(kv.swap_gib * GIB // (kv_bytes * kv.block_size))
     return Capacity(blocks, host_blocks, kv.block_size, kv_bytes)
 
@@ -127,7 +176,7 @@ def build_cost(config: SimConfig, profile: Any | None = None) -> CostModel:
         return CalibratedCost(profile)
     from sim.roofline import RooflineCost
 
-    return RooflineCost(get_model(config.model), get_hardware(config.hardware), config.dtype)
+    return RooflineCost(get_model(config.model), get_hardware(config.hardware), config.dtype, config.parallel)
 
 
 def make_block_manager(capacity: Capacity) -> BlockManager:
