@@ -18,6 +18,8 @@ COMMANDS = {
     "profile": ("experiments.commands.profile", "profile"),
     "validate": ("experiments.commands.validate", "validate"),
     "demo": ("experiments.commands.demo", "demo"),
+    "serve": ("experiments.commands.serve", "serve"),
+    "bench": ("experiments.commands.bench", "bench"),
     "traces": ("experiments.commands.traces", "traces"),
     "models": ("experiments.commands.presets", "models"),
     "hardware": ("experiments.commands.presets", "hardware"),

@@ -14,9 +14,11 @@ preparation, swaps, the forward pass and sampling - everything a cost model's st
 from __future__ import annotations
 
 import itertools
+import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -35,6 +37,47 @@ class LiveResult(SimResult):
     step_log: list[tuple[StepShape, float]] = field(default_factory=list)
     outputs: dict[int, list[int]] = field(default_factory=dict)
     """The token ids each request generated."""
+
+
+@dataclass
+class Arrival:
+    """A request handed to a serving engine (:meth:`LiveEngine.serve`) from another thread.
+
+    ``request.arrival_s`` is on the engine's clock (seconds since the ``t0`` given to ``serve``)."""
+
+    request: Request
+    prompt_ids: list[int]
+    stop_ids: frozenset[int] = frozenset()
+    """Token ids that end the request early when sampled (EOS, unless the client ignores it)."""
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a request at its next token (its client went away)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What a server reports about its engine, published after every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    num_preemptions: int = 0
+    steps: int = 0
+
+
+class ServeListener(Protocol):
+    """Called on the engine thread by :meth:`LiveEngine.serve`; must not block."""
+
+    def on_rejected(self, request: Request) -> None:
+        """``request`` can never run (its ``reject_reason`` says why)."""
+
+    def on_step(self, end_s: float, tokens: dict[int, int], finished: list[Request], state: EngineState) -> None:
+        """A step ended at ``end_s``: each request in ``tokens`` got that one new token;
+        ``finished`` are done (their last token is in ``tokens``)."""
 
 
 class LiveEngine:
@@ -114,3 +157,72 @@ class LiveEngine:
         bar.close()
         return LiveResult(requests=list(requests), replicas=[stats], num_preemptions=policy.num_preemptions,
                           step_log=step_log, outputs={r.id: runner.outputs.get(r.id, []) for r in requests})
+
+    def serve(self, inbox: queue.Queue[Arrival | Cancel | None], listener: ServeListener, t0: float) -> ReplicaStats:
+        """Serve requests as other threads hand them in through ``inbox``, until it yields ``None``.
+
+        The same loop as :meth:`run`, open-ended: arrivals are drained before every
+        ``schedule``, and the engine blocks on the inbox when it has nothing to run. A request
+        whose sampled token is one of its ``stop_ids``, or that was cancelled, finishes at that
+        token: its ``output_tokens`` is cut to what it has, which the policies read as done.
+        Steps are not logged (a server runs for hours); the statistics count them."""
+        policy, runner, stats = self.policy, self.runner, ReplicaStats()
+        stops: dict[int, frozenset[int]] = {}
+        cancelled: set[int] = set()
+
+        def admit(item: Arrival | Cancel) -> None:
+            if isinstance(item, Cancel):
+                if item.request_id in stops:
+                    cancelled.add(item.request_id)
+                return
+            r = item.request
+            runner.set_prompt(r.id, item.prompt_ids)
+            policy.add(r, max(r.arrival_s, self.clock() - t0))
+            if r.status is Status.REJECTED:
+                runner.release(r.id)
+                listener.on_rejected(r)
+            else:
+                stops[r.id] = item.stop_ids
+
+        step_start: float | None = None
+        while True:
+            item: Arrival | Cancel | None
+            while True:
+                try:
+                    item = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    return stats
+                admit(item)
+            t = self.clock() - t0
+            start = t if step_start is None else step_start
+            batch = policy.schedule(t)
+            if batch is None:
+                step_start = None
+                wake_s = policy.next_wakeup_s(t)
+                try:
+                    item = inbox.get(timeout=None if wake_s is None else max(0.0, wake_s - (self.clock() - t0)))
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return stats
+                admit(item)
+                continue
+            tokens = runner.execute(batch)
+            end = self.clock() - t0
+            for s in batch.seqs:
+                r = s.request
+                tok = tokens.get(r.id)
+                if tok is not None and (tok in stops.get(r.id, ()) or r.id in cancelled):
+                    r.output_tokens = r.num_generated + 1  # this token is its last
+            finished = policy.on_step_done(batch, end)
+            for r in finished:
+                runner.release(r.id)
+                stops.pop(r.id, None)
+                cancelled.discard(r.id)
+            stats.steps += 1
+            stats.busy_s += end - start
+            listener.on_step(end, tokens, finished, EngineState(
+                policy.num_running, policy.num_waiting, policy.kv.num_used, policy.num_preemptions, stats.steps))
+            step_start = end

@@ -142,6 +142,11 @@ class ModelRunner:
         """The ids of ``request``'s ``num_tokens`` tokens: prompt, then the outputs sampled so far."""
         return list(self._ids(request)[: request.num_tokens])
 
+    def set_prompt(self, request_id: int, token_ids: list[int]) -> None:
+        """Give a request real prompt ids (a server's client sent them) instead of synthetic ones;
+        call it before the request's first step."""
+        self._tokens[request_id] = list(token_ids)
+
     def release(self, request_id: int) -> None:
         """Forget a request's tokens and outputs (calibration reuses fake requests)."""
         self._tokens.pop(request_id, None)
