@@ -155,9 +155,10 @@ DEFAULT_MODEL = "qwen2.5-7b"
 
 def cluster_options(f: Callable) -> Callable:
     return _apply([
-        click.option("--model", default=None, type=click.Choice(list(MODELS)),
-                     help=f"Model preset (roofline cost and KV bytes per token). Default: the profile's model, "
-                          f"else {DEFAULT_MODEL}."),
+        click.option("--model", default=None, metavar="NAME|PATH",
+                     help=f"Model preset ({', '.join(MODELS)}) or a Hugging Face config.json (or a checkpoint "
+                          f"directory holding one): roofline cost, weights and KV bytes per token. Default: the "
+                          f"profile's model, else {DEFAULT_MODEL}."),
         click.option("--hardware", default="h100-sxm", show_default=True, type=click.Choice(list(HARDWARE)),
                      help="Hardware preset for the roofline cost model."),
         click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(list(DTYPE_BYTES))),
@@ -165,12 +166,17 @@ def cluster_options(f: Callable) -> Callable:
                      help="Calibrated profile JSON: its cost model and KV capacity replace the roofline."),
         click.option("--kv-blocks", default=None, type=click.IntRange(min=1), help="KV blocks per replica."),
         click.option("--gpu-memory-gib", default=None, type=click.FloatRange(min=0, min_open=True),
-                     help="Device memory per replica; KV gets 90% of it minus the weights."),
+                     help="Memory per GPU (default: the hardware preset's); KV gets 90% of it minus the weights "
+                          "and the activation reserve, on every GPU of a replica."),
         click.option("--block-size", default=16, show_default=True, type=click.IntRange(1, 1024),
                      help="Tokens per KV block."),
         click.option("--swap-gib", default=4.0, show_default=True, type=click.FloatRange(min=0),
                      help="Host memory for swapped-out KV blocks (with --preempt swap)."),
         click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1)),
+        click.option("--tp", default=None, type=click.IntRange(min=1),
+                     help="Tensor-parallel GPUs per replica [default: the profile's tp, else 1]."),
+        click.option("--pp", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Pipeline stages per replica (each of --tp GPUs)."),
         click.option("--router", default="round_robin", show_default=True, type=click.Choice(list(ROUTERS))),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of synthetic workloads."),
     ])(f)
@@ -199,6 +205,14 @@ def resolve_model(opts: dict[str, Any]) -> str:
     return DEFAULT_MODEL
 
 
+def resolve_tp(opts: dict[str, Any]) -> int:
+    """--tp, else the tp the profile was measured at, else 1."""
+    if opts.get("tp"):
+        return opts["tp"]
+    profile = load_profile_opt(opts.get("profile"))
+    return getattr(profile, "tp", 1) if profile is not None else 1
+
+
 def build_sim_config(opts: dict[str, Any], policy: str | None = None, preempt: str | None = None) -> SimConfig:
     try:
         return SimConfig(
@@ -207,7 +221,7 @@ def build_sim_config(opts: dict[str, Any], policy: str | None = None, preempt: s
                         block_size=opts["block_size"], swap_gib=opts["swap_gib"]),
             model=resolve_model(opts), hardware=opts["hardware"], dtype=opts["dtype"], profile=opts["profile"],
             replicas=opts["replicas"], router=opts["router"], token_times=opts.get("token_times", False),
-            exact_steps=opts.get("exact_steps", False),
+            exact_steps=opts.get("exact_steps", False), tp=resolve_tp(opts), pp=opts.get("pp") or 1,
         )
     except ValueError as e:
         raise fail(e) from None

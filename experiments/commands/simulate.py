@@ -57,7 +57,8 @@ def simulate(**opts: Any) -> None:
     wall_s = time.perf_counter() - t0
     summary = run.summary(goodput or None, percentiles)
     print_summary(summary, title=f"servesim simulate: {config.scheduler.policy}")
-    click.echo(f"simulated {len(requests)} requests in {wall_s:.2f} s wall "
+    click.echo(f"simulated {len(requests)} requests on {config.num_gpus} GPU(s) (tp {config.tp} x pp {config.pp} "
+               f"x {config.replicas} replicas) in {wall_s:.2f} s wall "
                f"({sum(s.steps for s in run.result.replicas)} engine steps)")
     if opts["output"]:
         out = Path(opts["output"])
