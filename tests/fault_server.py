@@ -28,6 +28,8 @@ HTTP_500, HANG, DROP, CUT, ERROR_EVENT, GARBAGE, PAIRS, SHORT = 11, 12, 13, 14, 
 TOKEN_GAP_S = 0.002
 HANG_S = 20.0
 MODEL = "fault-model"
+SERVED = web.AppKey("served", list)
+"""One entry per normal completion streamed to its end (tests wait on it)."""
 
 
 def _chunk(text: str, usage: int | None = None, finish: str | None = None) -> bytes:
@@ -84,11 +86,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await resp.write(_chunk("x", finish="length" if i == total - 1 else None))
         await resp.write(f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': total}})}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")
+    request.app[SERVED].append(n)
     return resp
 
 
 def app() -> web.Application:
     a = web.Application()
+    a[SERVED] = []
     a.router.add_get("/v1/models", models)
     a.router.add_post("/v1/completions", completions)
     return a
@@ -103,10 +107,11 @@ class FaultServer:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._runner: web.AppRunner | None = None
+        self.app = app()
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._runner = web.AppRunner(app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         self._loop.run_until_complete(site.start())
@@ -126,6 +131,10 @@ class FaultServer:
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    @property
+    def served(self) -> int:
+        return len(self.app[SERVED])
 
     @property
     def url(self) -> str:

@@ -16,7 +16,7 @@ from experiments.options import build_workload, fail, workload_options, workload
 from sim.metrics import parse_goodput, summarize
 from sim.request import Status
 
-DEFAULT_NUM_REQUESTS = 32  # a real server takes real time, as `servesim run`
+DEFAULT_NUM_REQUESTS = 32  # unless -n or --duration: as `servesim run`
 
 
 @click.command("bench")
@@ -52,12 +52,14 @@ def bench(**opts: Any) -> None:
     from experiments.output import write_run
     from experiments.report import print_summary
 
-    if opts["num_requests"] is None and opts["duration_s"] is None:
-        opts["num_requests"] = DEFAULT_NUM_REQUESTS
     try:
         goodput = parse_goodput(opts["goodput"])
         percentiles = [float(p) for p in opts["percentiles"].split(",") if p.strip()]
         requests, workload_info = workload_requests(build_workload(opts, opts["seed"]))
+        if opts["num_requests"] is None and opts["duration_s"] is None and len(requests) > DEFAULT_NUM_REQUESTS:
+            # A real server takes real time: the first requests only, unless -n says otherwise.
+            opts["num_requests"] = DEFAULT_NUM_REQUESTS
+            requests, workload_info = workload_requests(build_workload(opts, opts["seed"]))
         config = BenchConfig(url=opts["url"], model=opts["model"], timeout_s=opts["timeout_s"],
                              max_concurrency=opts["max_concurrency"], seed=opts["seed"],
                              vocab_size=opts["vocab_size"], ignore_eos=opts["ignore_eos"],
