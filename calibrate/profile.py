@@ -4,11 +4,12 @@ A profile holds where it was measured, the fitted :class:`~calibrate.fit.StepMod
 and the raw samples it was fitted on (so it can be refitted or audited). Every top-level field
 is required; those marked nullable may be ``null``. ``schema_version`` changes whenever a field
 is added, removed or changes meaning (version 2 added the ``decode_batch_context`` feature to
-``fit``). Schema version 2::
+``fit``; version 3 added ``tp``; version 2 files are still read, as tp 1). Schema version 3::
 
-    schema_version        2
+    schema_version        3
     created_utc           ISO 8601 date, UTC
     source                "measured" (servesim calibrate) | "csv:PATH" (servesim calibrate fit)
+    tp                    tensor-parallel GPUs the steps ran on (their cost is the whole step on all of them)
     device                e.g. "NVIDIA H100 80GB HBM3", "cpu: AMD EPYC (2 logical cores)"
     driver_version        NVIDIA driver (nullable: CPU, CSV fits)
     cuda_version          torch's CUDA (nullable)
@@ -53,7 +54,9 @@ from calibrate.fit import FEATURES, StepModel
 from calibrate.samples import CSV_COLUMNS, Sample, SamplesError
 from sim.batch import StepShape
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+OLDER_SCHEMA_VERSIONS = (2,)
+"""Versions still read: version 2 lacks only ``tp`` (its steps ran on one GPU)."""
 DEFAULT_HOST_LINK_BYTES_PER_S = 25e9
 """Used when the host link was not measured: pinned copies over PCIe Gen4 x16 sustain ~25 GB/s."""
 
@@ -102,6 +105,8 @@ class Profile:
     """Grid points left out because running them ran the device out of memory."""
     live: dict | None = None
     """The live phase (:mod:`calibrate.live`): its workload and runs; None when skipped."""
+    tp: int = 1
+    """Tensor-parallel GPUs the measured engine ran each step on."""
 
     def to_dict(self) -> dict:
         return {
@@ -109,6 +114,7 @@ class Profile:
             "created_utc": self.created_utc,
             "source": self.source,
             "device": self.device,
+            "tp": self.tp,
             "driver_version": self.driver_version,
             "cuda_version": self.cuda_version,
             "torch_version": self.torch_version,
@@ -188,9 +194,19 @@ def profile_from_dict(data: object, path: Path) -> Profile:
         raise ProfileError(f"{path}: not a profile (the top level must be a JSON object)")
     if "schema_version" not in data:
         raise ProfileError(f"{path}: field 'schema_version' is missing (not a servesim profile?)")
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise ProfileError(f"{path}: field 'schema_version' is {data['schema_version']!r}; this servesim reads "
-                           f"version {SCHEMA_VERSION} (recalibrate, or refit with `servesim calibrate fit`)")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION and version not in OLDER_SCHEMA_VERSIONS:
+        raise ProfileError(f"{path}: field 'schema_version' is {version!r}; this servesim reads "
+                           f"version {SCHEMA_VERSION} (and {', '.join(map(str, OLDER_SCHEMA_VERSIONS))}; "
+                           "recalibrate, or refit with `servesim calibrate fit`)")
+    tp = 1
+    if version >= 3:
+        if "tp" not in data:
+            raise ProfileError(f"{path}: field 'tp' is missing")
+        _check(path, "tp", data["tp"], _INT, False)
+        if data["tp"] < 1:
+            raise ProfileError(f"{path}: field 'tp' must be >= 1, got {data['tp']}")
+        tp = data["tp"]
     for name, (types, nullable) in _FIELDS.items():
         if name not in data:
             raise ProfileError(f"{path}: field {name!r} is missing")
@@ -204,7 +220,7 @@ def profile_from_dict(data: object, path: Path) -> Profile:
     live = data.get("live")
     if live is not None and not isinstance(live, dict):
         raise ProfileError(f"{path}: field 'live' must be an object or null, got {type(live).__name__}")
-    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, live=live, **values)
+    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, live=live, tp=tp, **values)
 
 
 def _samples_from_dict(table: dict, path: Path) -> list[Sample]:

@@ -11,11 +11,16 @@ import click
 from calibrate.fit import FEATURES, error_table, format_error_table
 from calibrate.profile import CalibratedCost, Profile, ProfileError, load_profile
 from calibrate.samples import INT_COLUMNS, SWAP_COLUMNS, read_shapes
+from calibrate.splitwise import is_splitwise, read_splitwise
+from sim.batch import StepShape
+from sim.cost import CostModel
+from sim.hardware import HARDWARE, get_hardware
+from sim.models import DTYPE_BYTES
 
 PROVENANCE = ("source", "created_utc", "device", "driver_version", "cuda_version", "torch_version",
               "transformers_version", "torch_threads", "model", "weights", "dtype", "block_size",
               "kv_bytes_per_token", "kv_memory_bytes", "num_kv_blocks", "host_link_bytes_per_s",
-              "host_link_source", "grid", "seed", "calibration_s", "interrupted", "out_of_memory_steps")
+              "host_link_source", "grid", "seed", "calibration_s", "interrupted", "out_of_memory_steps", "tp")
 
 
 def _load(path: Path) -> Profile:
@@ -88,19 +93,58 @@ def write_scatter(prof: Profile, path: Path) -> None:
 
 
 @profile.command("predict")
-@click.argument("path", metavar="PROFILE", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("samples_path", metavar="SAMPLES.csv", type=click.Path(dir_okay=False, path_type=Path))
-def predict(path: Path, samples_path: Path) -> None:
-    """Print the predicted step_ms of every row of SAMPLES.csv, as CSV.
+@click.argument("paths", nargs=-1, required=True, metavar="[PROFILE] STEPS.csv",
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--roofline", is_flag=True,
+              help="Price with the uncalibrated roofline of --model on --hardware (at --tp x --pp) instead of "
+                   "a profile.")
+@click.option("--model", default=None, metavar="NAME|PATH",
+              help="The roofline's model: a preset or a config.json. Also picks a splitwise file's rows "
+                   "[default: the profile's model].")
+@click.option("--hardware", default=None, type=click.Choice(list(HARDWARE)), help="The roofline's GPU.")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(list(DTYPE_BYTES)))
+@click.option("--tp", default=None, type=click.IntRange(min=1),
+              help="Tensor-parallel GPUs of the roofline; picks a splitwise file's rows [default: the profile's "
+                   "tp, else 1].")
+@click.option("--pp", default=1, show_default=True, type=click.IntRange(min=1), help="Pipeline stages (roofline).")
+def predict(paths: tuple[Path, ...], roofline: bool, model: str | None, hardware: str | None, dtype: str,
+            tp: int | None, pp: int) -> None:
+    """Print the predicted step_ms of every step of STEPS.csv, as CSV: by PROFILE, or by the
+    roofline with --roofline (then no PROFILE).
 
-    Rows need the shape columns of `calibrate fit` (step_ms optional; swap_in_tokens and
-    swap_out_tokens priced when present). When step_ms is there, the error is printed too and
-    summarised on stderr.
+    STEPS.csv is a samples file (the shape columns of `calibrate fit`; step_ms optional;
+    swap_in_tokens and swap_out_tokens priced when present), or splitwise-sim's performance-model
+    CSV (a prefill and a mean decode step per row; --model and --tp pick its rows). When step_ms
+    is there, the error is printed too and summarised per kind of step on stderr.
     """
-    prof = _load(path)
-    cost = CalibratedCost(prof)
+    if roofline:
+        if len(paths) != 1:
+            raise click.UsageError("with --roofline give only STEPS.csv (no PROFILE)")
+        if model is None or hardware is None:
+            raise click.UsageError("--roofline needs --model and --hardware")
+        samples_path, source = paths[0], f"the roofline of {model} on {hardware} at tp {tp or 1} x pp {pp}"
+        try:
+            from sim.models import get_model
+            from sim.parallel import Parallelism
+            from sim.roofline import RooflineCost
+
+            cost: CostModel = RooflineCost(get_model(model), get_hardware(hardware), dtype, Parallelism(tp or 1, pp))
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        if len(paths) != 2:
+            raise click.UsageError("give PROFILE and STEPS.csv (or --roofline and STEPS.csv)")
+        prof = _load(paths[0])
+        samples_path, source = paths[1], "the profile"
+        model = model or prof.model
+        tp = tp or prof.tp
+        cost = CalibratedCost(prof)
     try:
-        rows = read_shapes(samples_path)
+        rows: list[tuple[StepShape, float | None]]
+        if is_splitwise(samples_path):
+            rows = list(read_splitwise(samples_path, model, tp))
+        else:
+            rows = read_shapes(samples_path)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     measured = any(ms is not None for _, ms in rows)
@@ -111,7 +155,7 @@ def predict(path: Path, samples_path: Path) -> None:
         try:
             pred = cost.step_time(shape) * 1000
         except ValueError as e:
-            raise click.ClickException(f"{path}: {e}") from None
+            raise click.ClickException(f"{paths[0]}: {e}") from None
         extra = []
         if measured:
             extra = ["", ""] if ms is None else [repr(ms), f"{abs(pred - ms) / ms * 100:.3f}"]
@@ -121,7 +165,6 @@ def predict(path: Path, samples_path: Path) -> None:
     if pairs:
         from calibrate.samples import Sample
 
-        samples = [Sample(sh.prefill_tokens, sh.prefill_seqs, sh.prefill_context_tokens, sh.decode_seqs,
-                          sh.decode_context_tokens, ms) for sh, ms, _ in pairs]
-        click.echo("absolute % error of the profile on these steps:", err=True)
+        samples = [Sample(sh, ms) for sh, ms, _ in pairs]
+        click.echo(f"absolute % error of {source} on these steps:", err=True)
         click.echo(format_error_table(error_table(samples, [p for _, _, p in pairs])), err=True)
