@@ -11,11 +11,21 @@ models and tensor-parallel degrees; a reader picks one of each.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from sim.batch import StepShape
 
 COLUMNS = ("model", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time", "tensor_parallel")
+
+
+@dataclass(frozen=True)
+class SplitwiseSteps:
+    """The steps of one model at one tensor-parallel degree: (shape, step_ms) pairs."""
+
+    model: str
+    tp: int
+    steps: list[tuple[StepShape, float]]
 
 
 def is_splitwise(path: str | Path) -> bool:
@@ -33,8 +43,8 @@ def _key(name: str) -> str:
     return "".join(c for c in name.lower() if c.isalnum())
 
 
-def read_splitwise(path: str | Path, model: str | None, tp: int | None) -> list[tuple[StepShape, float]]:
-    """(shape, step_ms) of the prefill and decode step of every row of ``model`` at ``tp``.
+def read_splitwise(path: str | Path, model: str | None, tp: int | None) -> SplitwiseSteps:
+    """The prefill and decode step of every row of ``model`` at ``tp``.
 
     ``model`` matches the file's names without case or separators; None takes the file's only
     model. ``tp`` None takes the file's only tensor-parallel degree for that model. Errors name
@@ -83,4 +93,4 @@ def read_splitwise(path: str | Path, model: str | None, tp: int | None) -> list[
         out.append((StepShape(prefill_tokens=batch * prompt, prefill_seqs=batch), values["prompt_time"]))
         out.append((StepShape(decode_seqs=batch, decode_context_tokens=batch * (prompt + generated // 2)),
                     values["token_time"]))
-    return out
+    return SplitwiseSteps(chosen, tp, out)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from sim.models import MODELS
+from sim.models import MODELS, get_model
 
 
 def _print_errors(errors: dict) -> None:
@@ -102,41 +103,57 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
 
 @calibrate.command("fit")
 @click.argument("samples_path", metavar="SAMPLES.csv", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--model", type=click.Choice(sorted(MODELS)), default=None,
-              help="The model the steps ran (sets kv_bytes_per_token, which swap pricing needs).")
+@click.option("--model", default=None, metavar="NAME|PATH",
+              help="The model the steps ran, a preset or a config.json (sets kv_bytes_per_token, which swap "
+                   "pricing needs; picks a splitwise file's rows).")
+@click.option("--tp", type=click.IntRange(min=1), default=None,
+              help="Tensor-parallel GPUs the steps ran on, recorded in the profile; picks a splitwise file's "
+                   "rows [default: 1, or the file's only degree].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
               show_default=True)
 @click.option("--block-size", type=int, default=16, show_default=True)
 @click.option("--device-name", default="unknown", show_default=True, help="Where the steps were measured.")
 @click.option("--kv-memory-gib", type=click.FloatRange(0, min_open=True), default=None,
-              help="KV pool memory of the measured engine (sets num_kv_blocks with --model).")
+              help="KV pool memory of the measured engine, all its GPUs together (sets num_kv_blocks with "
+                   "--model).")
 @click.option("--host-link-gbps", type=click.FloatRange(0, min_open=True), default=None,
               help="Host<->device copy rate for swaps, GB/s (default 25, PCIe Gen4 x16).")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Cross-validation folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Cross-validation split.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def fit_command(samples_path: Path, model: str | None, dtype: str, block_size: int, device_name: str,
+def fit_command(samples_path: Path, model: str | None, tp: int | None, dtype: str, block_size: int, device_name: str,
                 kv_memory_gib: float | None, host_link_gbps: float | None, folds: int, seed: int, output: Path) -> None:
     """Fit a profile to step timings in SAMPLES.csv (one row per step).
 
     Columns: prefill_tokens, prefill_seqs, prefill_context_tokens, decode_seqs,
     decode_context_tokens, step_ms (or step_s); optional prefill_attention_tokens (exact
     attention work, sum of chunk * (context + (chunk + 1) / 2); else estimated), step_ms_min,
-    step_ms_max, repeats. The steps.csv of `servesim run` works as it is.
+    step_ms_max, repeats. The steps.csv of `servesim run` works as it is, and so does
+    splitwise-sim's performance-model CSV (--model and --tp pick its rows).
     """
     from calibrate.calibration import profile_from_samples
     from calibrate.profile import save_profile
-    from calibrate.samples import read_samples
+    from calibrate.samples import Sample, read_samples
+    from calibrate.splitwise import is_splitwise, read_splitwise
 
     try:
-        samples = read_samples(samples_path)
+        if is_splitwise(samples_path):
+            found = read_splitwise(samples_path, model, tp)
+            samples = [Sample(shape, ms) for shape, ms in found.steps]
+            tp = found.tp
+        else:
+            samples = read_samples(samples_path)
+        if model is not None:
+            get_model(model)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     profile = profile_from_samples(
         samples, source=str(samples_path), model=model, dtype=dtype, block_size=block_size, device=device_name,
         kv_memory_bytes=None if kv_memory_gib is None else int(kv_memory_gib * 2**30),
         host_link_bytes_per_s=None if host_link_gbps is None else host_link_gbps * 1e9, folds=folds, seed=seed)
+    profile = dataclasses.replace(profile, tp=tp or 1)
     save_profile(profile, output)
-    click.echo(f"fitted {len(samples)} steps from {samples_path}")
+    click.echo(f"fitted {len(samples)} steps from {samples_path} (tp {profile.tp})")
     _print_errors(profile.errors)
     click.echo(f"wrote {output}")
+

@@ -142,7 +142,7 @@ def predict(paths: tuple[Path, ...], roofline: bool, model: str | None, hardware
     try:
         rows: list[tuple[StepShape, float | None]]
         if is_splitwise(samples_path):
-            rows = list(read_splitwise(samples_path, model, tp))
+            rows = list(read_splitwise(samples_path, model, tp).steps)
         else:
             rows = read_shapes(samples_path)
     except ValueError as e:
