@@ -14,6 +14,8 @@ Endpoints (vLLM's shapes, so its benchmark client and others drive this server u
   greedy; other sampling fields are accepted and ignored.
 - ``GET /v1/models``, ``GET /health`` (503 once the engine has failed), ``GET /metrics``
   (Prometheus text under vLLM's metric names, plus ``servesim:`` ones where vLLM has none).
+- ``POST /tokenize``, ``POST /detokenize`` (vLLM's; its benchmark client checks its prompt
+  lengths with them).
 
 A bad request gets HTTP 400 with an OpenAI-style error body naming the field, and changes
 nothing for the requests already running. A client that goes away mid-stream has its request
@@ -267,6 +269,8 @@ class CompletionServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         return app
 
     async def start(self) -> int:
@@ -301,14 +305,37 @@ class CompletionServer:
                 "root": c.model_name, "parent": None, "max_model_len": c.max_model_len}
         return web.json_response({"object": "list", "data": [card]})
 
+    async def _json_body(self, request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise BadRequest("'prompt' must be a string", "prompt")
+        except BadRequest as e:
+            return error_response(400, str(e), e.param)
+        ids = self.tokenizer.encode(body["prompt"])
+        return web.json_response({"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._json_body(request)
+            ids = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < self.config.vocab_size
+                                                    for t in ids):
+                raise BadRequest(f"'tokens' must be a list of ids in 0..{self.config.vocab_size - 1}", "tokens")
+        except BadRequest as e:
+            return error_response(400, str(e), e.param)
+        return web.json_response({"prompt": self.tokenizer.decode(ids)})
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         assert self.bridge is not None
         try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the request body is not valid JSON: {e}")
-        try:
-            c = parse_completion(body, self.config, self.tokenizer)
+            c = parse_completion(await self._json_body(request), self.config, self.tokenizer)
         except BadRequest as e:
             return error_response(400, str(e), e.param, e.code)
         if not self.bridge.alive:

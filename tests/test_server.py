@@ -80,6 +80,15 @@ def test_models_health_and_metrics(server):
     assert 'servesim:kv_blocks_total{model_name="tiny"} 512.0' in text
 
 
+def test_tokenize_and_detokenize(server):
+    """/tokenize counts a text prompt's ids as the completions endpoint will; /detokenize inverts it."""
+    status, data = call(server, "POST", "/tokenize", {"prompt": "t7 t8 t9"})
+    assert status == 200 and json.loads(data)["tokens"] == [7, 8, 9] and json.loads(data)["count"] == 3
+    status, data = call(server, "POST", "/detokenize", {"tokens": [7, 8, 9]})
+    assert status == 200 and json.loads(data)["prompt"] == "t7 t8 t9"
+    assert call(server, "POST", "/detokenize", {"tokens": [-1]})[0] == 400
+
+
 def test_token_id_prompt_non_streaming(server):
     """A token-id prompt gets exactly max_tokens tokens, finish_reason length, exact usage."""
     status, body = complete(server, {"model": "tiny", "prompt": list(range(10, 50)), "max_tokens": 7,
