@@ -18,6 +18,10 @@ on CPU show it: a single decode's context costs about half per token what a larg
 which no (seqs, context) line fits at both ends. The feature is 0 for one sequence and tends
 to the whole context for many, and it stays linear in the context as a decode run advances.
 
+Each feature is defined once, in :data:`FEATURES`: the fit's design matrix, :meth:`StepModel.predict_ms`
+and the decode-run prices of the simulator's fast path (:meth:`StepModel.predict_decode_run_ms`)
+all evaluate that one expression.
+
 The two hinge terms are knees, where one resource runs out and each unit starts to cost more.
 ``knee_tokens`` is the roofline's: below it a step is bound by reading the weights, so a token
 adds little (``a`` or ``e``); above it the matmuls are compute bound and each token adds ``g``
@@ -49,18 +53,57 @@ decode) and within a group in proportion to each step's time (see :func:`sample_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import nnls
 
 from calibrate.samples import Sample
 from sim.batch import StepShape
+from sim.cost import DecodeRun
 
-FEATURES = ("const", "prefill_tokens", "prefill_attention", "prefill_seqs", "prefill_context_tokens",
-            "decode_seqs", "decode_context_tokens", "decode_batch_context", "tokens_over_knee",
-            "decode_context_over_knee")
+Feature = Callable[[Any, "StepModel"], Any]
+"""A feature's value for a step: a function of a :class:`StepShape` (or a
+:class:`sim.cost.DecodeRun`, whose ``decode_context_tokens`` is an array, so the same expression
+prices a whole decode run element-wise) and of the model, which holds the knees."""
+
+
+def _hinge(value: Any, knee: int | None) -> Any:
+    """``max(0, value - knee)``, element-wise for an array; 0 without a knee."""
+    if knee is None:
+        return 0.0
+    return np.maximum(0.0, value - knee) if isinstance(value, np.ndarray) else max(0.0, value - knee)
+
+
+KNEES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    # knee (a StepModel field) -> (its hinge feature, the step quantity that bends there)
+    "knee_tokens": ("tokens_over_knee", lambda s: s.num_tokens),
+    "knee_decode_context_tokens": ("decode_context_over_knee", lambda s: s.decode_context_tokens),
+}
+
+
+def _hinge_feature(knee: str, quantity: Callable[[Any], Any]) -> Feature:
+    return lambda s, m: _hinge(quantity(s), getattr(m, knee))
+
+
+FEATURES: dict[str, Feature] = {
+    # The one definition of each feature, in the order of the profile's fit.features (see the
+    # module docstring). A feature reads a StepShape's fields and properties; write it with
+    # operations that also work element-wise on numpy arrays (no branch on the decode context).
+    "const": lambda s, m: 1.0,
+    "prefill_tokens": lambda s, m: s.prefill_tokens,
+    "prefill_attention": lambda s, m: s.attention_work,
+    "prefill_seqs": lambda s, m: s.prefill_seqs,
+    "prefill_context_tokens": lambda s, m: s.prefill_context_tokens,
+    "decode_seqs": lambda s, m: s.decode_seqs,
+    "decode_context_tokens": lambda s, m: s.decode_context_tokens,
+    "decode_batch_context": lambda s, m: (s.decode_context_tokens * (1 - 1 / s.decode_seqs) if s.decode_seqs
+                                          else s.decode_context_tokens * 0.0),
+    **{feature: _hinge_feature(knee, quantity) for knee, (feature, quantity) in KNEES.items()},
+}
 KINDS = ("prefill", "decode", "mixed")
 ROWS = (*KINDS, "live", "all")
 """Rows of an error table: grid steps by kind, the live engine's steps, every step."""
@@ -96,51 +139,44 @@ class StepModel:
         for name, value in self.coefficients_ms.items():
             if not value >= 0:
                 raise ValueError(f"coefficient {name!r} must be >= 0, got {value}")
-        for name in ("knee_tokens", "knee_decode_context_tokens"):
+        for name in KNEES:
             knee = getattr(self, name)
             if knee is not None and knee < 0:
                 raise ValueError(f"{name} must be >= 0, got {knee}")
 
     def predict_ms(self, shape: StepShape) -> float:
-        x = features(shape, self.knee_tokens, self.knee_decode_context_tokens)
-        return float(sum(self.coefficients_ms.get(name, 0.0) * v for name, v in zip(FEATURES, x, strict=True)))
+        return float(self._sum(shape))
 
     def predict_decode_run_ms(self, shape: StepShape, n: int) -> np.ndarray:
-        """``predict_ms`` of ``shape`` repeated ``n`` times with every decode one token further,
-        element-wise in numpy with the same operations in the same order (identical values)."""
-        context = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
-        batch_context = np.asarray(_batch_context(context, shape.decode_seqs))
-        columns: dict[str, np.ndarray] = {"decode_context_tokens": context.astype(np.float64),
-                                          "decode_batch_context": batch_context}
-        if self.knee_decode_context_tokens is not None:
-            columns["decode_context_over_knee"] = np.maximum(0.0, context - self.knee_decode_context_tokens)
-        total = np.zeros(n)
-        for name, v in zip(FEATURES, features(shape, self.knee_tokens, self.knee_decode_context_tokens),
-                           strict=True):
-            total = total + self.coefficients_ms.get(name, 0.0) * (columns[name] if name in columns else v)
+        """``predict_ms`` of ``shape`` repeated ``n`` times with every decode one token further:
+        the same sum of the same features, evaluated element-wise on a :class:`DecodeRun`, so
+        each value is identical to pricing its step alone."""
+        return self._sum(DecodeRun(shape, n)) + np.zeros(n)  # a feature constant over the run gives a scalar
+
+    def _sum(self, s: Any) -> Any:
+        """Coefficient x feature of ``s`` summed in :data:`FEATURES` order, from 0. A term with a
+        zero coefficient adds exactly 0 (features are finite), so it is left out."""
+        total = 0.0
+        for coefficient, feature in self._terms:
+            total = total + coefficient * feature(s, self)
         return total
+
+    @functools.cached_property
+    def _terms(self) -> list[tuple[float, Feature]]:
+        return [(c, feature) for name, feature in FEATURES.items() if (c := self.coefficients_ms.get(name, 0.0))]
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coefficients_ms": dict(self.coefficients_ms),
-                "knee_tokens": self.knee_tokens, "knee_decode_context_tokens": self.knee_decode_context_tokens}
+                **{name: getattr(self, name) for name in KNEES}}
 
 
-def _hinge(value: float, knee: int | None) -> float:
-    return 0.0 if knee is None else max(0.0, value - knee)
+NO_KNEES = StepModel({})
+"""Holds no knee (every hinge feature 0): the design matrix before the knee search."""
 
 
-def _batch_context(context: float | np.ndarray, seqs: int) -> float | np.ndarray:
-    """``decode_batch_context`` (see the module docstring) of a context (a float or an array)."""
-    return context * (1 - 1 / seqs) if seqs else context * 0.0
-
-
-def features(shape: StepShape, knee_tokens: int | None = None,
-             knee_decode_context_tokens: int | None = None) -> tuple[float, ...]:
-    """The model's feature vector for one step, in :data:`FEATURES` order."""
-    return (1.0, float(shape.prefill_tokens), float(shape.attention_work), float(shape.prefill_seqs),
-            float(shape.prefill_context_tokens), float(shape.decode_seqs), float(shape.decode_context_tokens),
-            float(_batch_context(shape.decode_context_tokens, shape.decode_seqs)),
-            _hinge(shape.num_tokens, knee_tokens), _hinge(shape.decode_context_tokens, knee_decode_context_tokens))
+def features(shape: StepShape, model: StepModel = NO_KNEES) -> tuple[float, ...]:
+    """The model's feature vector for one step, in :data:`FEATURES` order, with ``model``'s knees."""
+    return tuple(feature(shape, model) for feature in FEATURES.values())
 
 
 def _solve(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
@@ -187,7 +223,7 @@ def _live_group(s: Sample) -> str:
     """The group a live sample's weight is shared in: its kind, decodes split at
     :data:`LIGHT_DECODE_SEQS` sequences."""
     if s.kind == "decode":
-        return "light decode" if s.decode_seqs <= LIGHT_DECODE_SEQS else "batched decode"
+        return "light decode" if s.shape.decode_seqs <= LIGHT_DECODE_SEQS else "batched decode"
     return s.kind
 
 
@@ -237,20 +273,20 @@ def fit_step_model(samples: Sequence[Sample]) -> StepModel:
     shapes = [s.shape for s in samples]
     y = np.array([s.step_ms for s in samples], dtype=float)
     w = sample_weights(samples)
-    x = np.array([features(sh) for sh in shapes])  # (samples, features); hinge columns 0 for now
+    x = np.array([features(sh) for sh in shapes], dtype=float)  # (samples, features); hinges 0 for now
     coef, best = _solve(x, y, w)
-    knees: list[int | None] = [None, None]
-    for k, values in enumerate((np.array([sh.num_tokens for sh in shapes]),
-                                np.array([sh.decode_context_tokens for sh in shapes]))):
-        column = len(FEATURES) - 2 + k
+    knees: dict[str, int | None] = dict.fromkeys(KNEES)
+    for knee_name, (feature, quantity) in KNEES.items():
+        column = list(FEATURES).index(feature)
+        values = np.array([quantity(sh) for sh in shapes])
         kept = x[:, column].copy()
         for knee in _knee_candidates(values):
-            x[:, column] = np.maximum(0, values - knee)
+            x[:, column] = _hinge(values, knee)
             c, loss = _solve(x, y, w)
             if loss < best * (1 - KNEE_MIN_GAIN) and c[column] > 0:
-                coef, best, knees[k], kept = c, loss, knee, x[:, column].copy()
+                coef, best, knees[knee_name], kept = c, loss, knee, x[:, column].copy()
         x[:, column] = kept
-    return StepModel(dict(zip(FEATURES, (float(c) for c in coef), strict=True)), knees[0], knees[1])
+    return StepModel(dict(zip(FEATURES, (float(c) for c in coef), strict=True)), **knees)
 
 
 # -- error --------------------------------------------------------------------------------------

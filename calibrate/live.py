@@ -86,11 +86,8 @@ def _saturation_rps(requests, scheduler, num_blocks: int, block_size: int, model
 
 
 def step_sample(shape, step_s: float) -> Sample:
-    return Sample(prefill_tokens=shape.prefill_tokens, prefill_seqs=shape.prefill_seqs,
-                  prefill_context_tokens=shape.prefill_context_tokens, decode_seqs=shape.decode_seqs,
-                  decode_context_tokens=shape.decode_context_tokens,
-                  prefill_attention_tokens=shape.prefill_attention_tokens, step_ms=step_s * 1000,
-                  step_ms_min=step_s * 1000, step_ms_max=step_s * 1000, repeats=1, origin="live")
+    return Sample(shape, step_ms=step_s * 1000, step_ms_min=step_s * 1000, step_ms_max=step_s * 1000,
+                  repeats=1, origin="live")
 
 
 def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool = False) -> tuple[list[Sample], dict]:

@@ -94,14 +94,8 @@ def time_step(runner: ModelRunner, seqs: list[tuple[Request, int, int]]) -> tupl
 
 
 def _sample(batch: Batch, times_ms: list[float]) -> Sample:
-    shape = batch.shape()
-    return Sample(
-        prefill_tokens=shape.prefill_tokens, prefill_seqs=shape.prefill_seqs,
-        prefill_context_tokens=shape.prefill_context_tokens, decode_seqs=shape.decode_seqs,
-        decode_context_tokens=shape.decode_context_tokens, prefill_attention_tokens=shape.prefill_attention_tokens,
-        step_ms=statistics.fmean(times_ms), step_ms_min=min(times_ms), step_ms_max=max(times_ms),
-        repeats=len(times_ms), origin="grid",
-    )
+    return Sample(batch.shape(), step_ms=statistics.fmean(times_ms), step_ms_min=min(times_ms),
+                  step_ms_max=max(times_ms), repeats=len(times_ms), origin="grid")
 
 
 def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 3, warmup: int = 1,

@@ -35,7 +35,7 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
                           {prefill|decode|mixed|all: {"n", "median_ape_pct", "p90_ape_pct"}}
     live                  (optional, nullable) the live phase's synthetic workload and runs
                           (calibrate.live); samples with origin "live" came from it
-    samples               {"columns": [the columns of calibrate.samples.Sample],
+    samples               {"columns": [calibrate.samples.CSV_COLUMNS, in any order],
                            "rows": [[one value per column], ...]}: one row per measured
                           step (tens of thousands with a live phase, hence rows, not objects),
                           each with its origin: grid | live | csv
@@ -137,8 +137,7 @@ class Profile:
             "fit": self.model_fit.to_dict(),
             "errors": self.errors,
             "live": self.live,
-            "samples": {"columns": list(CSV_COLUMNS), "rows": [[getattr(s, c) for c in CSV_COLUMNS]
-                                                                for s in self.samples]},
+            "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
 

@@ -185,7 +185,7 @@ def speed_check(runner: Any, samples: Sequence[Any], max_len: int, max_points: i
         return None
     from calibrate.measure import measure_grid
 
-    then: dict[tuple[int, ...], tuple[Any, float]] = {}  # shape -> (grid point, step_ms at calibration)
+    then: dict[StepShape, tuple[Any, float]] = {}  # shape -> (grid point, step_ms at calibration)
     for s in sorted(samples, key=lambda s: s.step_ms):
         point = _grid_point(s)
         if (point is not None and s.step_ms <= max_step_ms and point.fits(max_len, runner.blocks.num_free,
@@ -200,8 +200,8 @@ def speed_check(runner: Any, samples: Sequence[Any], max_len: int, max_points: i
     return float(np.median(ratios)) if ratios else None
 
 
-def _shape_key(s: Any) -> tuple[int, ...]:
-    return (s.prefill_tokens, s.prefill_seqs, s.prefill_context_tokens, s.decode_seqs, s.decode_context_tokens)
+def _shape_key(s: Any) -> StepShape:
+    return s.shape
 
 
 def _grid_point(s: Any) -> Any:
@@ -209,13 +209,14 @@ def _grid_point(s: Any) -> Any:
     else None (a decode grid point spreads its contexts, which the sums do not give back)."""
     from calibrate.grid import GridPoint
 
-    if s.origin != "grid" or s.decode_seqs or not s.prefill_seqs:
+    shape = s.shape
+    if s.origin != "grid" or shape.decode_seqs or not shape.prefill_seqs:
         return None
-    chunk, rest = divmod(s.prefill_tokens, s.prefill_seqs)
-    context, rest2 = divmod(s.prefill_context_tokens, s.prefill_seqs)
+    chunk, rest = divmod(shape.prefill_tokens, shape.prefill_seqs)
+    context, rest2 = divmod(shape.prefill_context_tokens, shape.prefill_seqs)
     if rest or rest2 or chunk < 1:
         return None
-    return GridPoint(prefill=((chunk, context),) * s.prefill_seqs)
+    return GridPoint(prefill=((chunk, context),) * shape.prefill_seqs)
 
 
 # -- comparison ----------------------------------------------------------------------------------

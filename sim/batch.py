@@ -7,7 +7,8 @@ padding of static batching are part of the step because the engine really spends
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import add, attrgetter
 
 from sim.request import Request
 
@@ -21,6 +22,10 @@ class StepShape:
     attention work of the prefill chunks, sum over chunks of ``chunk * (context + (chunk + 1) / 2)``
     (query-key pairs under a causal mask); 0 means "estimate it from the sums".
     ``decode_context_tokens`` are the cached tokens each decoding sequence attends to, summed.
+
+    A new step quantity is one field here (every field is a sum over the step's sequences,
+    >= 0) plus its sum in :meth:`Batch.shape`; adding shapes, validation, the columns of
+    measured samples and their CSV and profile files follow from :data:`STEP_FIELDS`.
     """
 
     prefill_tokens: int = 0
@@ -34,11 +39,9 @@ class StepShape:
     """KV token slots copied host -> device / device -> host before the step (whole blocks)."""
 
     def __post_init__(self) -> None:
-        if min(self.prefill_tokens, self.prefill_seqs, self.prefill_context_tokens, self.decode_seqs,
-               self.decode_context_tokens, self.swap_in_tokens, self.swap_out_tokens) >= 0:
+        if min(shape_values(self)) >= 0:  # the common case in one C call: a shape is built every step
             return
-        for name in ("prefill_tokens", "prefill_seqs", "prefill_context_tokens", "decode_seqs",
-                     "decode_context_tokens", "swap_in_tokens", "swap_out_tokens"):
+        for name in STEP_FIELDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"StepShape.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -67,16 +70,14 @@ class StepShape:
         )
 
     def __add__(self, other: StepShape) -> StepShape:
-        return StepShape(
-            prefill_tokens=self.prefill_tokens + other.prefill_tokens,
-            prefill_seqs=self.prefill_seqs + other.prefill_seqs,
-            prefill_context_tokens=self.prefill_context_tokens + other.prefill_context_tokens,
-            decode_seqs=self.decode_seqs + other.decode_seqs,
-            decode_context_tokens=self.decode_context_tokens + other.decode_context_tokens,
-            prefill_attention_tokens=self.prefill_attention_tokens + other.prefill_attention_tokens,
-            swap_in_tokens=self.swap_in_tokens + other.swap_in_tokens,
-            swap_out_tokens=self.swap_out_tokens + other.swap_out_tokens,
-        )
+        """Field-wise sum: the step that does the work of both (every field is a sum)."""
+        return StepShape(*map(add, shape_values(self), shape_values(other)))
+
+
+STEP_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepShape))
+"""The fields of :class:`StepShape`, in order."""
+shape_values = attrgetter(*STEP_FIELDS)
+"""``shape_values(shape)``: the tuple of a shape's field values, in :data:`STEP_FIELDS` order."""
 
 
 def chunk_attention(chunk: int, context: int) -> float:

@@ -7,11 +7,11 @@ Implementations: :class:`sim.roofline.RooflineCost` (from a model and a hardware
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from sim.batch import StepShape
+from sim.batch import STEP_FIELDS, StepShape, shape_values
 
 
 class CostModel(Protocol):
@@ -30,8 +30,33 @@ def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> list[float]:
     if vectorised is not None:
         times = vectorised(shape, n)
         return times if isinstance(times, list) else np.asarray(times, dtype=np.float64).tolist()
-    seqs, context = shape.decode_seqs, shape.decode_context_tokens
-    return [cost.step_time(replace(shape, decode_context_tokens=context + j * seqs)) for j in range(n)]
+    return [cost.step_time(decode_run_step(shape, j)) for j in range(n)]
+
+
+def decode_run_step(shape: StepShape, j: int) -> StepShape:
+    """Step ``j`` (from 0) of a decode run from ``shape``: every decode ``j`` tokens further."""
+    return replace(shape, decode_context_tokens=shape.decode_context_tokens + j * shape.decode_seqs)
+
+
+class DecodeRun:
+    """``shape`` over a decode run of ``n`` steps, for pricing the run in one evaluation.
+
+    ``decode_context_tokens`` is the array (n,) of each step's context (step ``j`` is
+    :func:`decode_run_step` ``(shape, j)``); every other field is ``shape``'s, and a property
+    of :class:`StepShape` (``num_tokens``, ``attention_work``) is computed from this run's
+    fields, the context array included. So an expression written for a ``StepShape`` evaluates
+    here, element-wise, with the same operations on the same values: the same numbers.
+    """
+
+    def __init__(self, shape: StepShape, n: int) -> None:
+        self.__dict__.update(zip(STEP_FIELDS, shape_values(shape), strict=True))
+        self.decode_context_tokens = shape.decode_context_tokens + np.arange(n, dtype=np.int64) * shape.decode_seqs
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields
+        derived = getattr(StepShape, name, None)
+        if isinstance(derived, property) and derived.fget is not None:
+            return derived.fget(self)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 class ConstantCost:

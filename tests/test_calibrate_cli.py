@@ -146,4 +146,4 @@ def test_live_steps_csv_read_in_seconds(tmp_path):
                     "prefill_attention_tokens,swap_in_tokens,swap_out_tokens,step_s\n"
                     "100,1,0,2,50,5050.0,0,0,0.0125\n")
     (s,) = read_samples(path)
-    assert s.step_ms == pytest.approx(12.5) and s.prefill_attention_tokens == 5050.0 and s.kind == "mixed"
+    assert s.step_ms == pytest.approx(12.5) and s.shape.prefill_attention_tokens == 5050.0 and s.kind == "mixed"

@@ -30,8 +30,7 @@ def point_sample(p: GridPoint, step_ms_of) -> Sample:
                       prefill_context_tokens=sum(x for _, x in p.prefill), decode_seqs=len(p.decode),
                       decode_context_tokens=sum(p.decode),
                       prefill_attention_tokens=sum(chunk_attention(c, x) for c, x in p.prefill))
-    return Sample(shape.prefill_tokens, shape.prefill_seqs, shape.prefill_context_tokens, shape.decode_seqs,
-                  shape.decode_context_tokens, step_ms_of(shape), shape.prefill_attention_tokens)
+    return Sample(shape, step_ms_of(shape))
 
 
 def random_shapes(n: int, seed: int) -> list[StepShape]:
@@ -108,7 +107,8 @@ def test_held_out_split_is_deterministic():
 
 def test_error_table_by_kind():
     """The error table separates prefill, decode and mixed steps and pools them in all."""
-    samples = [Sample(10, 1, 0, 0, 0, 10.0), Sample(0, 0, 0, 4, 40, 4.0), Sample(5, 1, 0, 2, 8, 8.0)]
+    samples = [Sample(StepShape(10, 1, 0, 0, 0), 10.0), Sample(StepShape(0, 0, 0, 4, 40), 4.0),
+               Sample(StepShape(5, 1, 0, 2, 8), 8.0)]
     table = error_table(samples, [11.0, 4.0, 6.0])
     assert table["prefill"] == {"n": 1, "median_ape_pct": pytest.approx(10.0), "p90_ape_pct": pytest.approx(10.0),
                                 "bias_pct": pytest.approx(10.0)}
@@ -185,15 +185,17 @@ def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
     from calibrate.fit import LIVE_WEIGHT, sample_weights
     from calibrate.samples import read_samples, write_samples
 
-    grid = [Sample(10, 1, 0, 0, 0, 10.0, origin="grid"), Sample(0, 0, 0, 4, 40, 4.0, origin="grid")]
-    live = [Sample(0, 0, 0, 2, 20, 3.0, origin="live")] * 8 + [Sample(50, 1, 0, 0, 0, 9.0, origin="live")]
+    grid = [Sample(StepShape(10, 1, 0, 0, 0), 10.0, origin="grid"),
+            Sample(StepShape(0, 0, 0, 4, 40), 4.0, origin="grid")]
+    live = ([Sample(StepShape(0, 0, 0, 2, 20), 3.0, origin="live")] * 8
+            + [Sample(StepShape(50, 1, 0, 0, 0), 9.0, origin="live")])
     w = sample_weights(grid + live)
     assert list(w[:2]) == [1, 1]
     assert w[2:10].sum() == pytest.approx(LIVE_WEIGHT * 2 / 2) and w[10] == pytest.approx(LIVE_WEIGHT * 2 / 2)
     # decodes: a light group (up to LIGHT_DECODE_SEQS sequences) and a batched one share equally,
     # and within a group a step weighs in proportion to its time
-    decodes = [Sample(0, 0, 0, 1, 20, 0.5, origin="live"), Sample(0, 0, 0, 3, 60, 1.5, origin="live"),
-               Sample(0, 0, 0, 8, 900, 3.0, origin="live"), Sample(0, 0, 0, 40, 900, 12.0, origin="live")]
+    decodes = [Sample(StepShape(0, 0, 0, seqs, context), ms, origin="live")
+               for seqs, context, ms in ((1, 20, 0.5), (3, 60, 1.5), (8, 900, 3.0), (40, 900, 12.0))]
     w = sample_weights(grid + decodes)
     assert w[3] == pytest.approx(3 * w[2]) and w[5] == pytest.approx(4 * w[4])
     assert w[2] + w[3] == pytest.approx(w[4] + w[5]) == pytest.approx(LIVE_WEIGHT * 2 / 2)

@@ -46,8 +46,8 @@ def test_smoke_calibration_writes_loadable_profile(tmp_path):
     save_profile(prof, path)
     loaded = load_profile(path)
     assert len(loaded.samples) == len(SMALL_GRID) and not loaded.interrupted
-    by_shape = {(s.prefill_tokens, s.prefill_seqs, s.prefill_context_tokens, s.decode_seqs, s.decode_context_tokens)
-                for s in loaded.samples}
+    by_shape = {(s.shape.prefill_tokens, s.shape.prefill_seqs, s.shape.prefill_context_tokens, s.shape.decode_seqs,
+                 s.shape.decode_context_tokens) for s in loaded.samples}
     assert (32, 2, 32, 0, 0) in by_shape and (32, 1, 0, 2, 120) in by_shape and (0, 0, 0, 3, 120) in by_shape
     for s in loaded.samples:
         assert s.repeats >= 4 and 0 < s.step_ms_min <= s.step_ms <= s.step_ms_max

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from calibrate.calibration import profile_from_samples
-from calibrate.fit import FEATURES, StepModel
+from calibrate.fit import FEATURES
 from calibrate.profile import (
     SCHEMA_VERSION,
     CalibratedCost,
@@ -23,8 +20,9 @@ from sim.batch import StepShape
 from sim.models import get_model
 
 SAMPLES = [
-    Sample(64, 1, 0, 0, 0, 3.0), Sample(512, 1, 0, 0, 0, 9.0), Sample(256, 2, 512, 0, 0, 8.0),
-    Sample(0, 0, 0, 8, 800, 2.5), Sample(0, 0, 0, 64, 64_000, 12.0), Sample(128, 1, 0, 16, 4000, 6.0),
+    Sample(StepShape(64, 1, 0, 0, 0), 3.0), Sample(StepShape(512, 1, 0, 0, 0), 9.0),
+    Sample(StepShape(256, 2, 512, 0, 0), 8.0), Sample(StepShape(0, 0, 0, 8, 800), 2.5),
+    Sample(StepShape(0, 0, 0, 64, 64_000), 12.0), Sample(StepShape(128, 1, 0, 16, 4000), 6.0),
 ]
 
 
@@ -138,23 +136,6 @@ def test_swap_without_kv_size_is_an_error():
     assert cost.step_time(StepShape(decode_seqs=1, decode_context_tokens=10)) > 0
     with pytest.raises(ValueError, match="no kv_bytes_per_token"):
         cost.step_time(StepShape(decode_seqs=1, decode_context_tokens=10, swap_in_tokens=16))
-
-
-@settings(max_examples=200, deadline=None)
-@given(coef=st.fixed_dictionaries({name: st.floats(0, 10) for name in FEATURES}),
-       knee=st.none() | st.integers(0, 5000), dknee=st.none() | st.integers(0, 50_000),
-       decodes=st.integers(1, 64), context=st.integers(1, 100_000), prefill=st.integers(0, 512),
-       swap=st.sampled_from([0, 16]), n=st.integers(1, 40))
-def test_decode_run_times_identical_to_step_time(coef, knee, dknee, decodes, context, prefill, swap, n):
-    """The vectorised decode run gives exactly (==) the step-by-step times the fast path must match."""
-    prof = profile_from_samples(SAMPLES, "x.csv", model="tiny")
-    prof.model_fit = StepModel(coef, knee, dknee)
-    cost = CalibratedCost(prof)
-    shape = StepShape(prefill_tokens=prefill, prefill_seqs=1 if prefill else 0, decode_seqs=decodes,
-                      decode_context_tokens=context, swap_in_tokens=swap)
-    run = cost.decode_run_times(shape, n)
-    steps = [cost.step_time(replace(shape, decode_context_tokens=context + j * decodes)) for j in range(n)]
-    assert run.tolist() == steps
 
 
 def test_sample_row_of_wrong_length_named(profile_path):

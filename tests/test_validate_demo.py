@@ -140,10 +140,11 @@ def test_profile_live_error_and_drift():
     is judged against: the same offset in the run is no drift; only the difference is."""
     from calibrate.samples import Sample
     from experiments.validation import Validation, drift_warning, profile_live_error
+    from sim.batch import StepShape
     from sim.cost import ConstantCost
 
-    samples = [Sample(0, 0, 0, 1, 10, ms, origin="live") for ms in (1.0, 1.0, 0.8, 2.0)]
-    samples.append(Sample(0, 0, 0, 1, 10, 0.1, origin="grid"))
+    samples = [Sample(StepShape(0, 0, 0, 1, 10), ms, origin="live") for ms in (1.0, 1.0, 0.8, 2.0)]
+    samples.append(Sample(StepShape(0, 0, 0, 1, 10), 0.1, origin="grid"))
     own = profile_live_error(samples, ConstantCost(0.001))
     assert own is not None and own["steps"] == 4
     assert own["median_step_signed_error"] == pytest.approx(0.0)  # errors 0, 0, +0.25, -0.5
