@@ -8,6 +8,7 @@ memory, minus the weights); on CPU it is just large enough for the grid's larges
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -90,18 +91,18 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
 
     from calibrate.live import LivePlan, live_kv_blocks, run_live_phase
     from calibrate.measure import SWAP_PROBE_BYTES, measure_grid, measure_host_link
+    from runtime.build import build_runner, load_network, place
+    from runtime.config import LiveConfig
     from runtime.kvcache import blocks_from_memory, kv_bytes_per_token
-    from runtime.runner import ModelRunner
-    from runtime.weights import dtype_name, load_model, resolve_device, resolve_dtype
-    from sim.kv import BlockManager
+    from runtime.weights import dtype_name
 
     started = time.perf_counter()
     spec = get_model(model)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    net = load_model(spec, weights, torch_dtype, dev, seed)
+    live = LiveConfig(model=model, weights=None if weights is None else str(weights), device=device, dtype=dtype,
+                      threads=threads, seed=seed, block_size=block_size, memory_utilization=memory_utilization)
+    where = place(live)
+    dev, torch_dtype = where.device, where.dtype
+    net = load_network(live)
     kv_bytes = kv_bytes_per_token(spec, torch_dtype)
     block_bytes = kv_bytes * block_size
     if dev.type == "cuda":
@@ -119,8 +120,7 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
         if plan is not None:
             num_blocks = max(num_blocks, live_kv_blocks(plan, block_size))
     host_blocks = max(1, min(num_blocks, SWAP_PROBE_BYTES // block_bytes))
-    blocks = BlockManager(num_blocks, block_size, num_host_blocks=host_blocks)
-    runner = ModelRunner(net, blocks, seed=seed)
+    runner = build_runner(dataclasses.replace(live, kv_blocks=num_blocks, swap_blocks=host_blocks), net=net)
     link = measure_host_link(runner)
     measured = measure_grid(runner, points, repeats=repeats, warmup=warmup, passes=passes, seed=seed,
                             progress=progress)

@@ -13,7 +13,6 @@ within the model's positions, under each of :data:`POLICIES`.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -67,22 +66,16 @@ def live_kv_blocks(plan: LivePlan, block_size: int) -> int:
 
 
 def _saturation_rps(requests, scheduler, num_blocks: int, block_size: int, model: StepModel) -> float:
-    """Request throughput the simulator predicts with ``model`` and every request at t = 0."""
-    from sim.cluster import make_router
-    from sim.engine import simulate
+    """:mod:`sim.saturation`'s throughput of ``requests`` priced by ``model`` (the grid-only fit)."""
     from sim.kv import BlockManager
-    from sim.metrics import summarize
     from sim.policies import make_policy
-    from sim.request import Request
+    from sim.saturation import saturation_rps
 
     class _Cost:
         def step_time(self, shape):
             return model.predict_ms(shape) / 1000
 
-    at_once = [Request(r.id, 0.0, r.prompt_tokens, r.output_tokens, r.priority) for r in requests]
-    result = simulate(at_once, lambda: make_policy(scheduler, BlockManager(num_blocks, block_size)), _Cost(),
-                      make_router("round_robin"), 1)
-    return float(summarize(result.requests, result.itl())["request_throughput"])
+    return saturation_rps(requests, lambda: make_policy(scheduler, BlockManager(num_blocks, block_size)), _Cost())
 
 
 def step_sample(shape, step_s: float) -> Sample:
@@ -93,8 +86,8 @@ def step_sample(shape, step_s: float) -> Sample:
 def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool = False) -> tuple[list[Sample], dict]:
     """Serve the plan's workloads on ``runner`` (its pool must be empty and hold
     :func:`live_kv_blocks`); returns the samples and a description of the runs."""
-    from runtime.engine import LiveEngine
-    from sim.policies import make_policy
+    from runtime.build import build_live_engine, paused_gc
+    from runtime.config import LiveConfig
     from sim.policies.base import SchedulerConfig
     from sim.workload import SyntheticWorkload
 
@@ -102,10 +95,7 @@ def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool
     samples: list[Sample] = []
     runs = []
     started = time.perf_counter()
-    gc_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with paused_gc():
         for k, (policy, load) in enumerate((p, x) for x in plan.loads for p in plan.policies):
             if time.perf_counter() - started > plan.time_budget_s:
                 break
@@ -118,7 +108,8 @@ def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool
                                          prompt_dist=plan.prompt_dist, output_dist=plan.output_dist,
                                          seed=plan.seed + k).generate()
             t0 = time.perf_counter()
-            result = LiveEngine(runner, make_policy(scheduler, blocks), progress=progress).run(requests)
+            live = LiveConfig(model=runner.model.spec.name, scheduler=scheduler, seed=runner.seed)
+            result = build_live_engine(live, runner=runner, progress=progress).run(requests)
             for r in requests:
                 runner.release(r.id)
             kept = [step_sample(shape, s) for shape, s in result.step_log
@@ -126,9 +117,6 @@ def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool
             samples += kept
             runs.append({"policy": policy, "load": load, "rate": load * sat, "seed": plan.seed + k,
                          "steps": len(kept), "wall_s": time.perf_counter() - t0})
-    finally:
-        if gc_enabled:
-            gc.enable()
     return samples, plan.to_dict() | {"runs": runs, "wall_s": time.perf_counter() - started}
 
 

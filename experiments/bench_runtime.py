@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import click
 
-from sim.kv import BlockManager, blocks_for
+from sim.kv import blocks_for
 from sim.metrics import summarize
 from sim.models import MODELS, get_model
-from sim.policies import SchedulerConfig, make_policy
+from sim.policies import SchedulerConfig
 from sim.request import Request
 from sim.workload import SyntheticWorkload
 
@@ -51,14 +51,13 @@ def workload(num_requests: int, seed: int, prompt_dist: str, output_dist: str) -
 
 
 def bench_servesim(net, requests: list[Request], seed: int, max_num_seqs: int, block_size: int) -> BenchRow:
-    from runtime.engine import LiveEngine
-    from runtime.runner import ModelRunner
+    from runtime.build import build_live_engine
+    from runtime.config import LiveConfig
 
-    num_blocks = sum(blocks_for(r.max_tokens, block_size) for r in requests)
-    blocks = BlockManager(num_blocks, block_size)
-    runner = ModelRunner(net, blocks, seed=seed)
-    policy = make_policy(SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs), blocks)
-    result = LiveEngine(runner, policy).run(requests)
+    live = LiveConfig(model=net.spec.name, scheduler=SchedulerConfig(policy="continuous", max_num_seqs=max_num_seqs),
+                      seed=seed, kv_blocks=sum(blocks_for(r.max_tokens, block_size) for r in requests),
+                      block_size=block_size)
+    result = build_live_engine(live, requests, net=net).run(requests)
     s = summarize(result.requests, result.itl())
     return BenchRow("servesim continuous", s["total_output_tokens"], s["duration"], result.outputs)
 
@@ -123,16 +122,17 @@ def main(model: str, device: str, dtype: str | None, num_requests: int, seed: in
     """Serve one workload with servesim, hf-static and transformers' continuous batching."""
     import torch
 
-    from runtime.weights import build_hf_model, dtype_name, load_model, resolve_device, resolve_dtype
+    from runtime.build import load_network, place
+    from runtime.config import LiveConfig
+    from runtime.weights import build_hf_model, dtype_name
 
     spec = get_model(model)
-    dev = resolve_device(device)
-    if threads is None and dev.type == "cpu":
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch_dtype = resolve_dtype(dtype, dev)
-    net = load_model(spec, None, torch_dtype, dev, seed)
+    live = LiveConfig(model=model, device=device, dtype=dtype, threads=threads, seed=seed)
+    where = place(live)
+    if threads is None and where.device.type == "cpu":
+        live = LiveConfig(model=model, device=device, dtype=dtype, threads=1, seed=seed)
+    dev, torch_dtype = where.device, where.dtype
+    net = load_network(live)
     hf = build_hf_model(spec, net.hf_state_dict(), torch_dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     requests = workload(num_requests, seed, prompt_dist, output_dist)
