@@ -30,7 +30,9 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     interrupted           true when Ctrl-C cut the grid short
     out_of_memory_steps   grid points left out because the device ran out of memory
     fit                   {"features": [...], "coefficients_ms": {feature: ms per unit},
-                           "knee_tokens": int|null, "knee_decode_context_tokens": int|null}
+                           "knee_tokens": int|null, "knee_decode_context_tokens": int|null};
+                          a feature of calibrate.fit.FEATURES the file does not list
+                          (added since) reads with coefficient 0, so it prices as it did
     errors                {"folds": k, "held_out": TABLE|null, "in_sample": TABLE}, TABLE =
                           {prefill|decode|mixed|all: {"n", "median_ape_pct", "p90_ape_pct"}}
     live                  (optional, nullable) the live phase's synthetic workload and runs
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.fit import FEATURES, StepModel
+from calibrate.fit import FEATURES, KNEES, StepModel
 from calibrate.samples import CSV_COLUMNS, Sample, SamplesError
 from sim.batch import StepShape
 
@@ -241,25 +243,29 @@ def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
 
 
 def _model_from_dict(fit: dict, path: Path) -> StepModel:
-    for name in ("features", "coefficients_ms", "knee_tokens", "knee_decode_context_tokens"):
+    for name in ("features", "coefficients_ms", *KNEES):
         if name not in fit:
             raise ProfileError(f"{path}: field 'fit.{name}' is missing")
-    if fit["features"] != list(FEATURES):
-        raise ProfileError(f"{path}: field 'fit.features' is {fit['features']!r}; expected {list(FEATURES)}")
+    _check(path, "fit.features", fit["features"], (list,), False)
+    unknown = [name for name in fit["features"] if not isinstance(name, str) or name not in FEATURES]
+    if unknown:
+        raise ProfileError(f"{path}: field 'fit.features' has unknown feature(s) {unknown}; "
+                           f"known: {', '.join(FEATURES)}")
     coefficients = fit["coefficients_ms"]
     _check(path, "fit.coefficients_ms", coefficients, (dict,), False)
-    for name in FEATURES:
+    for name in fit["features"]:
         if name not in coefficients:
             raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' is missing")
         value = coefficients[name]
         _check(path, f"fit.coefficients_ms.{name}", value, _NUM, False)
         if not (math.isfinite(value) and value >= 0):
             raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' must be finite and >= 0, got {value}")
-    for name in ("knee_tokens", "knee_decode_context_tokens"):
+    for name in KNEES:
         _check(path, f"fit.{name}", fit[name], _INT, True)
     try:
-        return StepModel({k: float(coefficients[k]) for k in FEATURES}, fit["knee_tokens"],
-                         fit["knee_decode_context_tokens"])
+        # A feature added after the profile was fitted has coefficient 0: it prices as it did.
+        return StepModel({k: float(coefficients[k]) if k in fit["features"] else 0.0 for k in FEATURES},
+                         **{k: fit[k] for k in KNEES})
     except ValueError as e:
         raise ProfileError(f"{path}: field 'fit': {e}") from None
 

@@ -143,3 +143,20 @@ def test_sample_row_of_wrong_length_named(profile_path):
     edited(profile_path, lambda d: d["samples"]["rows"][1].pop())
     with pytest.raises(ProfileError, match=r"field 'samples.rows\[1\]' must be a list of \d+ values"):
         load_profile(profile_path)
+
+
+def test_profile_without_a_newer_feature_prices_as_before(profile_path):
+    """A profile fitted before a feature existed (not in its fit.features) loads with that
+    feature's coefficient 0; a feature this servesim does not know is named."""
+    before = load_profile(profile_path).model_fit
+
+    def drop(d):
+        d["fit"]["features"].remove("decode_batch_context")
+        del d["fit"]["coefficients_ms"]["decode_batch_context"]
+
+    edited(profile_path, drop)
+    loaded = load_profile(profile_path).model_fit
+    assert loaded.coefficients_ms == {**before.coefficients_ms, "decode_batch_context": 0.0}
+    edited(profile_path, lambda d: d["fit"]["features"].append("moon_phase"))
+    with pytest.raises(ProfileError, match=r"field 'fit.features' has unknown feature\(s\) \['moon_phase'\]"):
+        load_profile(profile_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import pytest
@@ -24,12 +25,13 @@ SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "tiny-cpu.json"
 
 @st.composite
 def shapes(draw, swaps: bool = True) -> StepShape:
-    """A valid step: prefill chunks (attention exact or left to the estimate), decodes, swaps."""
+    """A valid step: prefill chunks (attention exact or left to the estimate), decodes, swaps,
+    and any field added to StepShape since (drawn by its type), so these tests cover it."""
     prefill_seqs = draw(st.integers(0, 6))
     prefill_tokens = draw(st.integers(prefill_seqs, 5000)) if prefill_seqs else 0
     decode_seqs = draw(st.integers(0 if prefill_seqs else 1, 256))
     swap = st.sampled_from([0, 16, 48]) if swaps else st.just(0)
-    return StepShape(
+    values = dict(
         prefill_tokens=prefill_tokens, prefill_seqs=prefill_seqs,
         prefill_context_tokens=draw(st.integers(0, 20_000)) if prefill_seqs else 0,
         decode_seqs=decode_seqs,
@@ -37,6 +39,11 @@ def shapes(draw, swaps: bool = True) -> StepShape:
         prefill_attention_tokens=draw(st.sampled_from([0.0, 1.0]) | st.floats(1, 1e8)) if prefill_seqs else 0.0,
         swap_in_tokens=draw(swap), swap_out_tokens=draw(swap),
     )
+    hints = get_type_hints(StepShape)
+    for name in STEP_FIELDS:
+        if name not in values:
+            values[name] = draw(st.integers(0, 10_000) if hints[name] is int else st.floats(0, 1e6))
+    return StepShape(**values)
 
 
 def random_model(draw) -> StepModel:
