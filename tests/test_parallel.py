@@ -147,3 +147,28 @@ def test_activation_reserve_is_gib_scale_for_a_70b():
     """The estimated profiling-forward peak of a 70B at 8192 tokens over TP 4 is between 0.3 and 3 GiB."""
     reserve = activation_reserve_bytes(get_model("llama-3.1-70b"), Parallelism(4, 1), "bfloat16", 8192, 256)
     assert 0.3 * GIB < reserve < 3 * GIB
+
+
+def test_capacity_plans_the_fewest_gpus_across_layouts(tmp_path):
+    """`capacity --layouts` lists every layout (one that does not fit says so) and names the fewest GPUs."""
+    res = CliRunner().invoke(main, [
+        "capacity", "--policies", "chunked", "--model", "llama-3.1-70b", "--hardware", "h100-sxm",
+        "--arrival", "poisson", "-n", "120", "--rate", "2", "--max-prompt-tokens", "1024",
+        "--slo", "ttft_p99:3000", "--slo", "tpot_p99:100", "--target-rate", "8", "--layouts", "1x1,4x1,8x1",
+        "--precision", "0.2", "-j", "1", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "chunked tp1xpp1" in res.output and "does not fit" in res.output
+    plan = json.loads((tmp_path / "capacity.json").read_text())
+    rows = {r["label"]: r for r in plan["layouts"]}
+    met = [r for r in rows.values() if r["gpus"] is not None]
+    assert met and rows["chunked tp1xpp1"]["gpus"] is None
+    best = rows[plan["best"]]
+    assert best["gpus"] == min(r["gpus"] for r in met)
+    assert f"fewest GPUs: {best['gpus']} = tp {best['tp']} x pp {best['pp']}" in res.output
+
+
+def test_capacity_layouts_need_a_target_rate():
+    """--layouts without --target-rate is a usage error."""
+    res = CliRunner().invoke(main, ["capacity", "--policies", "chunked", "--slo", "ttft_p99:1000", "--layouts",
+                                    "auto", "-n", "10"])
+    assert res.exit_code == 2 and "--target-rate" in res.output

@@ -69,6 +69,9 @@ def capacity_table(searches: dict[str, RateSearch], slos: Sequence[Slo], goodput
               help="Size a cluster for this rate: replicas = ceil(target / max rate), verified in simulation.")
 @click.option("--max-replicas", default=64, show_default=True, type=click.IntRange(min=1),
               help="Most replicas the --target-rate check tries.")
+@click.option("--layouts", default=None, metavar="auto|TPxPP,...",
+              help="With --target-rate: plan across parallelism layouts (auto: tp 1, 2, 4, 8 x pp 1, 2) and "
+                   "report the fewest GPUs (tp x pp x replicas) that meet the SLOs, with every layout tried.")
 @workload_options
 @policy_knob_options
 @without_options("replicas", "router")
@@ -100,6 +103,9 @@ def capacity(**opts: Any) -> None:
     precision = opts["precision"]
     jobs = opts["jobs"]
 
+    if opts["layouts"]:
+        _plan(opts, configs, workload, slos, goodput, fraction)
+        return
     t0 = time.perf_counter()
     try:
         report = find_capacity(configs, workload, slos, goodput=goodput, goodput_fraction=fraction,
@@ -151,5 +157,51 @@ def capacity(**opts: Any) -> None:
                                  "summary_at_max_rate": s.lo_run} for label, s in searches.items()},
             "target_rate": opts["target_rate"],
             "sizing": {label: dataclasses.asdict(z) for label, z in sizings.items()},
+        })
+        click.echo(f"wrote {out}/capacity.json")
+
+
+def _plan(opts: dict[str, Any], configs: list, workload: Any, slos: Sequence[Slo], goodput: dict[str, float],
+          fraction: float | None) -> None:
+    """--layouts: the fewest GPUs for --target-rate across parallelism layouts (experiments.plan)."""
+    from experiments.plan import parse_layouts, plan_parallelism
+
+    if opts["target_rate"] is None:
+        raise click.UsageError("--layouts plans for a --target-rate: give one")
+    if opts.get("tp") or opts.get("pp", 1) != 1:
+        raise click.UsageError("--layouts chooses tp and pp: leave out --tp and --pp")
+    try:
+        layouts = parse_layouts(opts["layouts"], configs[0][1].model)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--layouts") from None
+    t0 = time.perf_counter()
+    try:
+        plan = plan_parallelism(configs, layouts, workload, slos, opts["target_rate"],
+                                max_replicas=opts["max_replicas"], goodput=goodput, goodput_fraction=fraction,
+                                start_rate=opts["start_rate"], precision=opts["precision"], jobs=opts["jobs"])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    wall_s = time.perf_counter() - t0
+    click.echo(f"SLOs: {'; '.join(str(s) for s in slos)}; target {opts['target_rate']:g} req/s")
+    rows = [[r.label, str(r.gpus_per_replica), "-" if r.kv_blocks is None else str(r.kv_blocks),
+             "-" if r.max_rate is None else f"{r.max_rate:.4g}", "-" if r.replicas is None else str(r.replicas),
+             "-" if r.gpus is None else str(r.gpus), r.why or "meets the SLOs"] for r in plan.rows]
+    click.echo(format_table(["layout", "GPUs/replica", "KV blocks", "max rate/replica", "replicas", "GPUs", "check"],
+                            rows))
+    if plan.best is None:
+        click.echo("no layout meets the SLOs at the target rate")
+    else:
+        b = plan.best
+        click.echo(f"fewest GPUs: {b.gpus} = tp {b.tp} x pp {b.pp} x {b.replicas} replicas ({b.label})")
+    sims = plan.report.simulations if plan.report else 0
+    click.echo(f"{sims} simulations in {wall_s:.1f} s wall")
+    if opts["output"]:
+        out = Path(opts["output"])
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "capacity.json", {
+            "command": "capacity", "plan": "layouts", "target_rate": opts["target_rate"],
+            "slos": [dataclasses.asdict(s) for s in slos], "goodput_slos_ms": goodput, "goodput_fraction": fraction,
+            "layouts": [dataclasses.asdict(r) | {"gpus": r.gpus} for r in plan.rows],
+            "best": None if plan.best is None else plan.best.label,
         })
         click.echo(f"wrote {out}/capacity.json")
