@@ -209,7 +209,7 @@ def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cos
     if token_times:
         for r in requests:
             r.token_times_s = []
-    env = simpy.Environment()
+    env = simpy.Environment(initial_time=0.0)  # SimPy starts at int 0, which requests.csv would write as "0"
     feed = ArrivalFeed(requests)
     watch = num_replicas > 1 and router.reads_kv
     replicas = [Replica(i, make_policy(), cost, None if exact_steps else feed, watch) for i in range(num_replicas)]

@@ -71,7 +71,8 @@ def make_requests(seed: int, cost: str) -> list[Request]:
     rng = np.random.default_rng(seed)
     n = 40
     if cost == "constant":
-        arrivals = np.cumsum(rng.integers(0, 3, n)) * 0.25
+        # From 0, as every replayed trace starts.
+        arrivals = np.concatenate([[0], np.cumsum(rng.integers(0, 3, n - 1))]) * 0.25
     else:
         arrivals = np.cumsum(rng.gamma(0.5, 0.02 / 0.5, n))
     prompts = rng.integers(1, 320, n)
