@@ -39,7 +39,9 @@ class StepShape:
     """KV token slots copied host -> device / device -> host before the step (whole blocks)."""
 
     def __post_init__(self) -> None:
-        if min(shape_values(self)) >= 0:  # the common case in one C call: a shape is built every step
+        # A shape is built every step: check the common case at once. The instance dict holds
+        # exactly the fields (set by the dataclass __init__), so every new field is checked too.
+        if min(self.__dict__.values()) >= 0:
             return
         for name in STEP_FIELDS:
             if getattr(self, name) < 0:
