@@ -11,14 +11,15 @@ each sequence attends to. Pipeline stages run one after another (one batch in fl
 replica, as the simulator's engine loop runs), so a step is every layer's time plus the
 hand-offs between stages.
 
-There is one formula, :meth:`RooflineCost._seconds`, evaluated on a float or on a numpy array
+There is one formula, :meth:`RooflineCost._formula`, evaluated on a float or on a numpy array
 of decode contexts, so that ``decode_run_times(shape, n)[j]`` is bit for bit ``step_time`` of
 the j-th step (the simulator's fast path relies on it).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,27 +37,6 @@ from sim.parallel import (
 Context = TypeVar("Context", float, np.ndarray)
 SHORT_RUN = 32
 """Runs up to this many steps are priced by a Python loop: cheaper than numpy's call overhead."""
-
-
-class _Step(NamedTuple):
-    """What a step's price depends on besides its decode context (constant along a decode run)."""
-
-    prefill_pairs: float
-    prefill_read: float
-    decode_seqs: float
-    kv_write: float
-    window_read: float | None  # the most decode context a sliding window lets the decodes read
-    token_flops: float
-    weight_bytes: float
-    extra_s: float  # GPU-to-GPU exchanges and swap copies
-
-
-def _maximum(a: Context, b: Context) -> Context:
-    return np.maximum(a, b) if isinstance(a, np.ndarray) else max(a, b)
-
-
-def _minimum(a: Context, b: float) -> Context:
-    return np.minimum(a, b) if isinstance(a, np.ndarray) else min(a, b)
 
 
 class RooflineCost:
@@ -79,43 +59,50 @@ class RooflineCost:
         self._flops_per_token: float = 2 * model.matmul_params if tp == 1 else 2 * model.matmul_params / tp
         self._dense_weight_bytes = None if model.moe else weight_read_bytes_per_gpu(model, self.parallel, dtype, 0)
 
-    def _step(self, shape: StepShape) -> _Step:
+    def _weight_bytes(self, tokens: int) -> float:
+        """Weight bytes this GPU reads in a step of ``tokens`` tokens (an MoE: experts touched)."""
+        if self._dense_weight_bytes is not None:
+            return self._dense_weight_bytes
+        return weight_read_bytes_per_gpu(self.model, self.parallel, self.dtype, tokens)
+
+    def _formula(self, shape: StepShape, vector: bool) -> Callable[[Context], Context]:
+        """The price of ``shape`` as a function of its decode context: a float, or (``vector``)
+        a numpy array of the contexts of a decode run. Everything else is fixed here, once."""
         tokens = shape.num_tokens
-        attention, prefill_read = shape.attention_work, shape.prefill_context_tokens
+        prefill_pairs, prefill_read = shape.attention_work, shape.prefill_context_tokens
         window = self.model.sliding_window
         if window is not None:
-            attention = min(attention, shape.prefill_tokens * window)
+            prefill_pairs = min(prefill_pairs, shape.prefill_tokens * window)
             prefill_read = min(prefill_read, shape.prefill_seqs * window)
-        weight_bytes = self._dense_weight_bytes
-        if weight_bytes is None:
-            weight_bytes = weight_read_bytes_per_gpu(self.model, self.parallel, self.dtype, tokens)
+        window_read = None if window is None else shape.decode_seqs * window  # the most decodes may read
         swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
         extra_s = swap_bytes / self.hardware.host_link_bytes_per_s
         if self.parallel.gpus > 1:
             extra_s += comm_s(self.model, self.hardware, self.parallel, self.dtype, tokens)
-        return _Step(
-            prefill_pairs=attention, prefill_read=prefill_read, decode_seqs=shape.decode_seqs, kv_write=tokens,
-            window_read=None if window is None else shape.decode_seqs * window,
-            token_flops=self._flops_per_token * tokens, weight_bytes=weight_bytes, extra_s=extra_s,
-        )
+        decode_seqs, kv_write = shape.decode_seqs, tokens
+        token_flops, weight_bytes = self._flops_per_token * tokens, self._weight_bytes(tokens)
+        pair_flops, kv_bytes = self.flops_per_attention_pair, self.kv_bytes_per_token_gpu
+        compute_rate, memory_rate, overhead_s = self.compute_rate, self.memory_rate, self.hardware.step_overhead_s
+        maximum: Callable = np.maximum if vector else max
+        minimum: Callable = np.minimum if vector else min
 
-    def _seconds(self, s: _Step, decode_context: Context) -> Context:
-        """The roofline of one step whose decodes attend to ``decode_context`` cached tokens."""
-        decode_read = decode_context if s.window_read is None else _minimum(decode_context, s.window_read)
-        pairs = s.prefill_pairs + decode_read + s.decode_seqs
-        flops = s.token_flops + self.flops_per_attention_pair * pairs
-        memory_bytes = s.weight_bytes + self.kv_bytes_per_token_gpu * (decode_read + s.prefill_read + s.kv_write)
-        forward_s = _maximum(flops / self.compute_rate, memory_bytes / self.memory_rate)
-        return self.hardware.step_overhead_s + forward_s + s.extra_s
+        def seconds(decode_context: Context) -> Context:
+            decode_read = decode_context if window_read is None else minimum(decode_context, window_read)
+            pairs = prefill_pairs + decode_read + decode_seqs
+            flops = token_flops + pair_flops * pairs
+            memory_bytes = weight_bytes + kv_bytes * (decode_read + prefill_read + kv_write)
+            return overhead_s + maximum(flops / compute_rate, memory_bytes / memory_rate) + extra_s
+
+        return seconds
 
     def step_time(self, shape: StepShape) -> float:
-        return float(self._seconds(self._step(shape), float(shape.decode_context_tokens)))
+        return self._formula(shape, False)(float(shape.decode_context_tokens))
 
     def decode_run_times(self, shape: StepShape, n: int) -> list[float] | np.ndarray:
         """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
         same formula on every context, so the values are identical."""
-        s = self._step(shape)
         context, seqs = float(shape.decode_context_tokens), float(shape.decode_seqs)
         if n <= SHORT_RUN:
-            return [self._seconds(s, context + j * seqs) for j in range(n)]
-        return self._seconds(s, context + np.arange(n, dtype=np.float64) * seqs)
+            seconds = self._formula(shape, False)
+            return [seconds(context + j * seqs) for j in range(n)]
+        return self._formula(shape, True)(context + np.arange(n, dtype=np.float64) * seqs)

@@ -80,8 +80,8 @@ def test_moe_decode_reads_active_experts_and_large_batches_read_all():
     """A Mixtral decode of one sequence reads about its active weights; a large batch reads all experts."""
     model, hw = get_model("mixtral-8x7b"), get_hardware("h100-sxm")
     cost = RooflineCost(model, hw, parallel=Parallelism(2, 1))
-    one = cost._step(StepShape(decode_seqs=1, decode_context_tokens=100)).weight_bytes
-    many = cost._step(StepShape(decode_seqs=256, decode_context_tokens=25_600)).weight_bytes
+    one = cost._weight_bytes(1)
+    many = cost._weight_bytes(256)
     assert one == pytest.approx(model.active_params * 2 / 2, rel=0.01)
     assert many == pytest.approx(model.num_params * 2 / 2, rel=0.01)
     dense = RooflineCost(get_model("llama-2-70b"), hw, parallel=Parallelism(2, 1))
