@@ -98,11 +98,12 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
 
     started = time.perf_counter()
     spec = get_model(model)
-    live = LiveConfig(model=model, weights=None if weights is None else str(weights), device=device, dtype=dtype,
-                      threads=threads, seed=seed, block_size=block_size, memory_utilization=memory_utilization)
-    where = place(live)
+    engine_config = LiveConfig(model=model, weights=None if weights is None else str(weights), device=device,
+                               dtype=dtype, threads=threads, seed=seed, block_size=block_size,
+                               memory_utilization=memory_utilization)
+    where = place(engine_config)
     dev, torch_dtype = where.device, where.dtype
-    net = load_network(live)
+    net = load_network(engine_config)
     kv_bytes = kv_bytes_per_token(spec, torch_dtype)
     block_bytes = kv_bytes * block_size
     if dev.type == "cuda":
@@ -120,7 +121,8 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
         if plan is not None:
             num_blocks = max(num_blocks, live_kv_blocks(plan, block_size))
     host_blocks = max(1, min(num_blocks, SWAP_PROBE_BYTES // block_bytes))
-    runner = build_runner(dataclasses.replace(live, kv_blocks=num_blocks, swap_blocks=host_blocks), net=net)
+    runner = build_runner(dataclasses.replace(engine_config, kv_blocks=num_blocks, swap_blocks=host_blocks),
+                          net=net)
     link = measure_host_link(runner)
     measured = measure_grid(runner, points, repeats=repeats, warmup=warmup, passes=passes, seed=seed,
                             progress=progress)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.config import CPU_MAX_KV_BLOCKS, LiveConfig
+from runtime.config import LiveConfig, default_kv_blocks
 from runtime.engine import LiveEngine
 from runtime.kvcache import blocks_from_memory, kv_bytes_per_token
 from runtime.model import Transformer
 from runtime.runner import ModelRunner
 from runtime.weights import dtype_name, load_model, resolve_device, resolve_dtype
-from sim.kv import BlockManager, blocks_for
+from sim.kv import BlockManager
 from sim.models import get_model
 from sim.policies import make_policy
 from sim.request import Request
@@ -60,15 +60,6 @@ def load_network(config: LiveConfig) -> Transformer:
     return load_model(get_model(config.model), config.weights, where.dtype, where.device, config.seed)
 
 
-def default_kv_blocks(requests: Sequence[Request], block_size: int) -> int:
-    """Room for every request at once (so a run at moderate load never preempts), at most
-    :data:`CPU_MAX_KV_BLOCKS`; with no requests known, the cap."""
-    if not requests:
-        return CPU_MAX_KV_BLOCKS
-    need = sum(blocks_for(r.max_tokens, block_size) for r in requests)
-    return max(1, min(CPU_MAX_KV_BLOCKS, need))
-
-
 def pool_blocks(config: LiveConfig, net: Transformer, requests: Sequence[Request] = ()) -> tuple[int, int]:
     """(device blocks, host blocks) of the config's pool; on CUDA measured with ``net`` loaded."""
     num_blocks = config.kv_blocks
@@ -78,10 +69,7 @@ def pool_blocks(config: LiveConfig, net: Transformer, requests: Sequence[Request
                                             config.memory_utilization)
         else:
             num_blocks = default_kv_blocks(requests, config.block_size)
-    host_blocks = config.swap_blocks
-    if host_blocks is None:
-        host_blocks = num_blocks if config.scheduler.preempt == "swap" else 0
-    return num_blocks, host_blocks
+    return num_blocks, config.host_blocks(num_blocks)
 
 
 def build_runner(config: LiveConfig, requests: Sequence[Request] = (), net: Transformer | None = None) -> ModelRunner:

@@ -10,11 +10,14 @@ are configured by the same values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sim.kv import blocks_for
 from sim.models import get_model
 from sim.policies.base import SchedulerConfig
+from sim.request import Request
 
 DEVICE_FORMS = "auto, cpu or cuda[:N]"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -78,8 +81,24 @@ class LiveConfig:
         if not 0 < self.memory_utilization <= 1:
             raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
+    def host_blocks(self, num_blocks: int) -> int:
+        """Host (swap) blocks of a pool of ``num_blocks`` device blocks: ``swap_blocks``, else as
+        many as the device's with swap preemption, else 0."""
+        if self.swap_blocks is not None:
+            return self.swap_blocks
+        return num_blocks if self.scheduler.preempt == "swap" else 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_kv_blocks(requests: Sequence[Request], block_size: int) -> int:
+    """Room for every request at once (so a run at moderate load never preempts), at most
+    :data:`CPU_MAX_KV_BLOCKS`; with no requests known, the cap."""
+    if not requests:
+        return CPU_MAX_KV_BLOCKS
+    need = sum(blocks_for(r.max_tokens, block_size) for r in requests)
+    return max(1, min(CPU_MAX_KV_BLOCKS, need))
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -158,8 +158,8 @@ def test_profile_live_error_and_drift():
     offset = {"steps": 10, "median_step_rel_error": 0.15, "median_step_signed_error": 0.15, "p90_step_rel_error": 0.2}
     assert run([1.15] * 5, offset).drift == pytest.approx(0.0) and drift_warning(run([1.15] * 5, offset)) is None
     assert run([1.15] * 5, None).drift == pytest.approx(0.15)
-    assert "faster than predicted" in drift_warning(run([1.15] * 5, None))
-    assert "slower than predicted" in drift_warning(run([0.95] * 5, offset))
+    assert "predicts 15% more time than the live steps took" in drift_warning(run([1.15] * 5, None))
+    assert "predicts 20% less time than the live steps took" in drift_warning(run([0.95] * 5, offset))
 
 
 @pytest.mark.parametrize("args, message", [

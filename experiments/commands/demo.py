@@ -13,23 +13,26 @@ import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from experiments.commands.validate import TINY_MAX_OUTPUT_TOKENS, TINY_MAX_PROMPT_TOKENS
+from experiments.comparison import Comparison
 from experiments.output import write_json
+from experiments.validation.plan import TINY_MAX_OUTPUT_TOKENS, TINY_MAX_PROMPT_TOKENS
 from sim.config import KVConfig, SimConfig, parse_policy
 from sim.hardware import GIB
 from sim.policies.base import SchedulerConfig
 from sim.workload import TraceReplay
+
+if TYPE_CHECKING:
+    from experiments.validation import Plan, Validation
 
 MODEL = "tiny"
 TRACE = "azure-conv"
 POLICIES = ("static", "continuous", "chunked", "chunked+swap")
 RATE_FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
 """Compare at these fractions of the best saturation request throughput."""
-PROBE_FACTOR = 1000.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,10 @@ def scaled_trace(path: Path, prompt_scale: float, output_scale: float, max_promp
 
 
 def compare_policies(profile_path: Path, trace_path: Path, block_size: int, kv_blocks: int, kv_bytes: int,
-                     rate_fractions: tuple[float, ...], jobs: int | None, progress: bool) -> dict[str, Any]:
-    """Simulate every policy at rates around saturation; returns runs, rates and the saturation."""
-    from experiments.sweep import RateScaler, RunSpec, run_sweep
+                     rate_fractions: tuple[float, ...], jobs: int | None,
+                     progress: bool) -> tuple[Comparison, dict[str, SimConfig]]:
+    """Simulate every policy at fractions of the best saturation; returns the comparison and the configs."""
+    from experiments.comparison import run_comparison
 
     swap_gib = kv_blocks * block_size * kv_bytes / GIB * (1 + 1e-9)  # host pool = device pool, in blocks
     configs = []
@@ -86,16 +90,9 @@ def compare_policies(profile_path: Path, trace_path: Path, block_size: int, kv_b
         configs.append((label, SimConfig(scheduler=sched, kv=KVConfig(num_blocks=kv_blocks, block_size=block_size,
                                                                       swap_gib=swap_gib if preempt == "swap" else 0),
                                          model=MODEL, profile=str(profile_path))))
-    scaler = RateScaler(TraceReplay(trace=str(trace_path)))
-    probe = scaler.base_rate * PROBE_FACTOR
-    probes = run_sweep([RunSpec(label, c, scaler.at(probe), probe) for label, c in configs], jobs=jobs,
-                       progress=progress, desc="probing saturation")
-    saturation = max(r["request_throughput"] for r in probes)
-    rates = [float(f"{saturation * f:.3g}") for f in rate_fractions]
-    runs = run_sweep([RunSpec(label, c, scaler.at(rate), rate) for rate in rates for label, c in configs],
-                     jobs=jobs, progress=progress, desc="comparing")
-    return {"labels": [label for label, _ in configs], "rates": rates, "saturation_rps": saturation,
-            "probes": probes, "runs": runs, "configs": {label: c.to_dict() for label, c in configs}}
+    cmp = run_comparison(configs, TraceReplay(trace=str(trace_path)), fractions=rate_fractions, jobs=jobs,
+                         progress=progress)
+    return cmp, dict(configs)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -108,8 +105,9 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}%"
 
 
-def validation_markdown(v: Any) -> str:
-    from experiments.validation import format_spread, live_spread, metric_names
+def validation_markdown(v: Validation) -> str:
+    from experiments.validation import live_spread, metric_names
+    from experiments.validation.report import format_spread
 
     repeated = len(v.live_runs) > 1
     rows = []
@@ -122,20 +120,20 @@ def validation_markdown(v: Any) -> str:
     return _md_table(head, rows)
 
 
-def comparison_markdown(cmp: dict[str, Any]) -> tuple[str, str, dict[str, float | None]]:
-    """(throughput by rate, latency at the highest rate, ratio to static at saturation)."""
+def comparison_markdown(cmp: Comparison) -> tuple[str, str, dict[str, float | None]]:
+    """(throughput by rate, latency at the highest rate, ratio to static at the highest rate)."""
     from experiments.comparison import ratio_to_static
 
-    labels, rates, runs = cmp["labels"], cmp["rates"], cmp["runs"]
-    by_key = {(r["policy"], r["rate"]): r for r in runs}
+    assert cmp.rates is not None and cmp.saturation_rps is not None
+    labels, rates = cmp.labels, cmp.rates
     rows = []
     for rate in rates:
-        at = [by_key[(label, rate)] for label in labels]
+        at = cmp.at_rate(rate)
         ratios = ratio_to_static(at)
-        rows.append([f"{rate:g} ({rate / cmp['saturation_rps']:.0%})"]
+        rows.append([f"{rate:g} ({rate / cmp.saturation_rps:.0%})"]
                     + [f"{r['output_throughput']:.0f} ({ratios.get(r['policy']) or 0:.2f}x)" for r in at])
     by_rate = _md_table(["request rate (req/s)", *labels], rows)
-    top = [by_key[(label, rates[-1])] for label in labels]
+    top = cmp.at_rate(rates[-1])
     fields = [("request throughput (req/s)", "request_throughput", ".2f"),
               ("output throughput (tok/s)", "output_throughput", ".0f"),
               ("mean TTFT (s)", "mean_ttft_ms", "s"), ("p99 TTFT (s)", "p99_ttft_ms", "s"),
@@ -152,12 +150,32 @@ def comparison_markdown(cmp: dict[str, Any]) -> tuple[str, str, dict[str, float 
     return by_rate, _md_table(["", *labels], rows), ratio_to_static(top)
 
 
-def write_report(out: Path, info: dict[str, Any]) -> Path:
+@dataclass(frozen=True)
+class DemoRun:
+    """What the phases of a demo left for its report."""
+
+    validation: Validation
+    plan: Plan
+    compare: Comparison
+    phase_s: dict[str, float]
+    clamped: int
+    """Comparison trace rows whose lengths were clamped to the validation's maxima."""
+    compare_requests: int
+    commands: list[str]
+    """The commands that reproduce each phase, from the report's directory."""
+    profile_origin: str
+    profile_rel: str
+    wall_s: float
+
+
+def write_report(out: Path, info: DemoRun) -> Path:
     """report.md from what the phases left in ``info``."""
     from calibrate.fit import format_error_table
-    from experiments.validation import drift_warning, format_speed
+    from experiments.validation import drift_warning, format_speeds
 
-    v, plan, cmp = info["validation"], info["plan"], info["compare"]
+    v, plan, cmp = info.validation, info.plan, info.compare
+    assert cmp.rates is not None and cmp.saturation_rps is not None
+    n_slice = len(v.live.requests)
     prof = plan.profile
     steps = v.steps.summary()
     served = "once on the live engine"
@@ -165,13 +183,13 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         served = (f"{len(v.live_runs)} times on the live engine (the live column is their mean: on a shared CPU "
                   "the live engine does not reproduce itself, see the spread)")
     by_rate, at_top, ratios = comparison_markdown(cmp)
-    top_rate = cmp["rates"][-1]
-    ratio_text = ", ".join(f"{label} {ratios[label]:.2f}x" for label in cmp["labels"] if ratios.get(label))
+    top_rate = cmp.rates[-1]
+    ratio_text = ", ".join(f"{label} {ratios[label]:.2f}x" for label in cmp.labels if ratios.get(label))
     held = prof.errors.get("held_out") if prof.errors else None
     speed_text = ""
     if v.speed_before is not None:
         speed_text = (f"The profile's own steps, timed again just before and after the live run, ran "
-                      f"{format_speed(v.speed_before)} and {format_speed(v.speed_after)} than at calibration.")
+                      f"{format_speeds(v.speed_before, v.speed_after)}.")
     if v.profile_live is not None:
         own = v.profile_live
         speed_text += (f" For reference, the profile on its own {own['steps']} calibration live steps: median |error| "
@@ -185,12 +203,12 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         "# servesim demo",
         "",
         f"Machine: {prof.device}; model `{MODEL}` ({prof.dtype}, random weights, "
-        f"{prof.torch_threads or 'default'} torch thread(s)). Total wall time {info['wall_s']:.0f} s "
-        f"({', '.join(f'{k} {s:.0f} s' for k, s in info['phase_s'].items())}).",
+        f"{prof.torch_threads or 'default'} torch thread(s)). Total wall time {info.wall_s:.0f} s "
+        f"({', '.join(f'{k} {s:.0f} s' for k, s in info.phase_s.items())}).",
         "",
         "## 1. Calibration",
         "",
-        f"Profile: `{info['profile_rel']}` ({info['profile_origin']}; grid `{prof.grid}`, "
+        f"Profile: `{info.profile_rel}` ({info.profile_origin}; grid `{prof.grid}`, "
         f"{len(prof.samples)} measured steps, created {prof.created_utc}). "
         "Held-out error of the fitted step-cost model (5-fold cross-validation, absolute % of step time):",
         "",
@@ -200,8 +218,8 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         "",
         "## 2. Validation: the simulator against the live engine",
         "",
-        f"{plan.workload.num_requests} requests of `{TRACE}` (rows {plan.workload.start}-"
-        f"{plan.workload.start + plan.workload.num_requests - 1}; prompt lengths x {plan.prompt_scale:.3f}, "
+        f"{n_slice} requests of `{TRACE}` (rows {plan.workload.start}-"
+        f"{plan.workload.start + n_slice - 1}; prompt lengths x {plan.prompt_scale:.3f}, "
         f"output lengths x {plan.output_scale:.3f} to fit the tiny model), time-scaled x "
         f"{plan.workload.time_scale:.3g} to {plan.load:.0%} of the simulated saturation throughput "
         f"({plan.capacity_rps:.2f} req/s), served by policy `{plan.scheduler.policy}` with "
@@ -240,10 +258,10 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         "",
         "## 3. Policy comparison on the whole trace (simulated)",
         "",
-        f"All {info['compare_requests']:,} requests of `{TRACE}`, lengths scaled by the same factors "
+        f"All {info.compare_requests:,} requests of `{TRACE}`, lengths scaled by the same factors "
         f"(and clamped to {plan.workload.max_prompt_tokens} / {plan.workload.max_output_tokens} tokens: "
-        f"{info['clamped']} requests), replayed time-scaled to each request rate, simulated with the profile. "
-        f"Saturation here is {cmp['saturation_rps']:.2f} req/s: the best request throughput of any policy with "
+        f"{info.clamped} requests), replayed time-scaled to each request rate, simulated with the profile. "
+        f"Saturation here is {cmp.saturation_rps:.2f} req/s: the best request throughput of any policy with "
         "every request queued at once. Output throughput (tok/s) and its ratio to static:",
         "",
         by_rate,
@@ -267,7 +285,7 @@ def write_report(out: Path, info: dict[str, Any]) -> Path:
         "From this directory:",
         "",
         "```",
-        *info["commands"],
+        *info.commands,
         "```",
         "",
     ]
@@ -302,7 +320,8 @@ def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_re
     engine on a trace slice, compares static, continuous, chunked and chunked+swap on the
     whole trace, and writes OUTPUT/report.md.
     """
-    from experiments.commands.validate import execute, make_plan, shipped_profile
+    from experiments.validation.output import execute
+    from experiments.validation.plan import make_plan, shipped_profile
 
     if skip_calibration and profile_path is not None:
         raise click.UsageError("give --skip-calibration or --profile, not both")
@@ -367,36 +386,37 @@ def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_re
 
     # 3. comparison
     t0 = time.perf_counter()
-    from experiments.output import write_runs_csv as write_csv
-    from experiments.plots import comparison_plots as write_plots
+    from experiments.output import write_runs_csv
+    from experiments.plots import comparison_plots
     from experiments.report import throughput_table
 
     trace_path, clamped = scaled_trace(output / "azure-conv-tiny.csv", plan.prompt_scale, plan.output_scale, mp, mo,
                                        n_cmp)
     n_rows = sum(1 for _ in trace_path.open()) - 1
     click.echo(f"[3/4] comparing {', '.join(POLICIES)} on {n_rows:,} requests of {TRACE} (simulated) ...")
-    cmp = compare_policies(profile_path, trace_path, plan.capacity.block_size, plan.capacity.num_blocks,
-                           plan.capacity.kv_bytes_per_token, fractions, jobs, progress)
+    cmp, configs = compare_policies(profile_path, trace_path, plan.capacity.block_size, plan.capacity.num_blocks,
+                                    plan.capacity.kv_bytes_per_token, fractions, jobs, progress)
+    assert cmp.rates is not None
     cmp_dir = output / "compare"
     cmp_dir.mkdir(exist_ok=True)
-    write_json(cmp_dir / "compare.json", {"command": "demo", **{k: cmp[k] for k in ("labels", "rates",
-                                                                                   "saturation_rps", "configs",
-                                                                                   "runs")}})
-    write_csv(cmp_dir / "compare.csv", cmp["runs"])
-    write_plots(cmp_dir, cmp["runs"], cmp["labels"], False)
-    click.echo(f"      saturation ~{cmp['saturation_rps']:.2f} req/s; output throughput (tok/s) by rate:")
-    _indented(throughput_table(cmp["runs"], cmp["labels"], cmp["rates"]))
+    write_json(cmp_dir / "compare.json", {"command": "demo", "labels": list(cmp.labels), "rates": list(cmp.rates),
+                                          "saturation_rps": cmp.saturation_rps,
+                                          "configs": {label: c.to_dict() for label, c in configs.items()},
+                                          "runs": list(cmp.runs)})
+    write_runs_csv(cmp_dir / "compare.csv", cmp.runs)
+    comparison_plots(cmp_dir, cmp.runs, cmp.labels, False)
+    click.echo(f"      saturation ~{cmp.saturation_rps:.2f} req/s; output throughput (tok/s) by rate:")
+    _indented(throughput_table(cmp.runs, cmp.labels, cmp.rates))
     phase_s["comparison"] = time.perf_counter() - t0
-    swap_gib = cmp["configs"]["chunked+swap"]["kv"]["swap_gib"]
+    swap_gib = configs["chunked+swap"].kv.swap_gib
     commands.append(f"servesim compare --trace azure-conv-tiny.csv --profile {profile_rel} --model {MODEL} "
                     f"--kv-blocks {plan.capacity.num_blocks} --swap-gib {swap_gib:.6f} "
-                    f"--policies {','.join(POLICIES)} --rates {','.join(f'{r:g}' for r in cmp['rates'])}")
+                    f"--policies {','.join(POLICIES)} --rates {','.join(f'{r:g}' for r in cmp.rates)}")
 
     # 4. report
     click.echo("[4/4] writing the report ...")
-    info = {"validation": v, "plan": plan, "compare": cmp, "phase_s": phase_s, "clamped": clamped,
-            "compare_requests": n_rows, "commands": commands, "profile_origin": origin,
-            "profile_rel": profile_rel, "wall_s": time.perf_counter() - t_start}
+    info = DemoRun(v, plan, cmp, phase_s, clamped, n_rows, commands, origin, profile_rel,
+                   time.perf_counter() - t_start)
     report = write_report(output, info)
     click.echo(f"done in {time.perf_counter() - t_start:.0f} s: {report}")
 

@@ -1,0 +1,115 @@
+"""A validation printed for people: the metrics table with the step errors, and the warning
+when the device did not run at its calibrated speed."""
+
+from __future__ import annotations
+
+import math
+
+from experiments.validation.errors import metric_names, metric_spread
+from experiments.validation.result import Validation
+
+DRIFT_WARN = 0.10
+"""A device speed change (re-timed profile steps, or the live steps' median signed error)
+beyond this is reported with the results."""
+
+
+def format_spread(spread: float | None) -> str:
+    return "-" if spread is None else f"{spread * 100:.1f}%"
+
+
+def live_spread(v: Validation, key: str) -> float | None:
+    """(max - min) / mean of a metric over the live runs: how far the live engine is from
+    reproducing itself; None with a single run."""
+    return metric_spread(v.metrics[key])
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if pct:
+        return f"{value * 100:+.1f}%"
+    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+def format_table(v: Validation) -> str:
+    """The metrics table (live, sim, relative error; with repeated live runs ``live`` is their
+    mean and ``live spread`` their (max - min) / mean) and the step error lines."""
+    label_w = max(len(label) for _, label in metric_names())
+    repeated = len(v.live_runs) > 1
+    head = f"{'metric':<{label_w}}  {'live':>10}  {'sim':>10}  {'error':>8}"
+    rule = f"{'-' * label_w}  {'-' * 10}  {'-' * 10}  {'-' * 8}"
+    lines = [head + (f"  {'live spread':>11}" if repeated else ""), rule + (f"  {'-' * 11}" if repeated else "")]
+    for key, label in metric_names():
+        m = v.metrics[key]
+        row = f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  {_fmt(m['rel_error'], pct=True):>8}"
+        if repeated:
+            row += f"  {format_spread(live_spread(v, key)):>11}"
+        lines.append(row)
+    if repeated:
+        lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
+                     "they were ((max - min) / mean)")
+    s = v.steps.summary()
+    lines.append(f"per-step error over {v.steps.measured_s.size} live steps: median |err| "
+                 f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "
+                 f"median signed {s['median_step_signed_error'] * 100:+.1f}%; summed step time "
+                 f"{v.steps.total_rel_error * 100:+.1f}%")
+    kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
+                      for kind, k in s["step_errors_by_kind"].items())
+    lines.append(f"  median signed per kind: {kinds}")
+    bands = ", ".join(f"{name} {b['total_rel_error'] * 100:+.1f}% ({b['time_share'] * 100:.0f}% of time)"
+                      for name, b in s["step_errors_by_batch"].items())
+    if bands:
+        lines.append(f"  summed step time by decode batch size: {bands}")
+    if v.profile_live is not None:
+        own = v.profile_live
+        lines.append(f"  the profile on its own {own['steps']} calibration live steps: median |err| "
+                     f"{own['median_step_rel_error'] * 100:.1f}%, median signed "
+                     f"{own['median_step_signed_error'] * 100:+.1f}% (no model fits noisy steps "
+                     "exactly; beyond this, the run's error is the device's drift)")
+    if v.speed_before is not None or v.speed_after is not None:
+        lines.append(f"device speed (profile steps re-timed): {format_speeds(v.speed_before, v.speed_after)}")
+    warning = drift_warning(v)
+    if warning:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def format_speed(ratio: float | None) -> str:
+    """A device's speed from ``ratio`` = step time now / step time at calibration: 1.1 is
+    "10% slower", 0.5 "100% faster" (twice the speed), 1.0 "as fast"."""
+    if ratio is None:
+        return "-"
+    if round(abs(ratio - 1) * 100) == 0:
+        return "as fast"
+    return f"{(ratio - 1) * 100:.0f}% slower" if ratio > 1 else f"{(1 / ratio - 1) * 100:.0f}% faster"
+
+
+def format_speeds(before: float | None, after: float | None) -> str:
+    """The re-timed profile steps before and after the live run, said once when they agree."""
+    a, b = format_speed(before), format_speed(after)
+    if a == b:
+        return f"{a} {'as' if a == 'as fast' else 'than'} at calibration, before and after the live run"
+    return f"{a} before the live run and {b} after, against calibration"
+
+
+def format_bias(signed_error: float) -> str:
+    """A median signed step error (predicted / measured - 1) in words."""
+    if signed_error >= 0:
+        return f"the profile predicts {signed_error * 100:.0f}% more time than the live steps took"
+    return f"the profile predicts {-signed_error * 100:.0f}% less time than the live steps took"
+
+
+def drift_warning(v: Validation) -> str | None:
+    """A warning when the device ran at another speed than when it was calibrated: the
+    profile's steps re-timed, or the live steps uniformly off. The run metrics then measure
+    that change, not the simulator (at 70% load a 5% slower device adds ~15% to latency)."""
+    speeds = [x - 1 for x in (v.speed_before, v.speed_after) if x is not None]
+    bias = v.drift
+    if max([abs(x) for x in speeds] + [0.0]) <= DRIFT_WARN and abs(bias) <= DRIFT_WARN:
+        return None
+    timed = ""
+    if speeds:
+        timed = f"re-timed profile steps ran {format_speeds(v.speed_before, v.speed_after)}; "
+    return (f"the device did not run at its calibrated speed ({timed}at the median {format_bias(bias)}, beyond "
+            "the profile's own offset on its calibration live steps). Other processes or a throttled CPU? "
+            "Recalibrate just before validating, on an otherwise idle machine.")

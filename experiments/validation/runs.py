@@ -1,0 +1,114 @@
+"""The two executors of a validation on the same requests and KV pool: the simulator with exactly
+the live pool's blocks, and the live engine built by :func:`runtime.build.build_live_engine`.
+
+Before and after the live run a few of the profile's own grid steps are timed again
+(:func:`speed_check`): near saturation queueing amplifies a cost error several times, so a
+device running slower than when it was calibrated (another process, a throttled CPU) must be
+told apart from an error of the simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sim.batch import StepShape
+from sim.cluster import make_router
+from sim.cost import CostModel
+from sim.engine import SimResult, simulate
+from sim.kv import BlockManager
+from sim.policies import make_policy
+from sim.request import Request
+
+if TYPE_CHECKING:
+    from runtime.config import LiveConfig
+    from runtime.engine import LiveResult
+    from runtime.runner import ModelRunner
+
+SPEED_CHECK_POINTS = 8
+"""Profile steps re-timed before and after a live run to see whether the device changed."""
+
+
+def sim_pool(live: LiveConfig) -> BlockManager:
+    """A fresh block manager shaped as the live config's pool, which must be given in full
+    (``kv_blocks``)."""
+    if live.kv_blocks is None:
+        raise ValueError("a validation needs the KV pool's size (kv_blocks) to give both executors the same pool")
+    return BlockManager(live.kv_blocks, live.block_size, live.host_blocks(live.kv_blocks))
+
+
+def simulate_run(requests: Sequence[Request], live: LiveConfig, cost: CostModel) -> SimResult:
+    """One replica in the simulator with the live config's scheduler and exactly its pool."""
+    return simulate(requests, lambda: make_policy(live.scheduler, sim_pool(live)), cost, make_router("round_robin"), 1)
+
+
+@dataclass(frozen=True)
+class LiveRun:
+    """One live run and the device's speed around it."""
+
+    result: LiveResult
+    speed_before: float | None = None
+    speed_after: float | None = None
+    """:func:`speed_check` just before and just after the run (None: not checked)."""
+
+
+def live_run(requests: Sequence[Request], live: LiveConfig, progress: bool = True,
+             profile_samples: Sequence[Any] = ()) -> LiveRun:
+    """Serve ``requests`` on the live engine of ``live`` (its pool as given there), with a speed
+    check before and after when the profile's samples are given."""
+    from runtime.build import build_live_engine, paused_gc
+    from sim.models import get_model
+
+    engine = build_live_engine(live, requests, progress=progress)
+    max_len = get_model(live.model).max_position
+    before = speed_check(engine.runner, profile_samples, max_len)
+    with paused_gc(not live.collect_garbage):
+        result = engine.run(requests)
+    return LiveRun(result, before, speed_check(engine.runner, profile_samples, max_len))
+
+
+def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_points: int = SPEED_CHECK_POINTS,
+                max_step_ms: float = 20.0) -> float | None:
+    """How much slower the device is now than when it was calibrated: a few of the profile's
+    own grid steps (at most ``max_points``, each under ``max_step_ms``) timed again on
+    ``runner`` the way calibration timed them; the median of now / then (1.1: 10% slower now).
+    None when no sample can be rebuilt (a profile fitted from a CSV has mixed shapes)."""
+    if not samples:
+        return None
+    from calibrate.measure import measure_grid
+
+    then: dict[StepShape, tuple[Any, float]] = {}  # shape -> (grid point, step_ms at calibration)
+    for s in sorted(samples, key=lambda s: s.step_ms):
+        point = _grid_point(s)
+        if (point is not None and s.step_ms <= max_step_ms and point.fits(max_len, runner.blocks.num_free,
+                                                                          runner.blocks.block_size)):
+            then[_shape_key(s)] = (point, s.step_ms)
+    if not then:
+        return None
+    chosen = list(then.values())
+    chosen = [chosen[i] for i in sorted({round(i) for i in np.linspace(0, len(chosen) - 1, max_points)})]
+    measured = measure_grid(runner, [p for p, _ in chosen], repeats=3, warmup=2, progress=False).samples
+    ratios = [m.step_ms / then[_shape_key(m)][1] for m in measured if _shape_key(m) in then]
+    return float(np.median(ratios)) if ratios else None
+
+
+def _shape_key(s: Any) -> StepShape:
+    return s.shape
+
+
+def _grid_point(s: Any) -> Any:
+    """The calibration grid point of a prefill-only grid sample whose chunks are all alike,
+    else None (a decode grid point spreads its contexts, which the sums do not give back)."""
+    from calibrate.grid import GridPoint
+
+    shape = s.shape
+    if s.origin != "grid" or shape.decode_seqs or not shape.prefill_seqs:
+        return None
+    chunk, rest = divmod(shape.prefill_tokens, shape.prefill_seqs)
+    context, rest2 = divmod(shape.prefill_context_tokens, shape.prefill_seqs)
+    if rest or rest2 or chunk < 1:
+        return None
+    return GridPoint(prefill=((chunk, context),) * shape.prefill_seqs)
