@@ -290,3 +290,18 @@ def test_serve_cli_refuses_a_pool_too_small():
                          timeout=TIMEOUT_S)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and "--kv-blocks" in out.stderr
+
+
+def test_engine_failure_is_500_and_unhealthy(net, one_torch_thread):
+    """When the engine thread dies, the waiting client gets HTTP 500 with the cause and /health turns 503."""
+    engine = tiny_engine(net)
+
+    def broken(batch):
+        raise RuntimeError("device lost")
+
+    engine.runner.execute = broken  # type: ignore[method-assign]
+    with ServerThread(engine, ByteTokenizer()) as s:
+        status, body = complete(s, {"prompt": [1, 2, 3], "max_tokens": 2})
+        assert status == 500 and "device lost" in body["error"]["message"]
+        assert call(s, "GET", "/health")[0] == 503
+        assert complete(s, {"prompt": [1, 2, 3], "max_tokens": 2})[0] == 500
