@@ -224,7 +224,7 @@ def main() -> None:
     p.add_argument("--azure-time-scale", type=float, default=0.5)
     p.add_argument("--azure-max-prompt", type=int, default=512)
     p.add_argument("--azure-max-output", type=int, default=64)
-    p.add_argument("--vllm-kv-gib", type=float, default=2.0)
+    p.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (an integer)")
     args = p.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
