@@ -4,7 +4,8 @@ simulated cluster, and the builders that turn them into config objects (``SimCon
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -17,6 +18,7 @@ from sim.models import DTYPE_BYTES, MODELS
 from sim.policies import POLICIES, SchedulerConfig
 from sim.policies.base import PREEMPT_MODES
 from sim.queues import ORDERS
+from sim.request import Request
 from sim.workload import ARRIVALS, SyntheticWorkload, TraceReplay
 
 DEFAULT_TRACE = "azure-conv"
@@ -61,7 +63,41 @@ def workload_options(f: Callable) -> Callable:
                      help="Synthetic prompt lengths: N, fixed:N, uniform:A:B, zipf:A:MAX, empirical:FILE."),
         click.option("--output-tokens", default="uniform:16:256", show_default=True, metavar="DIST",
                      help="Synthetic output lengths, same forms."),
+        click.option("--priority-classes", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Synthetic priorities: each request's drawn uniformly from 0..N-1 (0 is served first "
+                          "under --order priority); 1 gives every request priority 0."),
     ])(f)
+
+
+def option_help(name: str, text: str) -> Callable[[Callable], Callable]:
+    """Replace the help of an option that an earlier decorator attached (a command whose
+    default differs from the shared one says so)."""
+
+    def deco(f: Callable) -> Callable:
+        for param in f.__click_params__:  # type: ignore[attr-defined]
+            if param.name == name:
+                param.help = text
+        return f
+
+    return deco
+
+
+def priority_note(order: str, requests: Sequence[Request]) -> str | None:
+    """A note when ``--order priority`` cannot change anything: every request has one priority."""
+    if order != "priority" or len({r.priority for r in requests}) > 1:
+        return None
+    return ("note: --order priority orders by the requests' priorities, and every request here has the same one "
+            "(for a synthetic workload give --priority-classes N; a trace needs a priority column), so it runs "
+            "as fcfs")
+
+
+def resolve_progress(progress: bool | None) -> bool:
+    """``--progress/--no-progress``; neither: bars only when stderr is a terminal (a log gets none)."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+progress_option = click.option("--progress/--no-progress", default=None,
+                               help="Progress bars [default: only when stderr is a terminal].")
 
 
 def policy_choice() -> click.Choice:
@@ -109,8 +145,11 @@ def build_workload(opts: dict[str, Any], seed: int) -> SyntheticWorkload | Trace
             arrival=opts["arrival"], rate=opts["rate"], burstiness=opts["burstiness"],
             num_requests=None if opts.get("duration_s") else (opts.get("num_requests") or 1000),
             duration_s=opts.get("duration_s"), prompt_dist=opts["prompt_tokens"],
-            output_dist=opts["output_tokens"], seed=seed,
+            output_dist=opts["output_tokens"], seed=seed, priority_classes=opts.get("priority_classes", 1),
         )
+    if opts.get("priority_classes", 1) > 1:
+        raise ValueError("--priority-classes draws priorities for a synthetic workload (give --arrival); a trace's "
+                         "priorities come from its priority column")
     return TraceReplay(
         trace=trace or DEFAULT_TRACE, fmt=opts.get("trace_format", "auto"), time_scale=opts.get("time_scale", 1.0),
         start=opts.get("start", 0), num_requests=opts.get("num_requests"),

@@ -150,6 +150,28 @@ def _weighted_stats(prefix: str, values_s: np.ndarray, weights: np.ndarray,
     return out
 
 
+def parse_percentiles(text: str) -> list[float]:
+    """``"90,99,99.9"`` -> ``[90.0, 99.0, 99.9]`` (sorted, unique); each must be in (0, 100]."""
+    values = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"percentile {item.strip()!r} is not a number; expected numbers in (0, 100] "
+                             "separated by commas, e.g. 50,90,99") from None
+    check_percentiles(values)
+    return sorted(set(values))
+
+
+def check_percentiles(percentiles: Sequence[float]) -> None:
+    """ValueError unless every percentile is a number in (0, 100]."""
+    bad = [p for p in percentiles if not (isinstance(p, int | float) and 0 < p <= 100)]
+    if bad:
+        raise ValueError(f"percentiles must be in (0, 100], got {', '.join(f'{p:g}' for p in bad)}")
+
+
 def _pword(p: float) -> str:
     return str(int(p)) if int(p) == p else str(p)
 
@@ -186,6 +208,7 @@ def summarize(requests: Sequence[Request], itl: GapRecorder,
               percentiles: Sequence[float] = DEFAULT_PERCENTILES,
               goodput: dict[str, float] | None = None, num_preemptions: int | None = None) -> dict:
     """The vLLM-style summary of a run, plus ``rejected`` and its reasons."""
+    check_percentiles(percentiles)
     done = [r for r in requests if r.status is Status.FINISHED]
     rejected = [r for r in requests if r.status is Status.REJECTED]
     ttft, tpot, e2el = [], [], []

@@ -103,7 +103,7 @@ def arrival_times(
 # -- length distributions ------------------------------------------------------------------------
 
 LENGTH_FORMS = (
-    f"'fixed:N' or 'N', 'uniform:A:B' (inclusive), 'zipf:A:MAX' (A > 0), 'empirical:FILE'; "
+    f"'fixed:N' or 'N', 'uniform:A:B' (inclusive), 'zipf:A:MAX' (exponent A > 0, MAX >= 2), 'empirical:FILE'; "
     f"lengths 1..{MAX_LENGTH_TOKENS:,}"
 )
 
@@ -182,6 +182,7 @@ def parse_lengths(spec: str, role: str = "prompt") -> LengthDist:
     if kind == "empirical" and rest:
         return EmpiricalLengths(spec, rest, role)
     parts = rest.split(":") if rest else []
+    hint = ""
     try:
         if not rest and _is_int(kind):
             kind, parts = "fixed", [kind]
@@ -191,11 +192,15 @@ def parse_lengths(spec: str, role: str = "prompt") -> LengthDist:
             return UniformLengths(spec, int(parts[0]), int(parts[1]))
         if kind == "zipf" and len(parts) == 2:
             exponent, max_tokens = float(parts[0]), int(parts[1])
-            if math.isfinite(exponent) and exponent > 0 and 1 <= max_tokens <= MAX_LENGTH_TOKENS:
+            if math.isfinite(exponent) and exponent > 0 and 2 <= max_tokens <= MAX_LENGTH_TOKENS:
                 return ZipfLengths(spec, exponent, max_tokens)
+            if max_tokens < 2:
+                # One value is no distribution: most likely A was meant as a minimum length.
+                hint = (" (zipf's A is the exponent, not a minimum: lengths run 1..MAX, so MAX must be >= 2; "
+                        "write fixed:1 for 1-token lengths)")
     except ValueError:
         pass
-    raise ValueError(f"bad length spec {spec!r}; accepted: {LENGTH_FORMS}")
+    raise ValueError(f"bad length spec {spec!r}{hint}; accepted: {LENGTH_FORMS}")
 
 
 def _is_int(text: str) -> bool:
@@ -237,7 +242,9 @@ class SyntheticWorkload:
     is in requests per second; ``burstiness`` is the gamma shape k, used only by ``gamma``.
     Arrivals, prompt lengths and output lengths come from three streams spawned from ``seed``,
     so changing the rate or the arrival process leaves the lengths unchanged (common random
-    numbers across a load sweep).
+    numbers across a load sweep). ``priority_classes`` N > 1 gives each request a priority drawn
+    uniformly from 0..N-1 (0 first under ``--order priority``) from a fourth stream; 1 leaves
+    every priority 0.
     """
 
     arrival: str = "poisson"
@@ -248,9 +255,13 @@ class SyntheticWorkload:
     prompt_dist: str = "fixed:512"
     output_dist: str = "fixed:128"
     seed: int = 0
+    priority_classes: int = 1
 
     def __post_init__(self) -> None:
         _check_arrival(self.arrival, self.rate, self.burstiness)
+        if isinstance(self.priority_classes, bool) or not isinstance(self.priority_classes, numbers.Integral) \
+                or self.priority_classes < 1:
+            raise ValueError(f"priority_classes: must be an integer >= 1, got {self.priority_classes!r}")
         if (self.num_requests is None) == (self.duration_s is None):
             raise ValueError(
                 f"num_requests / duration_s: give exactly one, got {self.num_requests} and {self.duration_s}"
@@ -271,14 +282,17 @@ class SyntheticWorkload:
 
     def generate(self) -> list[Request]:
         """The requests, sorted by arrival, ids 0..n-1 (empty if nothing arrives before duration_s)."""
-        arrival_rng, prompt_rng, output_rng = np.random.default_rng(self.seed).spawn(3)
+        # Spawned children depend only on their index: the fourth stream leaves the others as they were.
+        arrival_rng, prompt_rng, output_rng, priority_rng = np.random.default_rng(self.seed).spawn(4)
         arrival_s = arrival_times(
             self.arrival, arrival_rng, self.rate, self.burstiness, self.num_requests, self.duration_s
         )
         n = len(arrival_s)
         prompts = parse_lengths(self.prompt_dist, "prompt").sample(prompt_rng, n)
         outputs = parse_lengths(self.output_dist, "output").sample(output_rng, n)
-        return _requests(arrival_s, prompts, outputs, np.zeros(n, dtype=np.int64))
+        priority = (priority_rng.integers(0, self.priority_classes, n, dtype=np.int64) if self.priority_classes > 1
+                    else np.zeros(n, dtype=np.int64))
+        return _requests(arrival_s, prompts, outputs, priority)
 
 
 @dataclass(frozen=True)

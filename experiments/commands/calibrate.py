@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from experiments.options import progress_option, resolve_progress
 from sim.models import MODELS, get_model
 
 
@@ -49,13 +50,13 @@ def _print_errors(errors: dict) -> None:
 @click.option("--live/--no-live", default=True, show_default=True,
               help="After the grid, serve a synthetic workload (Poisson, uniform lengths; continuous and "
                    "chunked) on the live engine and fit its steps too.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Profile JSON to write.")
 @click.pass_context
 def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
               block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
-              memory_utilization: float, samples_csv: Path | None, live: bool, progress: bool,
+              memory_utilization: float, samples_csv: Path | None, live: bool, progress: bool | None,
               output: Path | None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
@@ -82,7 +83,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
     try:
         profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
                                   warmup=warmup, passes=passes, threads=threads, memory_utilization=memory_utilization,
-                                  progress=progress, live=live)
+                                  progress=resolve_progress(progress), live=live)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None
     save_profile(profile, output)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from experiments.comparison import Comparison
+from experiments.options import progress_option, resolve_progress
 from experiments.output import write_json
 from experiments.validation.plan import TINY_MAX_OUTPUT_TOKENS, TINY_MAX_PROMPT_TOKENS
 from sim.config import KVConfig, SimConfig, parse_policy
@@ -310,9 +311,9 @@ def write_report(out: Path, info: DemoRun) -> Path:
 @click.option("--quick", is_flag=True, hidden=True, help="A demo of seconds (small everything), for tests.")
 @click.option("--jobs", "-j", default=None, type=click.IntRange(min=1), hidden=True,
               help="Simulations at once in the comparison.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_requests: int | None,
-         compare_requests: int | None, threads: int, quick: bool, jobs: int | None, progress: bool) -> None:
+         compare_requests: int | None, threads: int, quick: bool, jobs: int | None, progress: bool | None) -> None:
     """Calibrate, validate and compare policies on this machine, and write a report.
 
     Runs the tiny model on CPU with the embedded Azure conversation trace: calibrates a cost
@@ -323,6 +324,7 @@ def demo(skip_calibration: bool, profile_path: Path | None, output: Path, num_re
     from experiments.validation.output import execute
     from experiments.validation.plan import make_plan, shipped_profile
 
+    progress = resolve_progress(progress)
     if skip_calibration and profile_path is not None:
         raise click.UsageError("give --skip-calibration or --profile, not both")
     try:

@@ -16,7 +16,17 @@ from typing import Any
 
 import click
 
-from experiments.options import build_scheduler, build_workload, fail, policy_options, workload_options
+from experiments.options import (
+    build_scheduler,
+    build_workload,
+    fail,
+    option_help,
+    policy_options,
+    priority_note,
+    progress_option,
+    resolve_progress,
+    workload_options,
+)
 from experiments.output import write_steps
 from runtime.config import CPU_MAX_KV_BLOCKS
 from sim.metrics import parse_goodput, summarize
@@ -26,6 +36,8 @@ DEFAULT_NUM_REQUESTS = 32
 
 
 @click.command("run")
+@option_help("num_requests", f"Requests to replay or generate [default: {DEFAULT_NUM_REQUESTS}: a live run takes "
+                             "real time].")
 @workload_options
 @policy_options
 @click.option("--engine", type=click.Choice(["servesim", "hf-static"]), default="servesim", show_default=True,
@@ -52,7 +64,7 @@ DEFAULT_NUM_REQUESTS = 32
 @click.option("--goodput", multiple=True, metavar="NAME:MS",
               help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS.")
 @click.option("--token-times", is_flag=True, help="Keep every token's time (tokens.csv).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory to write.")
 def run(**opts: Any) -> None:
@@ -79,6 +91,7 @@ def run(**opts: Any) -> None:
 
     if opts["num_requests"] is None and opts["duration_s"] is None:
         opts["num_requests"] = DEFAULT_NUM_REQUESTS  # a live run takes real time
+    opts["progress"] = resolve_progress(opts["progress"])
     try:
         goodput = parse_goodput(opts["goodput"])
         live = LiveConfig(
@@ -92,6 +105,9 @@ def run(**opts: Any) -> None:
         raise fail(e) from None
     if not requests:
         raise click.ClickException("the workload has no requests")
+    note = priority_note(live.scheduler.order, requests)
+    if note:
+        click.echo(note, err=True)
     # Requests longer than the model's positions are rejected by the scheduler
     # (live.scheduler.max_model_len) and counted in the summary, as in `servesim simulate`.
     scheduler = live.scheduler

@@ -15,12 +15,13 @@ from experiments.options import (
     fail,
     load_profile_opt,
     policy_options,
+    priority_note,
     workload_options,
     workload_requests,
 )
 from experiments.output import write_run
 from experiments.report import print_summary
-from sim.metrics import parse_goodput
+from sim.metrics import parse_goodput, parse_percentiles
 from sim.simulation import run_simulation
 
 
@@ -30,7 +31,8 @@ from sim.simulation import run_simulation
 @cluster_options
 @click.option("--goodput", multiple=True, metavar="NAME:MS",
               help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS.")
-@click.option("--percentiles", default="90,99", show_default=True, help="Percentiles to report.")
+@click.option("--percentiles", default="90,99", show_default=True, metavar="P,...",
+              help="Percentiles to report, each in (0, 100].")
 @click.option("--token-times", is_flag=True, help="Keep every token's time (tokens.csv).")
 @click.option("--exact-steps", is_flag=True, help="Step every iteration (the reference for the fast path).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Run directory to write.")
@@ -41,14 +43,20 @@ def simulate(**opts: Any) -> None:
     requests.csv, summary.json (vLLM keys) and timeseries.csv.
     """
     try:
+        percentiles = parse_percentiles(opts["percentiles"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--percentiles") from None
+    try:
         goodput = parse_goodput(opts["goodput"])
-        percentiles = [float(p) for p in opts["percentiles"].split(",") if p.strip()]
         workload = build_workload(opts, opts["seed"])
         requests, workload_info = workload_requests(workload)
     except ValueError as e:
         raise fail(e) from None
     config = build_sim_config(opts)
     profile = load_profile_opt(opts["profile"])
+    note = priority_note(config.scheduler.order, requests)
+    if note:
+        click.echo(note, err=True)
     t0 = time.perf_counter()
     try:
         run = run_simulation(config, requests, profile)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import click
 
-from experiments.options import policy_choice, policy_help, preempt_help, token_budget_help
+from experiments.options import (
+    policy_choice,
+    policy_help,
+    preempt_help,
+    progress_option,
+    resolve_progress,
+    token_budget_help,
+)
 from experiments.validation.plan import (
     DEFAULT_LOAD,
     SHIPPED_PROFILES,
@@ -66,14 +73,14 @@ from sim.workload import TraceReplay
               help="Serve the slice this many times live and compare the simulation with the runs' mean; the "
                    "table then shows how far apart the live runs were (a shared or throttled device does not "
                    "reproduce itself).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 @click.option("-o", "--output", default="servesim-validate", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
 def validate(profile_path: Path | None, model: str, device: str | None, dtype: str | None, threads: int | None,
              trace: str, start: int, num_requests: int, max_prompt_tokens: int | None,
              max_output_tokens: int | None, policy: str, order: str, preempt: str | None, max_num_seqs: int,
              token_budget: int | None, batch_size: int, max_wait_s: float, kv_blocks: int | None,
-             load: float | None, time_scale: float | None, seed: int, repeats: int, progress: bool,
+             load: float | None, time_scale: float | None, seed: int, repeats: int, progress: bool | None,
              output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice.
 
@@ -116,4 +123,4 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
     from experiments.validation.output import execute
 
     click.echo(f"profile {profile_path} ({plan.profile.model} on {plan.profile.device}, {plan.profile.dtype})")
-    execute(plan, output, progress, echo=click.echo, repeats=repeats)
+    execute(plan, output, resolve_progress(progress), echo=click.echo, repeats=repeats)
