@@ -9,7 +9,8 @@ only the dense families in :data:`RUNTIME_FAMILIES`.
 
 Every preset's shape is its ``config.json`` on the Hugging Face Hub (repository named beside
 it); the published parameter counts the tests check against are named there too.
-``tiny`` is servesim's own: a few MB, so that tests and CPU demos run in seconds.
+``tiny`` is servesim's own: a few MB, so that tests run in seconds; ``small`` (100 M) is its
+own too, for CPU validation and a checkpoint to serve on other engines.
 """
 
 from __future__ import annotations
@@ -247,6 +248,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("tiny", "llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                   intermediate_size=384, vocab_size=4096, max_position=2048, rope_theta=10000.0,
                   rms_norm_eps=1e-5, tie_embeddings=False, qkv_bias=False),
+        # servesim's own ~100 M-parameter Llama with GQA (GPT-2-small's width and depth): steps
+        # that cost compute on a CPU (tens of ms, not tiny's interpreter-bound millisecond), and
+        # a checkpoint vLLM serves (`servesim checkpoint write --model small`). Tied embeddings:
+        # 100.1 M parameters (75.5 M in the layers, 24.6 M embedding).
+        ModelSpec("small", "llama", num_layers=12, hidden_size=768, num_heads=12, num_kv_heads=4, head_dim=64,
+                  intermediate_size=2048, vocab_size=32000, max_position=4096, rope_theta=10000.0,
+                  rms_norm_eps=1e-5, tie_embeddings=True, qkv_bias=False),
         # Qwen/Qwen2.5-0.5B, -1.5B, -7B (use_sliding_window false: full attention).
         ModelSpec("qwen2.5-0.5b", "qwen2", num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
                   head_dim=64, intermediate_size=4864, vocab_size=151936, max_position=32768,
