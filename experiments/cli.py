@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": ("experiments.commands.demo", "demo"),
     "serve": ("experiments.commands.serve", "serve"),
     "bench": ("experiments.commands.bench", "bench"),
+    "checkpoint": ("experiments.commands.checkpoint", "checkpoint"),
     "traces": ("experiments.commands.traces", "traces"),
     "models": ("experiments.commands.presets", "models"),
     "hardware": ("experiments.commands.presets", "hardware"),
