@@ -65,24 +65,17 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"{url} not ready within {timeout_s:g} s")
 
 
-def write_checkpoint(out: Path, layers: int = 12, hidden: int = 768, heads: int = 12, kv_heads: int = 4,
-                     intermediate: int = 2048, vocab: int = 32000, seed: int = 0) -> Path:
-    """A random-initialised Llama checkpoint (bfloat16 safetensors) with a word-level tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from runtime.tokenizer import write_wordlevel_tokenizer
+def write_checkpoint(out: Path, seed: int = 0) -> Path:
+    """The ``small`` preset as a random-initialised checkpoint (:mod:`runtime.checkpoint`: bfloat16
+    safetensors, word-level tokenizer); an existing one is kept."""
+    from runtime.checkpoint import write_checkpoint as write_preset
+    from sim.models import get_model
 
     if (out / "config.json").exists():
         return out
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    write_wordlevel_tokenizer(out, vocab)
-    print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters)", flush=True)
+    spec = get_model("small")
+    write_preset(spec, out, seed=seed)
+    print(f"wrote {out} ({spec.num_params / 1e6:.0f} M parameters)", flush=True)
     return out
 
 
