@@ -4,9 +4,10 @@
 by a cost model's price of each batch. The simulator (``simulate(exact_steps=True)``) waits the
 same price per step, so both executors see the same times, make the same decisions and must
 write byte-identical ``requests.csv``, ``tokens.csv`` and ``summary.json`` through the project's
-own writers. The fast path must give the same answers too. The matrix is every registered
-policy x every queue order x every preemption mode the policy accepts, over several seeds, with
-a KV pool small enough that the preempting modes really preempt.
+own writers, and the same ``timeseries.csv`` up to the simulator's final idle row. The fast
+path must give the same answers too. The matrix is every registered policy x every queue order
+x every preemption mode the policy accepts, over several seeds, with a KV pool small enough
+that the preempting modes really preempt.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.output import write_json, write_requests, write_token_times
+from experiments.output import write_json, write_requests, write_timeseries, write_token_times
 from sim.batch import Batch
 from sim.cluster import make_router
 from sim.cost import ConstantCost, CostModel
@@ -172,6 +173,13 @@ def test_live_engine_matches_exact_steps(policy, order, preempt, cost_name, tmp_
         got = write(live, tmp_path / f"live{seed}")
         for name in want:
             assert got[name] == want[name], f"seed {seed}: live {name} differs from the simulator's"
+        # One row per scheduling decision; the simulator's loop also records its last, idle
+        # decision after the final finish, where the live loop has already stopped.
+        write_timeseries(tmp_path / f"sim{seed}.csv", [r.timeseries for r in sim.replicas])
+        write_timeseries(tmp_path / f"live{seed}.csv", [r.timeseries for r in live.replicas])
+        sim_rows = (tmp_path / f"sim{seed}.csv").read_text().splitlines(keepends=True)
+        assert sim_rows[-1].split(",")[2:] == ["0", "0", "0", "0\n"]
+        assert (tmp_path / f"live{seed}.csv").read_text() == "".join(sim_rows[:-1]), f"seed {seed}: timeseries"
         summary = json.loads(want["summary.json"])
         assert summary["completed"] + summary["rejected"] == 40
         preemptions += summary["num_preemptions"]
