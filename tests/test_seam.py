@@ -25,6 +25,7 @@ from sim.batch import Batch
 from sim.cluster import make_router
 from sim.cost import ConstantCost, CostModel
 from sim.engine import SimResult, simulate
+from sim.fastpath import fast_variant
 from sim.hardware import get_hardware
 from sim.kv import BlockManager
 from sim.metrics import summarize
@@ -200,10 +201,14 @@ ULP_KEYS = ("mean_itl_ms", "std_itl_ms")
 def test_fast_path_matches_the_same_bytes(policy, order, preempt, cost_name, tmp_path):
     """simulate() on its fast path writes the same requests.csv and tokens.csv, and the same summary."""
     config = scheduler(policy, order, preempt)
+    has_fast_path = fast_variant(make_policy(config, BlockManager(NUM_BLOCKS, BLOCK_SIZE, HOST_BLOCKS))) is not None
     for seed in SEEDS:
         cost = COSTS[cost_name]()
         exact = write(run_sim(config, make_requests(seed, cost_name), cost, exact_steps=True), tmp_path / f"e{seed}")
-        fast = write(run_sim(config, make_requests(seed, cost_name), cost, exact_steps=False), tmp_path / f"f{seed}")
+        fast_run = run_sim(config, make_requests(seed, cost_name), cost, exact_steps=False)
+        if has_fast_path:
+            assert fast_run.replicas[0].run_steps > 0, f"seed {seed}: the fast path priced no run of steps"
+        fast = write(fast_run, tmp_path / f"f{seed}")
         assert fast["requests.csv"] == exact["requests.csv"], f"seed {seed}"
         assert fast["tokens.csv"] == exact["tokens.csv"], f"seed {seed}"
         got, want = json.loads(fast["summary.json"]), json.loads(exact["summary.json"])
