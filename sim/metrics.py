@@ -151,7 +151,8 @@ def _weighted_stats(prefix: str, values_s: np.ndarray, weights: np.ndarray,
 
 
 def parse_percentiles(text: str) -> list[float]:
-    """``"90,99,99.9"`` -> ``[90.0, 99.0, 99.9]`` (sorted, unique); each must be in (0, 100]."""
+    """``"90,99,99.9"`` -> ``[90.0, 99.0, 99.9]`` (sorted, unique); each must be in [0, 100]
+    (0 is the minimum, 100 the maximum)."""
     values = []
     for item in text.split(","):
         if not item.strip():
@@ -159,17 +160,17 @@ def parse_percentiles(text: str) -> list[float]:
         try:
             values.append(float(item))
         except ValueError:
-            raise ValueError(f"percentile {item.strip()!r} is not a number; expected numbers in (0, 100] "
+            raise ValueError(f"percentile {item.strip()!r} is not a number; expected numbers in [0, 100] "
                              "separated by commas, e.g. 50,90,99") from None
     check_percentiles(values)
     return sorted(set(values))
 
 
 def check_percentiles(percentiles: Sequence[float]) -> None:
-    """ValueError unless every percentile is a number in (0, 100]."""
-    bad = [p for p in percentiles if not (isinstance(p, int | float) and 0 < p <= 100)]
+    """ValueError unless every percentile is a number in [0, 100]."""
+    bad = [p for p in percentiles if not (isinstance(p, int | float) and 0 <= p <= 100)]
     if bad:
-        raise ValueError(f"percentiles must be in (0, 100], got {', '.join(f'{p:g}' for p in bad)}")
+        raise ValueError(f"percentiles must be in [0, 100], got {', '.join(f'{p:g}' for p in bad)}")
 
 
 def _pword(p: float) -> str:

@@ -25,20 +25,21 @@ def invoke(*args: str):
 
 
 @pytest.mark.parametrize("value, words", [
-    ("150", "got 150"), ("-5", "got -5"), ("abc", "'abc' is not a number"), ("0", "got 0"), ("nan", "got nan")])
+    ("150", "got 150"), ("-5", "got -5"), ("abc", "'abc' is not a number"), ("100.5", "got 100.5"),
+    ("nan", "got nan")])
 def test_percentiles_out_of_range_or_not_numbers_name_the_option(value, words):
-    """--percentiles outside (0, 100] or not a number is a one-line error naming the option, never a traceback."""
+    """--percentiles outside [0, 100] or not a number is a one-line error naming the option, never a traceback."""
     res = invoke("simulate", "-n", "20", f"--percentiles={value}")
     assert res.exit_code == 2 and "--percentiles" in res.output and words in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
 
 
 def test_percentiles_in_range_are_reported(tmp_path):
-    """Accepted percentiles, 100 included, appear as summary keys."""
-    res = invoke("simulate", "-n", "20", "--percentiles", "50,99.9,100", "-o", str(tmp_path))
+    """Accepted percentiles, 0 and 100 included, appear as summary keys."""
+    res = invoke("simulate", "-n", "20", "--percentiles", "0,50,99.9,100", "-o", str(tmp_path))
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {"p50_ttft_ms", "p99.9_ttft_ms", "p100_ttft_ms"} <= set(summary)
+    assert {"p0_ttft_ms", "p50_ttft_ms", "p99.9_ttft_ms", "p100_ttft_ms"} <= set(summary)
 
 
 def test_simulate_rejects_a_prompt_longer_than_the_model_with_its_reason(tmp_path):

@@ -32,7 +32,7 @@ from sim.simulation import run_simulation
 @click.option("--goodput", multiple=True, metavar="NAME:MS",
               help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS.")
 @click.option("--percentiles", default="90,99", show_default=True, metavar="P,...",
-              help="Percentiles to report, each in (0, 100].")
+              help="Percentiles to report, each in [0, 100].")
 @click.option("--token-times", is_flag=True, help="Keep every token's time (tokens.csv).")
 @click.option("--exact-steps", is_flag=True, help="Step every iteration (the reference for the fast path).")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Run directory to write.")
