@@ -117,10 +117,10 @@ def test_goodput_counts_requests_meeting_every_slo(slos, good):
 
 
 def test_percentiles_interpolate_linearly():
-    """p100 is the largest value; between ranks the value is interpolated linearly."""
+    """p0 and p100 are the extremes; between ranks the value is interpolated linearly."""
     reqs, itl = hand_run()
-    s = summarize(reqs, itl, percentiles=[100, 12.5, 75])
-    assert s["p100_e2el_ms"] == 2500.0
+    s = summarize(reqs, itl, percentiles=[0, 100, 12.5, 75])
+    assert (s["p0_e2el_ms"], s["p100_e2el_ms"]) == (500.0, 2500.0)
     assert s["p12.5_e2el_ms"] == pytest.approx(875.0)  # rank 0.25 between 500 and 2000
     assert s["p75_e2el_ms"] == pytest.approx(2250.0)  # rank 1.5 between 2000 and 2500
 
