@@ -13,10 +13,12 @@ within the model's positions, under each of :data:`POLICIES`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from calibrate.drift import DriftMonitor
 from calibrate.fit import StepModel
 from calibrate.samples import Sample
 
@@ -83,40 +85,72 @@ def step_sample(shape, step_s: float) -> Sample:
                   repeats=1, origin="live")
 
 
-def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool = False) -> tuple[list[Sample], dict]:
+def run_live_phase(runner, plan: LivePlan, grid_model: StepModel, progress: bool = False,
+                   drift: DriftMonitor | None = None) -> tuple[list[Sample], dict]:
     """Serve the plan's workloads on ``runner`` (its pool must be empty and hold
-    :func:`live_kv_blocks`); returns the samples and a description of the runs."""
+    :func:`live_kv_blocks`); returns the samples and a description of the runs.
+
+    With ``drift`` (checkpoints taken up to the end of the grid), the runs are two segments,
+    the first and second half, each checked against the control steps; a segment that drifted
+    is served again once (the same runs), and :class:`~calibrate.drift.DriftError` propagates
+    when that does not help."""
     from runtime.build import build_live_engine, paused_gc
     from runtime.config import LiveConfig
     from sim.policies.base import SchedulerConfig
     from sim.workload import SyntheticWorkload
 
     blocks = runner.blocks
-    samples: list[Sample] = []
-    runs = []
     started = time.perf_counter()
-    with paused_gc():
-        for k, (policy, load) in enumerate((p, x) for x in plan.loads for p in plan.policies):
-            if time.perf_counter() - started > plan.time_budget_s:
+
+    def serve(k: int, policy: str, load: float) -> tuple[list[Sample], dict]:
+        scheduler = SchedulerConfig(policy=policy, token_budget=plan.token_budget if policy == "chunked" else None)
+        base = SyntheticWorkload(num_requests=plan.num_requests, prompt_dist=plan.prompt_dist,
+                                 output_dist=plan.output_dist, seed=plan.seed + k)
+        sat = _saturation_rps(base.generate(), scheduler, blocks.num_blocks, blocks.block_size, grid_model)
+        requests = SyntheticWorkload(rate=load * sat, num_requests=plan.num_requests,
+                                     prompt_dist=plan.prompt_dist, output_dist=plan.output_dist,
+                                     seed=plan.seed + k).generate()
+        t0 = time.perf_counter()
+        live = LiveConfig(model=runner.model.spec.name, scheduler=scheduler, seed=runner.seed)
+        result = build_live_engine(live, runner=runner, progress=progress).run(requests)
+        for r in requests:
+            runner.release(r.id)
+        kept = [step_sample(shape, s) for shape, s in result.step_log
+                if s > 0 and not shape.swap_in_tokens and not shape.swap_out_tokens]
+        return kept, {"policy": policy, "load": load, "rate": load * sat, "seed": plan.seed + k,
+                      "steps": len(kept), "wall_s": time.perf_counter() - t0}
+
+    served: dict[tuple, list[tuple[int, str, float]]] = {}
+    """The runs each segment served the first time (a re-measurement serves the same ones)."""
+
+    def run_segment(part: list[tuple[int, str, float]]) -> tuple[list[Sample], list[dict]]:
+        again = tuple(part) in served
+        samples: list[Sample] = []
+        runs: list[dict] = []
+        done = []
+        for run in served[tuple(part)] if again else part:
+            if not again and time.perf_counter() - started > plan.time_budget_s:
                 break
-            scheduler = SchedulerConfig(policy=policy,
-                                        token_budget=plan.token_budget if policy == "chunked" else None)
-            base = SyntheticWorkload(num_requests=plan.num_requests, prompt_dist=plan.prompt_dist,
-                                     output_dist=plan.output_dist, seed=plan.seed + k)
-            sat = _saturation_rps(base.generate(), scheduler, blocks.num_blocks, blocks.block_size, grid_model)
-            requests = SyntheticWorkload(rate=load * sat, num_requests=plan.num_requests,
-                                         prompt_dist=plan.prompt_dist, output_dist=plan.output_dist,
-                                         seed=plan.seed + k).generate()
-            t0 = time.perf_counter()
-            live = LiveConfig(model=runner.model.spec.name, scheduler=scheduler, seed=runner.seed)
-            result = build_live_engine(live, runner=runner, progress=progress).run(requests)
-            for r in requests:
-                runner.release(r.id)
-            kept = [step_sample(shape, s) for shape, s in result.step_log
-                    if s > 0 and not shape.swap_in_tokens and not shape.swap_out_tokens]
+            kept, info = serve(*run)
             samples += kept
-            runs.append({"policy": policy, "load": load, "rate": load * sat, "seed": plan.seed + k,
-                         "steps": len(kept), "wall_s": time.perf_counter() - t0})
+            runs.append(info)
+            done.append(run)
+        served[tuple(part)] = done
+        return samples, runs
+
+    todo = [(k, p, x) for k, (p, x) in enumerate((p, x) for x in plan.loads for p in plan.policies)]
+    samples: list[Sample] = []
+    runs: list[dict] = []
+    with paused_gc():
+        if drift is None:
+            samples, runs = run_segment(todo)
+        else:
+            half = (len(todo) + 1) // 2
+            for name, end, part in (("the live phase's first half", "live middle", todo[:half]),
+                                    ("the live phase's second half", "live end", todo[half:])):
+                got, info = drift.segment(name, end, functools.partial(run_segment, part))
+                samples += got
+                runs += info
     return samples, plan.to_dict() | {"runs": runs, "wall_s": time.perf_counter() - started}
 
 

@@ -30,13 +30,22 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     interrupted           true when Ctrl-C cut the grid short
     out_of_memory_steps   grid points left out because the device ran out of memory
     fit                   {"features": [...], "coefficients_ms": {feature: ms per unit},
-                           "knee_tokens": int|null, "knee_decode_context_tokens": int|null};
-                          a feature of calibrate.fit.FEATURES the file does not list
-                          (added since) reads with coefficient 0, so it prices as it did
+                           "knee_tokens": int|null, "knee_decode_context_tokens": int|null,
+                           "knee_cache_tokens": int|null}; a feature of calibrate.fit.FEATURES
+                          the file does not list (added since) reads with coefficient 0, and
+                          the knee of a hinge feature it does not list as null, so it prices
+                          as it did
     errors                {"folds": k, "held_out": TABLE|null, "in_sample": TABLE}, TABLE =
                           {prefill|decode|mixed|all: {"n", "median_ape_pct", "p90_ape_pct"}}
     live                  (optional, nullable) the live phase's synthetic workload and runs
                           (calibrate.live); samples with origin "live" came from it
+    drift                 (optional, nullable) the control steps (calibrate.drift): threshold_pct,
+                          control_steps, checkpoints [{name, control_ms, drift_pct}],
+                          max_drift_pct, remeasured (segments timed twice), control_s
+    fit_check             (optional, nullable) held-out error against the limits
+                          (calibrate.calibration.FIT_LIMITS_PCT): row, values_pct, limits_pct,
+                          passed, accepted_poor_fit (true: written although it failed)
+    phases_s              (optional, nullable) wall seconds of the phases: {"grid", "live"}
     samples               {"columns": [calibrate.samples.CSV_COLUMNS, in any order],
                            "rows": [[one value per column], ...]}: one row per measured
                           step (tens of thousands with a live phase, hence rows, not objects),
@@ -49,6 +58,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,6 +119,12 @@ class Profile:
     """The live phase (:mod:`calibrate.live`): its workload and runs; None when skipped."""
     tp: int = 1
     """Tensor-parallel GPUs the measured engine ran each step on."""
+    drift: dict | None = None
+    """The control steps' checkpoints (:meth:`calibrate.drift.DriftMonitor.to_dict`); None: not taken."""
+    fit_check: dict | None = None
+    """Held-out error against the limits (:class:`calibrate.calibration.FitCheck`); None: not checked."""
+    phases_s: dict | None = None
+    """Wall seconds of the grid and the live phase."""
 
     def to_dict(self) -> dict:
         return {
@@ -139,6 +155,9 @@ class Profile:
             "fit": self.model_fit.to_dict(),
             "errors": self.errors,
             "live": self.live,
+            "drift": self.drift,
+            "fit_check": self.fit_check,
+            "phases_s": self.phases_s,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -173,6 +192,10 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "errors": ((dict,), False),
     "samples": ((dict,), False),
 }
+
+
+OPTIONAL_OBJECTS = ("live", "drift", "fit_check", "phases_s")
+"""Fields that may be absent (files written before them) or null."""
 
 
 def _check(path: Path, name: str, value: object, types: tuple[type, ...], nullable: bool) -> None:
@@ -218,10 +241,11 @@ def profile_from_dict(data: object, path: Path) -> Profile:
         raise ProfileError(f"{path}: field 'host_link_bytes_per_s' must be > 0")
     samples = _samples_from_dict(data["samples"], path)
     values = {k: data[k] for k in _FIELDS if k not in ("schema_version", "fit", "samples")}
-    live = data.get("live")
-    if live is not None and not isinstance(live, dict):
-        raise ProfileError(f"{path}: field 'live' must be an object or null, got {type(live).__name__}")
-    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, live=live, tp=tp, **values)
+    optional: dict[str, Any] = {name: data.get(name) for name in OPTIONAL_OBJECTS}
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, dict):
+            raise ProfileError(f"{path}: field {name!r} must be an object or null, got {type(value).__name__}")
+    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp, **optional, **values)
 
 
 def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
@@ -243,10 +267,15 @@ def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
 
 
 def _model_from_dict(fit: dict, path: Path) -> StepModel:
-    for name in ("features", "coefficients_ms", *KNEES):
+    for name in ("features", "coefficients_ms"):
         if name not in fit:
             raise ProfileError(f"{path}: field 'fit.{name}' is missing")
     _check(path, "fit.features", fit["features"], (list,), False)
+    # A knee is required where the file lists its hinge feature; one added since reads as None.
+    knees = [k for k, (feature, _) in KNEES.items() if feature in fit["features"]]
+    for name in knees:
+        if name not in fit:
+            raise ProfileError(f"{path}: field 'fit.{name}' is missing")
     unknown = [name for name in fit["features"] if not isinstance(name, str) or name not in FEATURES]
     if unknown:
         raise ProfileError(f"{path}: field 'fit.features' has unknown feature(s) {unknown}; "
@@ -260,12 +289,12 @@ def _model_from_dict(fit: dict, path: Path) -> StepModel:
         _check(path, f"fit.coefficients_ms.{name}", value, _NUM, False)
         if not (math.isfinite(value) and value >= 0):
             raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' must be finite and >= 0, got {value}")
-    for name in KNEES:
+    for name in knees:
         _check(path, f"fit.{name}", fit[name], _INT, True)
     try:
         # A feature added after the profile was fitted has coefficient 0: it prices as it did.
         return StepModel({k: float(coefficients[k]) if k in fit["features"] else 0.0 for k in FEATURES},
-                         **{k: fit[k] for k in KNEES})
+                         **{k: fit[k] for k in knees})
     except ValueError as e:
         raise ProfileError(f"{path}: field 'fit': {e}") from None
 

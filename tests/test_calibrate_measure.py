@@ -41,7 +41,8 @@ def test_grid_respects_bounds(quick):
 
 def test_smoke_calibration_writes_loadable_profile(tmp_path):
     """A few grid points through the real runner give a profile that loads and prices steps."""
-    prof = run_calibration("tiny", device="cpu", grid=SMALL_GRID, repeats=2, threads=1, folds=3, progress=False)
+    prof = run_calibration("tiny", device="cpu", grid=SMALL_GRID, repeats=2, threads=1, folds=3, progress=False,
+                           drift_threshold=None)  # control steps: tests/test_calibrate_drift.py
     path = tmp_path / "tiny.json"
     save_profile(prof, path)
     loaded = load_profile(path)
@@ -131,7 +132,7 @@ def test_live_phase_adds_live_samples():
     plan = LivePlan(num_requests=3, prompt_dist="uniform:8:32", output_dist="uniform:2:6", loads=(0.8,),
                     policies=("continuous", "chunked"), time_budget_s=30)
     prof = run_calibration("tiny", device="cpu", grid=SMALL_GRID, repeats=2, threads=1, folds=3, progress=False,
-                           live_plan=plan)
+                           live_plan=plan, drift_threshold=None)
     origins = {s.origin for s in prof.samples}
     assert origins == {"grid", "live"}
     assert sum(s.origin == "grid" for s in prof.samples) == len(SMALL_GRID)

@@ -35,7 +35,7 @@ def profile_path(tmp_path_factory):
     grid += [GridPoint(decode=(ctx,) * b) for b in (1, 4, 12) for ctx in (16, 120)]
     grid += [GridPoint(prefill=((32, 0),), decode=(64,) * 4)]
     profile = run_calibration("tiny", device="cpu", threads=1, repeats=2, warmup=1, folds=2, grid=grid,
-                              progress=False)
+                              progress=False, drift_threshold=None)  # a busy machine is no failure here
     path = tmp_path_factory.mktemp("profile") / "tiny.json"
     save_profile(profile, path)
     return path

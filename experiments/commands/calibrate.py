@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from calibrate.calibration import FIT_LIMITS_PCT, poor_fit_problems
+from calibrate.drift import DRIFT_THRESHOLD
 from experiments.options import progress_option, resolve_progress
 from sim.models import MODELS, get_model
 
@@ -50,14 +52,24 @@ def _print_errors(errors: dict) -> None:
 @click.option("--live/--no-live", default=True, show_default=True,
               help="After the grid, serve a synthetic workload (Poisson, uniform lengths; continuous and "
                    "chunked) on the live engine and fit its steps too.")
+@click.option("--drift-threshold", "drift_pct", type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              default=100 * DRIFT_THRESHOLD, show_default=True,
+              help="Largest accepted change (%) of the control steps' time from the start to any checkpoint "
+                   "(middle and end of the grid and of the live phase); beyond it a segment is measured again "
+                   "once, then calibration stops.")
+@click.option("--no-drift-check", is_flag=True, help="Do not time control steps (no drift detection).")
+@click.option("--accept-poor-fit", is_flag=True,
+              help="Write the profile even when its held-out error is beyond the limits "
+                   f"(median {FIT_LIMITS_PCT['median_ape_pct']:g}%, p90 {FIT_LIMITS_PCT['p90_ape_pct']:g}% "
+                   "on the live steps); the profile records that it was accepted.")
 @progress_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Profile JSON to write.")
 @click.pass_context
 def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
               block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
-              memory_utilization: float, samples_csv: Path | None, live: bool, progress: bool | None,
-              output: Path | None) -> None:
+              memory_utilization: float, samples_csv: Path | None, live: bool, drift_pct: float,
+              no_drift_check: bool, accept_poor_fit: bool, progress: bool | None, output: Path | None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
     \b
@@ -83,12 +95,10 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
     try:
         profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
                                   warmup=warmup, passes=passes, threads=threads, memory_utilization=memory_utilization,
-                                  progress=resolve_progress(progress), live=live)
+                                  progress=resolve_progress(progress), live=live,
+                                  drift_threshold=None if no_drift_check else drift_pct / 100)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None
-    save_profile(profile, output)
-    if samples_csv is not None:
-        write_samples(samples_csv, profile.samples)
     if profile.out_of_memory_steps:
         click.echo(f"left out {profile.out_of_memory_steps} grid steps that ran the device out of memory", err=True)
     if profile.interrupted:
@@ -97,9 +107,39 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
 
     origins = ", ".join(f"{n} {origin}" for origin, n in count_origins(profile.samples).items())
     click.echo(f"{profile.model} on {profile.device}, {profile.dtype}: {len(profile.samples)} steps ({origins}) "
-               f"in {profile.calibration_s:.1f} s")
+               f"in {profile.calibration_s:.1f} s{_phases(profile.phases_s, profile.drift)}")
+    if profile.drift is not None:
+        click.echo(drift_summary(profile.drift))
     _print_errors(profile.errors)
+    check = profile.fit_check
+    if check is not None and not check["passed"]:
+        problems = "; ".join(poor_fit_problems(check))
+        if not accept_poor_fit:
+            raise click.ClickException(
+                f"poor fit: {problems}. The profile was not written: the machine was probably busy (recalibrate "
+                f"on an idle one), or pass --accept-poor-fit to write it anyway.")
+        profile = dataclasses.replace(profile, fit_check=check | {"accepted_poor_fit": True})
+        click.echo(f"poor fit accepted (--accept-poor-fit): {problems}", err=True)
+    save_profile(profile, output)
+    if samples_csv is not None:
+        write_samples(samples_csv, profile.samples)
     click.echo(f"wrote {output}")
+
+
+def _phases(phases_s: dict | None, drift: dict | None) -> str:
+    parts = [f"{name} {s:.1f} s" for name, s in (phases_s or {}).items() if s is not None]
+    if drift is not None and drift.get("control_s") is not None:
+        parts.append(f"control steps {drift['control_s']:.1f} s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def drift_summary(drift: dict) -> str:
+    """A profile's ``drift`` record: a headline, then one line per checkpoint."""
+    remeasured = f"; measured again: {', '.join(drift['remeasured'])}" if drift["remeasured"] else ""
+    lines = [f"control steps ({'; '.join(drift['control_steps'])}): largest drift {drift['max_drift_pct']:.1f}% "
+             f"(threshold {drift['threshold_pct']:g}%){remeasured}"]
+    lines += [f"  {c['name']:<36} {c['drift_pct']:+6.1f}%" for c in drift["checkpoints"]]
+    return "\n".join(lines)
 
 
 @calibrate.command("fit")

@@ -47,6 +47,20 @@ def show(path: Path, plot: Path | None) -> None:
         value = data[key]
         click.echo(f"{key:<24}{value:.4g}" if isinstance(value, float) else f"{key:<24}{value}")
     click.echo(f"{'samples':<24}{len(prof.samples)}")
+    if prof.phases_s:
+        click.echo(f"{'phases_s':<24}" + ", ".join(f"{k} {v:.1f}" for k, v in prof.phases_s.items() if v is not None))
+    if prof.fit_check:
+        from calibrate.calibration import poor_fit_problems
+
+        check = prof.fit_check
+        verdict = "passed" if check["passed"] else "FAILED: " + "; ".join(poor_fit_problems(check)) + (
+            " (accepted with --accept-poor-fit)" if check.get("accepted_poor_fit") else "")
+        limits = ", ".join(f"{k} <= {v:g}%" for k, v in check["limits_pct"].items())
+        click.echo(f"{'fit_check':<24}held-out {check['row']} {limits}: {verdict}")
+    if prof.drift:
+        from experiments.commands.calibrate import drift_summary
+
+        click.echo("\n" + drift_summary(prof.drift))
     model = prof.model_fit
     click.echo("\nstep_ms = sum of coefficient x feature:")
     for name in FEATURES:
