@@ -252,6 +252,10 @@ def summarize(requests: Sequence[Request], itl: GapRecorder,
         arr = np.asarray(values, dtype=np.float64)
         out.update(_weighted_stats(name, arr, np.ones(arr.size, dtype=np.int64), percentiles))
     gaps, counts = itl.arrays()
+    # The same gaps may come as many (gap, 1) pairs or fewer pairs with counts (the fast path);
+    # merged into one pair per distinct gap, sums run in one order and both give the same bytes.
+    gaps, inverse = np.unique(gaps, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=counts, minlength=gaps.size).astype(np.int64)
     out.update(_weighted_stats("itl", gaps, counts, percentiles))
     arr = np.asarray(e2el, dtype=np.float64)
     out.update(_weighted_stats("e2el", arr, np.ones(arr.size, dtype=np.int64), percentiles))
