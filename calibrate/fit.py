@@ -1,15 +1,33 @@
 """The fitted step-cost model and its held-out error.
 
-The model is linear in a few features of the step shape, with non-negative coefficients::
+The model is linear in a few features of the step shape, with non-negative coefficients: the
+roofline's terms (:mod:`sim.roofline`), each with a fitted price instead of a datasheet rate::
 
-    step_ms = const
-            + a * prefill_tokens + b * prefill_attention + c * prefill_seqs + d * prefill_context_tokens
-            + e * decode_seqs + f * decode_context_tokens + s * decode_batch_context
-            + g * max(0, num_tokens - knee_tokens)
-            + h * max(0, decode_context_tokens - knee_decode_context_tokens)
+    step_ms = const                                           per-step overhead, weights read once
+            + a * prefill_tokens + e * decode_seqs            FLOPs of the tokens (+ per-decode work)
+            + b * prefill_attention                           prefill attention FLOPs (query-key pairs)
+            + d * prefill_context_tokens + f * decode_context_tokens   KV bytes read by attention
+            + c * prefill_seqs + p * prefill_batch_seqs       per-sequence prefill work
+            + s * decode_batch_context                        decodes attended in padded groups
+            + g * max(0, num_tokens - knee_tokens)            compute bound above the roofline knee
+            + k * max(0, num_tokens - knee_cache_tokens)      activations beyond an on-chip cache
+            + h * max(0, decode_context_tokens - knee_decode_context_tokens)   KV beyond a cache
+
+A dense model reads its weights once per step whatever the batch, so their bytes are in
+``const``; a coefficient is ms per unit of its feature, the unit's bytes or FLOPs being fixed by
+the model, so the linear fit needs no model dimensions.
 
 ``num_tokens`` is every token the forward pass computes (prefill tokens plus one per decode);
 ``prefill_attention`` is :attr:`sim.batch.StepShape.attention_work` (query-key pairs);
+``prefill_batch_seqs`` is ``max(0, prefill_seqs - 1)``, the prefills that share a step with
+another: on real A100 steps (``../shared/gpu-steps/``, Llama-2-70B at TP 2, 4 and 8) a batch of
+b prompts of 512 tokens costs more than one prompt of 512 b tokens (16 x 512 tokens: 8% more
+at TP 2, 27% at TP 4, 34% at TP 8, although it has 16 times less attention work), while a lone
+prompt pays only a small per-sequence cost; a line through ``prefill_seqs`` cannot fit both,
+and without the feature the fit put batched prefills up to 16-19% low. ``knee_cache_tokens``
+is a second bend in the tokens: on those steps the cost per token rises again past about 2048
+tokens (plausibly where the activations, 2048 x 8192 hidden x 2 bytes = 32 MiB, outgrow the
+A100's 40 MiB L2), on top of the compute knee at a few hundred tokens.
 ``decode_batch_context`` is ``decode_context_tokens * (1 - 1 / decode_seqs)`` (0 without decodes):
 the context a decode batch carries beyond one sequence's share. A lone decode reads its own
 cache; a batch of decodes of different lengths is attended in padded groups (and spills more
@@ -18,11 +36,16 @@ on CPU show it: a single decode's context costs about half per token what a larg
 which no (seqs, context) line fits at both ends. The feature is 0 for one sequence and tends
 to the whole context for many, and it stays linear in the context as a decode run advances.
 
+What each feature earns on steps the fit never saw is measured by
+``experiments/fit_transfer.py`` (its ablation table): a feature that earned nothing on any
+measured device would be dropped here. The NNLS fit itself prices a feature that does not
+help at 0 (most GPU fits have no ``prefill_context_tokens`` or ``decode_batch_context``).
+
 Each feature is defined once, in :data:`FEATURES`: the fit's design matrix, :meth:`StepModel.predict_ms`
 and the decode-run prices of the simulator's fast path (:meth:`StepModel.predict_decode_run_ms`)
 all evaluate that one expression.
 
-The two hinge terms are knees, where one resource runs out and each unit starts to cost more.
+The three hinge terms are knees, where one resource runs out and each unit starts to cost more.
 ``knee_tokens`` is the roofline's: below it a step is bound by reading the weights, so a token
 adds little (``a`` or ``e``); above it the matmuls are compute bound and each token adds ``g``
 more. ``knee_decode_context_tokens`` is where the decodes' KV no longer fits a cache level (on
@@ -54,7 +77,7 @@ decode) and within a group in proportion to each step's time (see :func:`sample_
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +102,10 @@ def _hinge(value: Any, knee: int | None) -> Any:
 
 
 KNEES: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    # knee (a StepModel field) -> (its hinge feature, the step quantity that bends there)
+    # knee (a StepModel field) -> (its hinge feature, the step quantity that bends there), in
+    # the order they are searched
     "knee_tokens": ("tokens_over_knee", lambda s: s.num_tokens),
+    "knee_cache_tokens": ("tokens_over_cache_knee", lambda s: s.num_tokens),
     "knee_decode_context_tokens": ("decode_context_over_knee", lambda s: s.decode_context_tokens),
 }
 
@@ -97,6 +122,7 @@ FEATURES: dict[str, Feature] = {
     "prefill_tokens": lambda s, m: s.prefill_tokens,
     "prefill_attention": lambda s, m: s.attention_work,
     "prefill_seqs": lambda s, m: s.prefill_seqs,
+    "prefill_batch_seqs": lambda s, m: max(0, s.prefill_seqs - 1),
     "prefill_context_tokens": lambda s, m: s.prefill_context_tokens,
     "decode_seqs": lambda s, m: s.decode_seqs,
     "decode_context_tokens": lambda s, m: s.decode_context_tokens,
@@ -131,6 +157,7 @@ class StepModel:
     coefficients_ms: dict[str, float]
     knee_tokens: int | None = None
     knee_decode_context_tokens: int | None = None
+    knee_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.coefficients_ms) - set(FEATURES)
@@ -262,21 +289,28 @@ def _knee_candidates(values: np.ndarray) -> list[int]:
     return [int(v) for v in inner]
 
 
-def fit_step_model(samples: Sequence[Sample]) -> StepModel:
-    """Fit :class:`StepModel` to measured steps (at least one).
+def fit_step_model(samples: Sequence[Sample], exclude: Collection[str] = ()) -> StepModel:
+    """Fit :class:`StepModel` to measured steps (at least one); the features in ``exclude``
+    are held at 0 (their knees left out).
 
-    The knees are searched one at a time (tokens first, then decode context), each over the
-    measured values with the other knee held.
+    The knees are searched one at a time in :data:`KNEES` order, each over the measured
+    values with the knees before it held.
     """
     if not samples:
         raise ValueError("cannot fit a cost model to zero samples")
+    unknown = set(exclude) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"unknown feature(s) {sorted(unknown)}; known: {', '.join(FEATURES)}")
     shapes = [s.shape for s in samples]
     y = np.array([s.step_ms for s in samples], dtype=float)
     w = sample_weights(samples)
     x = np.array([features(sh) for sh in shapes], dtype=float)  # (samples, features); hinges 0 for now
+    x[:, [name in exclude for name in FEATURES]] = 0.0  # a column of zeros is left out of the solve
     coef, best = _solve(x, y, w)
     knees: dict[str, int | None] = dict.fromkeys(KNEES)
     for knee_name, (feature, quantity) in KNEES.items():
+        if feature in exclude:
+            continue
         column = list(FEATURES).index(feature)
         values = np.array([quantity(sh) for sh in shapes])
         kept = x[:, column].copy()
