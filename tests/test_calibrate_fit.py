@@ -203,3 +203,90 @@ def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
     assert [s.origin for s in read_samples(tmp_path / "s.csv")] == [s.origin for s in grid + live]
     table = error_table(grid + live, [s.step_ms for s in grid + live])
     assert table["live"]["n"] == 9 and table["all"]["n"] == 11 and table["decode"]["n"] == 1
+
+
+def test_batched_prefill_cost_recovered():
+    """Prefills that share a step cost more each than a lone one (as on real A100 steps):
+    ``prefill_batch_seqs`` recovers the extra 20 ms per sequence beyond the first."""
+    def batched_ms(s: StepShape) -> float:
+        return formula_ms(s) + 20 * max(0, s.prefill_seqs - 1)
+
+    samples = [point_sample(p, batched_ms) for p in make_grid(4096, 100_000, 16, quick=True)]
+    model = fit_step_model(samples)
+    assert model.coefficients_ms["prefill_batch_seqs"] == pytest.approx(20, rel=0.05)
+    for shape in random_shapes(300, seed=4):
+        assert model.predict_ms(shape) == pytest.approx(batched_ms(shape), rel=0.01)
+
+
+def test_second_tokens_knee_found():
+    """A cost per token that rises at two knees (compute bound at 256 tokens, again at 2048) is
+    fitted with both: ``knee_tokens`` and ``knee_cache_tokens`` land on the two bends."""
+    def two_knees_ms(s: StepShape) -> float:
+        t = s.num_tokens
+        return 40 + 0.01 * t + 0.1 * max(0, t - 256) + 0.08 * max(0, t - 2048) + 1e-4 * s.decode_context_tokens
+
+    samples = [point_sample(p, two_knees_ms) for p in make_grid(8192, 100_000, 16)]
+    model = fit_step_model(samples)
+    assert {model.knee_tokens, model.knee_cache_tokens} == {256, 2048}
+    for shape in random_shapes(300, seed=5):
+        assert model.predict_ms(shape) == pytest.approx(two_knees_ms(shape), rel=0.02)
+
+
+def test_excluded_feature_held_at_zero():
+    """``exclude`` keeps a feature's coefficient (and a hinge's knee) at 0; an unknown name is an error."""
+    samples = [point_sample(p, formula_ms) for p in make_grid(2048, 100_000, 16, quick=True)]
+    model = fit_step_model(samples, exclude=("prefill_attention", "tokens_over_knee"))
+    assert model.coefficients_ms["prefill_attention"] == 0 and model.coefficients_ms["tokens_over_knee"] == 0
+    assert model.knee_tokens is None
+    with pytest.raises(ValueError, match="unknown feature"):
+        fit_step_model(samples, exclude=("no_such_feature",))
+
+
+def test_profile_without_newer_feature_and_knee_prices_as_written(tmp_path):
+    """A profile fitted before ``prefill_batch_seqs`` and ``knee_cache_tokens`` existed loads
+    with coefficient 0 and knee null, and prices exactly as its own coefficients say."""
+    import json
+
+    data = json.loads(SHIPPED.read_text())
+    fit_dict = data["fit"]
+    fit_dict["features"] = [f for f in fit_dict["features"] if f not in ("prefill_batch_seqs", "tokens_over_cache_knee")]
+    for name in ("prefill_batch_seqs", "tokens_over_cache_knee"):
+        fit_dict["coefficients_ms"].pop(name, None)
+    fit_dict.pop("knee_cache_tokens", None)
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    model = load_profile(tmp_path / "old.json").model_fit
+    assert model.knee_cache_tokens is None and model.coefficients_ms["prefill_batch_seqs"] == 0
+    c = fit_dict["coefficients_ms"]
+    shape = StepShape(prefill_tokens=300, prefill_seqs=3, prefill_context_tokens=50, decode_seqs=7,
+                      decode_context_tokens=70_000)
+    by_hand = (c["const"] + c["prefill_tokens"] * 300 + c["prefill_attention"] * shape.attention_work
+               + c["prefill_seqs"] * 3 + c["prefill_context_tokens"] * 50 + c["decode_seqs"] * 7
+               + c["decode_context_tokens"] * 70_000 + c["decode_batch_context"] * 70_000 * (1 - 1 / 7)
+               + c["decode_context_over_knee"] * max(0, 70_000 - fit_dict["knee_decode_context_tokens"]))
+    assert model.predict_ms(shape) == pytest.approx(by_hand, rel=1e-12)
+
+
+A100_STEPS = Path(__file__).resolve().parents[2] / "shared" / "gpu-steps" / "splitwise_a100_perf_model.csv"
+
+
+@pytest.mark.skipif(not A100_STEPS.exists(), reason="../shared/gpu-steps not present")
+@pytest.mark.parametrize("tp", [4, 8])
+def test_real_a100_prefill_held_out(tp):
+    """On real A100 steps of Llama-2-70B, fitted on a random 70% and scored on the rest (five
+    draws), the median draw predicts prefill steps within 5% median and 10% p90, decodes
+    within 2% median and 4% p90."""
+    from calibrate.splitwise import read_splitwise
+
+    samples = [Sample(shape, ms) for shape, ms in read_splitwise(A100_STEPS, "llama2-70b", tp).steps]
+    stats: dict[str, list[tuple[float, float]]] = {"prefill": [], "decode": []}
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(len(samples))
+        cut = int(0.7 * len(samples))
+        model = fit_step_model([samples[i] for i in order[:cut]])
+        for kind, values in stats.items():
+            e = [abs(model.predict_ms(samples[i].shape) / samples[i].step_ms - 1) * 100
+                 for i in order[cut:] if samples[i].kind == kind]
+            values.append((float(np.median(e)), float(np.percentile(e, 90))))
+    prefill, decode = np.median(stats["prefill"], axis=0), np.median(stats["decode"], axis=0)
+    assert prefill[0] < 5 and prefill[1] < 10
+    assert decode[0] < 2 and decode[1] < 4
