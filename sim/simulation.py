@@ -24,7 +24,10 @@ class SimRun:
 
     def summary(self, goodput: dict[str, float] | None = None,
                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
-        return summarize(self.result.requests, self.result.itl(), percentiles, goodput, self.result.num_preemptions)
+        summary = summarize(self.result.requests, self.result.itl(), percentiles, goodput,
+                            self.result.num_preemptions)
+        summary["num_gpus"] = self.config.num_gpus  # every replica's GPUs, TP x PP each
+        return summary
 
     def replica_summaries(self, goodput: dict[str, float] | None = None,
                           percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[dict[str, Any]]:
