@@ -138,7 +138,7 @@ def ablation_table(steps: Path, seeds: int) -> None:
         exclude = () if name == "(none)" else (name,)
         cells = []
         for samples in data.values():
-            p90 = {"prefill": [], "decode": []}
+            p90: dict[str, list[float]] = {"prefill": [], "decode": []}
             for fitted, scored in splits(samples, "shapes", seeds):
                 model = this_fit.fit_step_model(fitted, exclude=exclude)
                 for kind, values in p90.items():

@@ -249,8 +249,9 @@ def test_profile_without_newer_feature_and_knee_prices_as_written(tmp_path):
 
     data = json.loads(SHIPPED.read_text())
     fit_dict = data["fit"]
-    fit_dict["features"] = [f for f in fit_dict["features"] if f not in ("prefill_batch_seqs", "tokens_over_cache_knee")]
-    for name in ("prefill_batch_seqs", "tokens_over_cache_knee"):
+    newer = ("prefill_batch_seqs", "tokens_over_cache_knee")
+    fit_dict["features"] = [f for f in fit_dict["features"] if f not in newer]
+    for name in newer:
         fit_dict["coefficients_ms"].pop(name, None)
     fit_dict.pop("knee_cache_tokens", None)
     (tmp_path / "old.json").write_text(json.dumps(data))
