@@ -12,6 +12,7 @@ from sim.policies import continuous as _continuous  # noqa: F401
 
 # Importing the modules registers their policies.
 from sim.policies import static as _static  # noqa: F401
+from sim.policies import vllm as _vllm  # noqa: F401
 from sim.policies.base import POLICIES, Policy, SchedulerConfig, make_policy, register
 
 __all__ = ["POLICIES", "Policy", "SchedulerConfig", "make_policy", "register"]

@@ -25,6 +25,10 @@ class SchedulerConfig:
     written to ``config.json`` says what ran. ``batch_size`` and ``max_wait_s`` are static
     batching's. ``max_model_len`` is the longest sequence (prompt + output) the model takes;
     a longer request is rejected with that reason (``None``: no limit but KV capacity).
+    ``long_prefill_token_threshold`` (vLLM's knob of that name; 0: off) caps the tokens one
+    request's prefill computes per step, and ``kv_watermark`` (vLLM's ``watermark``) is the
+    fraction of KV blocks kept free when admitting a waiting request; the ``vllm`` policy
+    reads both.
     """
 
     policy: str = "continuous"
@@ -35,11 +39,16 @@ class SchedulerConfig:
     max_wait_s: float = 1.0
     preempt: str | None = None
     max_model_len: int | None = None
+    long_prefill_token_threshold: int = 0
+    kv_watermark: float = 0.0
 
     def __post_init__(self) -> None:
         info = policy_info(self.policy)
         if self.order not in ORDERS:
             raise ValueError(f"unknown queue order {self.order!r}; known: {', '.join(ORDERS)}")
+        if info.orders is not None and self.order not in info.orders:
+            raise ValueError(f"order must be one of {', '.join(info.orders)} for policy {self.policy!r}, "
+                             f"got {self.order!r}")
         if self.preempt is None:
             object.__setattr__(self, "preempt", info.preempt_modes[0])
         if self.preempt not in info.preempt_modes:
@@ -60,6 +69,11 @@ class SchedulerConfig:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: off), "
+                             f"got {self.long_prefill_token_threshold}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
 
     def reject_reason(self, prompt_tokens: int, output_tokens: int) -> str | None:
         """Why a request of these lengths can never run under this config (None: it can)."""
@@ -122,23 +136,28 @@ class PolicyInfo:
     preempt_modes: tuple[str, ...] = PREEMPT_MODES
     """Preemption modes it supports, its default first."""
     default_token_budget: int | None = None
+    orders: tuple[str, ...] | None = None
+    """Queue orders it supports (``None``: every one in :data:`sim.queues.ORDERS`)."""
 
 
 POLICIES: dict[str, PolicyInfo] = {}
 
 
 def register(name: str, *, summary: str, preempt_modes: tuple[str, ...] = PREEMPT_MODES,
-             default_token_budget: int | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
+             default_token_budget: int | None = None,
+             orders: tuple[str, ...] | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
     """Class decorator: make a policy available by ``name`` (CLI choices, defaults and the test
     matrix all read :data:`POLICIES`)."""
     unknown = [m for m in preempt_modes if m not in PREEMPT_MODES]
     if not preempt_modes or unknown:
         raise ValueError(f"preempt_modes must be a non-empty subset of {PREEMPT_MODES}, got {preempt_modes}")
+    if orders is not None and (not orders or any(o not in ORDERS for o in orders)):
+        raise ValueError(f"orders must be a non-empty subset of {tuple(ORDERS)}, got {orders}")
 
     def deco(factory: PolicyFactory) -> PolicyFactory:
         if name in POLICIES:
             raise ValueError(f"policy {name!r} registered twice")
-        POLICIES[name] = PolicyInfo(name, factory, summary, preempt_modes, default_token_budget)
+        POLICIES[name] = PolicyInfo(name, factory, summary, preempt_modes, default_token_budget, orders)
         return factory
 
     return deco
