@@ -124,13 +124,15 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
                     passes: int = 2,
                     threads: int | None = None, memory_utilization: float = 0.9, folds: int = 5,
                     grid: Sequence[GridPoint] | None = None, progress: bool = True, live: bool = True,
-                    live_plan=None, drift_threshold: float | None = DRIFT_THRESHOLD,
+                    live_plan=None, max_model_len: int | None = None, drift_threshold: float | None = DRIFT_THRESHOLD,
                     controls: Callable[[ModelRunner, Sequence[GridPoint]], Sequence[float]] | None = None,
                     ) -> Profile:
     """Calibrate ``model`` on ``device``: time the grid (or ``grid`` when given), then (``live``)
     serve a synthetic workload on the live engine (:mod:`calibrate.live`, ``live_plan`` or
     :meth:`LivePlan.for_model`), fit to both, return the profile. A custom ``grid`` gets a live
-    phase only with an explicit ``live_plan``.
+    phase only with an explicit ``live_plan``. ``max_model_len`` bounds the sequences of the
+    grid and of the live phase below the model's positions (what the profile will be used
+    for: a CPU cannot serve the small model's 4096 positions in minutes).
 
     Control steps (:mod:`calibrate.drift`) are re-timed at the start, middle and end of the
     grid and of the live phase unless ``drift_threshold`` is None; a segment that drifted
@@ -164,12 +166,15 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
         num_blocks = blocks_from_memory(spec, block_size, torch_dtype, dev, memory_utilization)
     else:
         num_blocks = CPU_KV_MEMORY_BYTES // block_bytes
-    points = list(grid) if grid is not None else make_grid(spec.max_position, num_blocks, block_size, quick)
+    if max_model_len is not None and not 2 <= max_model_len <= spec.max_position:
+        raise ValueError(f"max_model_len must be in 2..{spec.max_position} ({model}'s positions), got {max_model_len}")
+    max_len = spec.max_position if max_model_len is None else max_model_len
+    points = list(grid) if grid is not None else make_grid(max_len, num_blocks, block_size, quick)
     if not points:
         raise CalibrationError(f"{model}: no grid point fits {num_blocks} KV blocks of {block_size} tokens")
     plan = None
     if live and (grid is None or live_plan is not None):
-        plan = live_plan if live_plan is not None else LivePlan.for_model(spec.max_position, quick, seed)
+        plan = live_plan if live_plan is not None else LivePlan.for_model(max_len, quick, seed)
     if dev.type != "cuda":
         num_blocks = max(p.kv_blocks(block_size) for p in points)
         if plan is not None:
@@ -226,6 +231,7 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
         drift=None if monitor is None else monitor.to_dict() | {"control_s": monitor.control_s},
         fit_check=check_fit(errors).to_dict(),
         phases_s={"grid": grid_s, "live": live_info.get("wall_s") if live_info else None},
+        max_model_len=max_model_len,
     )
 
 

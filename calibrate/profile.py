@@ -46,6 +46,8 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
                           (calibrate.calibration.FIT_LIMITS_PCT): row, values_pct, limits_pct,
                           passed, accepted_poor_fit (true: written although it failed)
     phases_s              (optional, nullable) wall seconds of the phases: {"grid", "live"}
+    max_model_len         (optional, nullable) longest sequence calibrated, when below the
+                          model's positions (calibrate --max-model-len)
     samples               {"columns": [calibrate.samples.CSV_COLUMNS, in any order],
                            "rows": [[one value per column], ...]}: one row per measured
                           step (tens of thousands with a live phase, hence rows, not objects),
@@ -125,6 +127,8 @@ class Profile:
     """Held-out error against the limits (:class:`calibrate.calibration.FitCheck`); None: not checked."""
     phases_s: dict | None = None
     """Wall seconds of the grid and the live phase."""
+    max_model_len: int | None = None
+    """The longest sequence calibrated when below the model's positions; None: all of them."""
 
     def to_dict(self) -> dict:
         return {
@@ -158,6 +162,7 @@ class Profile:
             "drift": self.drift,
             "fit_check": self.fit_check,
             "phases_s": self.phases_s,
+            "max_model_len": self.max_model_len,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -245,7 +250,10 @@ def profile_from_dict(data: object, path: Path) -> Profile:
     for name, value in optional.items():
         if value is not None and not isinstance(value, dict):
             raise ProfileError(f"{path}: field {name!r} must be an object or null, got {type(value).__name__}")
-    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp, **optional, **values)
+    max_model_len = data.get("max_model_len")
+    _check(path, "max_model_len", max_model_len, _INT, True)
+    return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp,
+                   max_model_len=max_model_len, **optional, **values)
 
 
 def _samples_from_dict(table: dict, path: Path) -> list[Sample]:

@@ -52,6 +52,9 @@ def _print_errors(errors: dict) -> None:
 @click.option("--live/--no-live", default=True, show_default=True,
               help="After the grid, serve a synthetic workload (Poisson, uniform lengths; continuous and "
                    "chunked) on the live engine and fit its steps too.")
+@click.option("--max-model-len", type=click.IntRange(2), default=None,
+              help="Longest sequence (prompt + output) to calibrate, below the model's positions: bounds the "
+                   "grid and the live phase (e.g. 1024 for the small model on a CPU) [default: the model's].")
 @click.option("--drift-threshold", "drift_pct", type=click.FloatRange(0, 100, min_open=True, max_open=True),
               default=100 * DRIFT_THRESHOLD, show_default=True,
               help="Largest accepted change (%) of the control steps' time from the start to any checkpoint "
@@ -68,7 +71,8 @@ def _print_errors(errors: dict) -> None:
 @click.pass_context
 def calibrate(ctx: click.Context, model: str | None, weights: Path | None, device: str, dtype: str | None,
               block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
-              memory_utilization: float, samples_csv: Path | None, live: bool, drift_pct: float,
+              memory_utilization: float, samples_csv: Path | None, live: bool, max_model_len: int | None,
+              drift_pct: float,
               no_drift_check: bool, accept_poor_fit: bool, progress: bool | None, output: Path | None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
@@ -95,7 +99,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
     try:
         profile = run_calibration(model, weights, device, dtype, block_size, quick=quick, seed=seed, repeats=repeats,
                                   warmup=warmup, passes=passes, threads=threads, memory_utilization=memory_utilization,
-                                  progress=resolve_progress(progress), live=live,
+                                  progress=resolve_progress(progress), live=live, max_model_len=max_model_len,
                                   drift_threshold=None if no_drift_check else drift_pct / 100)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None

@@ -20,7 +20,8 @@ from sim.models import DTYPE_BYTES
 PROVENANCE = ("source", "created_utc", "device", "driver_version", "cuda_version", "torch_version",
               "transformers_version", "torch_threads", "model", "weights", "dtype", "block_size",
               "kv_bytes_per_token", "kv_memory_bytes", "num_kv_blocks", "host_link_bytes_per_s",
-              "host_link_source", "grid", "seed", "calibration_s", "interrupted", "out_of_memory_steps", "tp")
+              "host_link_source", "grid", "seed", "calibration_s", "interrupted", "out_of_memory_steps", "tp",
+              "max_model_len")
 
 
 def _load(path: Path) -> Profile:
