@@ -39,6 +39,7 @@ RUNS: dict[str, list[str]] = {
     "static": [*TRACE, "--policy", "static", "--batch-size", "8", "--max-wait-s", "0.5"],
     "continuous": [*TRACE, *SLOS, "--policy", "continuous", "--kv-blocks", "300"],
     "chunked": [*TRACE, *SLOS, "--policy", "chunked", "--token-budget", "256", "--kv-blocks", "300"],
+    "vllm": [*TRACE, *SLOS, "--policy", "vllm", "--token-budget", "256", "--kv-blocks", "300"],
     "chunked-swap": [*TRACE, "--policy", "chunked", "--preempt", "swap", "--swap-gib", "1", "--kv-blocks", "200"],
     "continuous-sjf-2replicas": [*TRACE, "--policy", "continuous", "--order", "sjf", "--kv-blocks", "300",
                                  "--replicas", "2", "--router", "least_kv"],
@@ -81,7 +82,7 @@ def test_golden_runs_exercise_what_they_claim():
     for name, s in summaries.items():
         assert s["rejected"] == 0, f"{name}: golden runs should finish every request"
     assert summaries["static"]["num_preemptions"] == 0
-    for name in ("continuous", "chunked", "chunked-swap", "continuous-sjf-2replicas"):
+    for name in ("continuous", "chunked", "chunked-swap", "continuous-sjf-2replicas", "vllm"):
         assert summaries[name]["num_preemptions"] > 0, f"{name} was meant to preempt"
     assert 0 < summaries["continuous"]["request_goodput"] < summaries["continuous"]["request_throughput"]
     assert len(summaries["continuous-sjf-2replicas"]["replicas"]) == 2
