@@ -161,6 +161,19 @@ HOG_S = 120.0
 """The hog's own bound: it ends by itself even if the test process dies before killing it."""
 
 
+def test_max_model_len_bounds_the_grid_and_is_recorded():
+    """--max-model-len keeps every grid sequence within it, the profile says so; beyond the model's is refused."""
+    prof = run_calibration("tiny", device="cpu", quick=True, repeats=1, passes=1, threads=1, folds=2, live=False,
+                           progress=False, max_model_len=256, drift_threshold=None)
+    assert prof.max_model_len == 256
+    assert all(s.shape.prefill_tokens + s.shape.prefill_context_tokens <= 256 * s.shape.prefill_seqs
+               for s in prof.samples)
+    assert max(s.shape.prefill_tokens for s in prof.samples) == 256
+    assert all(s.shape.decode_context_tokens <= 256 * s.shape.decode_seqs for s in prof.samples)
+    with pytest.raises(ValueError, match=r"max_model_len must be in 2\.\.2048"):
+        run_calibration("tiny", device="cpu", max_model_len=4096, progress=False)
+
+
 def _hog(seconds: float) -> None:
     """Spin for ``seconds`` (a process, so that it takes a core whatever the GIL does)."""
     end = time.monotonic() + seconds
