@@ -134,6 +134,12 @@ def policy_options(f: Callable) -> Callable:
                      help="Static batching: requests per batch."),
         click.option("--max-wait-s", default=1.0, show_default=True, type=click.FloatRange(min=0),
                      help="Static batching: longest wait for a batch to fill."),
+        click.option("--long-prefill-token-threshold", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="vllm: most prefill tokens per request per step when others are running or waiting "
+                          "(vLLM's knob; 0: off)."),
+        click.option("--kv-watermark", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+                     help="vllm: fraction of KV blocks kept free when admitting a waiting request (vLLM's "
+                          "--watermark; 0: off)."),
     ])(f)
 
 
@@ -165,6 +171,8 @@ def build_scheduler(opts: dict[str, Any], policy: str | None = None, preempt: st
         policy=policy, order=opts["order"], max_num_seqs=opts["max_num_seqs"], token_budget=opts["token_budget"],
         batch_size=opts["batch_size"], max_wait_s=opts["max_wait_s"],
         preempt=preempt or opts.get("preempt"),
+        long_prefill_token_threshold=opts.get("long_prefill_token_threshold", 0),
+        kv_watermark=opts.get("kv_watermark", 0.0),
     )
 
 
