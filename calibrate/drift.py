@@ -143,3 +143,13 @@ class DriftMonitor:
                 "checkpoints": [p.to_dict() for p in self.checkpoints],
                 "max_drift_pct": 100 * max((abs(p.drift) for p in self.checkpoints), default=0.0),
                 "remeasured": list(self.remeasured)}
+
+
+def format_drift(record: dict) -> str:
+    """A profile's ``drift`` record (:meth:`DriftMonitor.to_dict`): a headline, then one line
+    per checkpoint."""
+    again = f"; measured again: {', '.join(record['remeasured'])}" if record["remeasured"] else ""
+    lines = [f"control steps ({'; '.join(record['control_steps'])}): largest drift {record['max_drift_pct']:.1f}% "
+             f"(threshold {record['threshold_pct']:g}%){again}"]
+    lines += [f"  {c['name']:<36} {c['drift_pct']:+6.1f}%" for c in record["checkpoints"]]
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from calibrate.calibration import FIT_LIMITS_PCT, poor_fit_problems
-from calibrate.drift import DRIFT_THRESHOLD
+from calibrate.drift import DRIFT_THRESHOLD, format_drift
 from experiments.options import progress_option, resolve_progress
 from sim.models import MODELS, get_model
 
@@ -113,7 +113,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
     click.echo(f"{profile.model} on {profile.device}, {profile.dtype}: {len(profile.samples)} steps ({origins}) "
                f"in {profile.calibration_s:.1f} s{_phases(profile.phases_s, profile.drift)}")
     if profile.drift is not None:
-        click.echo(drift_summary(profile.drift))
+        click.echo(format_drift(profile.drift))
     _print_errors(profile.errors)
     check = profile.fit_check
     if check is not None and not check["passed"]:
@@ -135,15 +135,6 @@ def _phases(phases_s: dict | None, drift: dict | None) -> str:
     if drift is not None and drift.get("control_s") is not None:
         parts.append(f"control steps {drift['control_s']:.1f} s")
     return f" ({', '.join(parts)})" if parts else ""
-
-
-def drift_summary(drift: dict) -> str:
-    """A profile's ``drift`` record: a headline, then one line per checkpoint."""
-    remeasured = f"; measured again: {', '.join(drift['remeasured'])}" if drift["remeasured"] else ""
-    lines = [f"control steps ({'; '.join(drift['control_steps'])}): largest drift {drift['max_drift_pct']:.1f}% "
-             f"(threshold {drift['threshold_pct']:g}%){remeasured}"]
-    lines += [f"  {c['name']:<36} {c['drift_pct']:+6.1f}%" for c in drift["checkpoints"]]
-    return "\n".join(lines)
 
 
 @calibrate.command("fit")

@@ -59,9 +59,9 @@ def show(path: Path, plot: Path | None) -> None:
         limits = ", ".join(f"{k} <= {v:g}%" for k, v in check["limits_pct"].items())
         click.echo(f"{'fit_check':<24}held-out {check['row']} {limits}: {verdict}")
     if prof.drift:
-        from experiments.commands.calibrate import drift_summary
+        from calibrate.drift import format_drift
 
-        click.echo("\n" + drift_summary(prof.drift))
+        click.echo("\n" + format_drift(prof.drift))
     model = prof.model_fit
     click.echo("\nstep_ms = sum of coefficient x feature:")
     for name in FEATURES:
