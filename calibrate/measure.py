@@ -143,10 +143,8 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
     times_ms: list[list[float]] = [[] for _ in grid]
     batches: list[Batch | None] = [None] * len(grid)
     out_of_memory: set[int] = set()
-    attempt: list[list[float]] = []
-    """The current segment's times per point; kept when the segment is."""
-
-    started: list[list[int]] = []
+    attempt: list[list[float]] = []  # the current segment's times per point, kept when the segment is
+    started: list[list[int]] = []  # segments begun (a second start is a re-measurement)
 
     def run_visits(part: list[int]) -> list[list[float]]:
         nonlocal attempt
