@@ -16,7 +16,8 @@ from experiments.validation import StepErrors, metric_names, rel_error
 
 pytest.importorskip("torch")
 
-SMALL = ["--model", "tiny", "-n", "12", "--max-prompt-tokens", "96", "--max-output-tokens", "24", "--no-progress"]
+SMALL = ["--model", "tiny", "-n", "12", "--max-prompt-tokens", "96", "--max-output-tokens", "24", "--no-progress",
+         "--repeats", "1"]
 
 
 def invoke(*args: str):
@@ -51,7 +52,7 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
     data = json.loads((out / "validation.json").read_text())
     for key, _ in metric_names():
         entry = data[key]
-        assert set(entry) == {"live", "sim", "rel_error"}
+        assert set(entry) == {"live", "sim", "rel_error"}  # one live run: no live_runs
         assert math.isfinite(entry["live"]) and math.isfinite(entry["sim"]), key
     for key in ("mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "request_throughput", "output_throughput"):
         assert data[key]["live"] > 0 and math.isfinite(data[key]["rel_error"])
@@ -76,6 +77,26 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
     assert (out / "live" / "steps.csv").read_text().count("\n") == data["num_steps"] + 1
     for png in ("ttft-cdf.png", "e2el-cdf.png", "step-scatter.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert data["verdict"] in ("PASS", "FAIL") and data["tolerances_pct"] == {"mean": 10.0, "p99": 20.0, "step": 5.0}
+    assert data["checks"]["mean_tpot_ms"]["error"] == pytest.approx(data["mean_tpot_ms"]["rel_error"])
+    assert all(c["passed"] == (abs(c["error"]) <= c["tolerance"]) for c in data["checks"].values())
+    assert (data["verdict"] == "PASS") == all(c["passed"] for c in data["checks"].values())
+    assert res.output.rstrip().splitlines()[-2].startswith(f"verdict: {data['verdict']}")  # then "wrote ..."
+
+
+def test_validate_strict_exits_nonzero_on_fail_only(tmp_path, profile_path):
+    """With tolerances nothing can meet, the verdict is FAIL: exit 0 without --strict, 1 with it;
+    tolerances nothing can miss give PASS and exit 0 under --strict."""
+    impossible = ["--tolerance", "mean:1e-9", "--tolerance", "p99:1e-9", "--tolerance", "step:1e-9"]
+    args = ["validate", "--profile", str(profile_path), *SMALL, "--load", "0.5"]
+    res = invoke(*args, *impossible, "-o", str(tmp_path / "a"))
+    assert res.exit_code == 0 and "verdict: FAIL" in res.output
+    res = invoke(*args, *impossible, "--strict", "-o", str(tmp_path / "b"))
+    assert res.exit_code == 1 and "verdict: FAIL" in res.output
+    assert json.loads((tmp_path / "b" / "validation.json").read_text())["verdict"] == "FAIL"
+    lenient = ["--tolerance", "mean:1e9", "--tolerance", "p99:1e9", "--tolerance", "step:1e9"]
+    res = invoke(*args, *lenient, "--strict", "-o", str(tmp_path / "c"))
+    assert res.exit_code == 0 and "verdict: PASS" in res.output
 
 
 def test_validate_repeats_compares_with_the_live_mean(tmp_path, profile_path):
@@ -169,6 +190,9 @@ def test_profile_live_error_and_drift():
     (["--load", "-1"], "--load"),
     (["--profile", "/nonexistent/profile.json"], "does not exist"),
     (["--model", "qwen2.5-7b", "--device", "cuda"], "--profile is required"),
+    (["--model", "small"], "servesim calibrate --model small --quick"),
+    (["--tolerance", "p50:10"], "--tolerance"),
+    (["--tolerance", "mean"], "NAME:PCT"),
 ])
 def test_validate_bad_arguments(args, message):
     """Conflicting or impossible arguments are refused with a message that names the problem."""
@@ -197,14 +221,19 @@ def _check_report(out):
 
 
 def test_demo_quick_writes_report(tmp_path, profile_path):
-    """A reduced demo validates, compares the four policies and writes report.md whose images exist."""
+    """A reduced demo validates, compares the four policies, writes report.md whose images exist
+    and which ends with the verdict, and prints the verdict last."""
     out = tmp_path / "demo"
     res = invoke("demo", "--profile", str(profile_path), "--quick", "--jobs", "1", "--no-progress", "-o", str(out))
     assert res.exit_code == 0, res.output
     for phase in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert phase in res.output
     assert str(out / "report.md") in res.output
-    _check_report(out)
+    report = _check_report(out)
+    verdict = json.loads((out / "validation" / "validation.json").read_text())["verdict"]
+    assert res.output.rstrip().splitlines()[-1].startswith(f"verdict: {verdict}")
+    assert re.search(rf"## Verdict\n\n\*\*{verdict}\*\*: mean TTFT/TPOT/E2EL and throughput within 10%", report)
+    assert "| check |" in report and "| ok <=10% |" in report.replace("FAIL >", "ok <=")
     runs = json.loads((out / "compare" / "compare.json").read_text())["runs"]
     assert {r["policy"] for r in runs} == {"static", "continuous", "chunked", "chunked+swap"}
 

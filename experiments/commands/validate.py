@@ -1,10 +1,11 @@
 """``servesim validate``: serve a trace slice on the live engine and in the simulator (priced by
 a calibrated profile) with the same policy, seed and KV pool, and report how far apart they are.
 
-Writes ``validation.json`` (each metric's live, sim and relative error, and the per-step
-error), the two run directories ``live/`` (with ``steps.csv``) and ``sim/``, and PNG plots:
-CDFs of TTFT and E2EL, live against simulated, and every live step's predicted time against
-its measured time.
+States PASS or FAIL against stated tolerances (``--tolerance``; ``--strict`` exits 1 on FAIL).
+Writes ``validation.json`` (each metric's live, sim and relative error, the per-step error, the
+verdict with its tolerances and every check), the two run directories ``live/`` (with
+``steps.csv``) and ``sim/``, and PNG plots: CDFs of TTFT and E2EL, live against simulated, and
+every live step's predicted time against its measured time.
 """
 
 from __future__ import annotations
@@ -23,24 +24,42 @@ from experiments.options import (
 )
 from experiments.validation.plan import (
     DEFAULT_LOAD,
+    DEFAULT_MAX_LENGTHS,
     SHIPPED_PROFILES,
-    TINY_MAX_OUTPUT_TOKENS,
-    TINY_MAX_PROMPT_TOKENS,
     default_lengths,
     make_plan,
     shipped_profile,
 )
+from experiments.validation.verdict import DEFAULT_TOLERANCES_PCT, Tolerances
 from sim.models import MODELS
 from sim.policies.base import PREEMPT_MODES, SchedulerConfig
 from sim.queues import ORDERS
-from sim.workload import TraceReplay
+from sim.workload import ARRIVALS, TraceReplay
+
+DEFAULT_REPEATS = 3
+"""Live runs by default: one run cannot tell the simulator's error from the device's."""
+_DEFAULT_LENGTHS = ", ".join(f"{m}: {p}" for m, (p, _) in DEFAULT_MAX_LENGTHS.items())
+_DEFAULT_OUTPUTS = ", ".join(f"{m}: {o}" for m, (_, o) in DEFAULT_MAX_LENGTHS.items())
+_TOLERANCES = ", ".join(f"{k}:{v:g}" for k, v in DEFAULT_TOLERANCES_PCT.items())
+
+
+def _profile_model(path: Path) -> str | None:
+    """The model a profile was calibrated for (None: unknown or unreadable; make_plan says why)."""
+    import json
+
+    try:
+        model = json.loads(path.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and model in MODELS else None
 
 
 @click.command("validate")
 @click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Calibrated profile JSON [default for --model tiny on CPU: the shipped profiles/tiny-cpu.json].")
-@click.option("--model", default="tiny", show_default=True, type=click.Choice(list(MODELS)),
-              help="Architecture preset (random weights); must be the profile's.")
+              help="Calibrated profile JSON [default for --model tiny on CPU: the shipped profiles/tiny-cpu.json; "
+                   "for small: make one with servesim calibrate --model small --quick].")
+@click.option("--model", default=None, type=click.Choice(list(MODELS)),
+              help="Architecture preset (random weights); must be the profile's [default: the profile's, else tiny].")
 @click.option("--device", default=None, help="cpu | cuda[:N] [default: the profile's kind of device].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="[default: the profile's]")
@@ -51,9 +70,13 @@ from sim.workload import TraceReplay
 @click.option("--num-requests", "-n", default=200, show_default=True, type=click.IntRange(min=2),
               help="Rows of the trace to replay.")
 @click.option("--max-prompt-tokens", default=None, type=click.IntRange(min=1),
-              help=f"Scale prompts down so the longest is this [tiny: {TINY_MAX_PROMPT_TOKENS}].")
+              help=f"Scale prompts down so the longest is this [{_DEFAULT_LENGTHS}].")
 @click.option("--max-output-tokens", default=None, type=click.IntRange(min=1),
-              help=f"Scale outputs down so the longest is this [tiny: {TINY_MAX_OUTPUT_TOKENS}].")
+              help=f"Scale outputs down so the longest is this [{_DEFAULT_OUTPUTS}].")
+@click.option("--arrival", default="poisson", show_default=True, type=click.Choice(list(ARRIVALS)),
+              help="Arrival process for a length-only trace (no timestamps); --load sets its rate.")
+@click.option("--burstiness", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Gamma shape k for --arrival gamma (< 1: burstier than Poisson).")
 @click.option("--policy", default="continuous", show_default=True, type=policy_choice(), help=policy_help())
 @click.option("--order", default="fcfs", show_default=True, type=click.Choice(list(ORDERS)))
 @click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)), help=preempt_help())
@@ -69,39 +92,54 @@ from sim.workload import TraceReplay
 @click.option("--time-scale", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Speed the trace up by this factor instead of --load.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Weights and prompt token ids.")
-@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=DEFAULT_REPEATS, show_default=True, type=click.IntRange(min=1),
               help="Serve the slice this many times live and compare the simulation with the runs' mean; the "
-                   "table then shows how far apart the live runs were (a shared or throttled device does not "
+                   "table shows how far apart the live runs were (a shared or throttled device does not "
                    "reproduce itself).")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="NAME:PCT",
+              help=f"Largest accepted |error| for the verdict, repeatable: mean (mean TTFT, TPOT, E2EL and "
+                   f"throughputs), p99 (p99 TTFT, TPOT, E2EL), step (median per-step error) "
+                   f"[default: {_TOLERANCES}].")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when the verdict is FAIL (for scripts and CI).")
 @progress_option
 @click.option("-o", "--output", default="servesim-validate", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
-def validate(profile_path: Path | None, model: str, device: str | None, dtype: str | None, threads: int | None,
-             trace: str, start: int, num_requests: int, max_prompt_tokens: int | None,
-             max_output_tokens: int | None, policy: str, order: str, preempt: str | None, max_num_seqs: int,
-             token_budget: int | None, batch_size: int, max_wait_s: float, kv_blocks: int | None,
-             load: float | None, time_scale: float | None, seed: int, repeats: int, progress: bool | None,
-             output: Path) -> None:
-    """Check the simulator against the live engine on the same trace slice.
+def validate(profile_path: Path | None, model: str | None, device: str | None, dtype: str | None,
+             threads: int | None, trace: str, start: int, num_requests: int, max_prompt_tokens: int | None,
+             max_output_tokens: int | None, arrival: str, burstiness: float, policy: str, order: str,
+             preempt: str | None, max_num_seqs: int, token_budget: int | None, batch_size: int, max_wait_s: float,
+             kv_blocks: int | None, load: float | None, time_scale: float | None, seed: int, repeats: int,
+             tolerances: tuple[str, ...], strict: bool, progress: bool | None, output: Path) -> None:
+    """Check the simulator against the live engine on the same trace slice, with a verdict.
 
-    Serves the slice on the real engine, simulates it with the profile's cost model (same
-    policy, seed and KV blocks), and reports for each metric live, simulated and relative
-    error (sim - live) / live, plus the error of the profile on every step the live engine ran.
+    Serves the slice on the real engine (3 times by default), simulates it with the profile's
+    cost model (same policy, seed and KV blocks), and reports for each metric live, simulated,
+    relative error (sim - live) / live and the live runs' spread, plus the error of the profile
+    on every step the live engine ran; then PASS or FAIL against the tolerances.
 
     \b
       servesim validate                                  # tiny, 200 azure-conv requests, 70% load
-      servesim validate --policy chunked --load 0.5 -o out/
+      servesim calibrate --model small --quick -o small.json
+      servesim validate --profile small.json --policy chunked --load 0.5 --strict -o out/
     """
     if load is not None and time_scale is not None:
         raise click.UsageError("give --load or --time-scale, not both")
     if load is None and time_scale is None:
         load = DEFAULT_LOAD
+    try:
+        tol = Tolerances.parse(tolerances)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tolerance") from None
+    if model is None:
+        model = (_profile_model(profile_path) if profile_path is not None and profile_path.is_file() else None) \
+            or "tiny"
     if profile_path is None:
         profile_path = shipped_profile(model) if device in (None, "cpu") else None
         if profile_path is None:
+            quick = " --quick --threads 1" if model in DEFAULT_MAX_LENGTHS else ""
             raise click.UsageError(f"--profile is required for --model {model}"
                                    + ("" if model in SHIPPED_PROFILES else " (no profile is shipped for it)")
-                                   + f"; make one with: servesim calibrate --model {model} -o PROFILE")
+                                   + f"; make one with: servesim calibrate --model {model}{quick} -o PROFILE")
     elif not profile_path.is_file():
         raise click.BadParameter(f"{profile_path} does not exist (make one with servesim calibrate)",
                                  param_hint="--profile")
@@ -111,7 +149,8 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
                                 batch_size=batch_size, max_wait_s=max_wait_s,
                                 preempt=preempt)
         workload = TraceReplay(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
-                               max_prompt_tokens=mp, max_output_tokens=mo)
+                               arrival=arrival, burstiness=burstiness, seed=seed, max_prompt_tokens=mp,
+                               max_output_tokens=mo)
         plan = make_plan(profile_path, model, device, dtype, threads, workload, sched, kv_blocks, load, seed)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -123,4 +162,6 @@ def validate(profile_path: Path | None, model: str, device: str | None, dtype: s
     from experiments.validation.output import execute
 
     click.echo(f"profile {profile_path} ({plan.profile.model} on {plan.profile.device}, {plan.profile.dtype})")
-    execute(plan, output, resolve_progress(progress), echo=click.echo, repeats=repeats)
+    _, verdict = execute(plan, output, resolve_progress(progress), echo=click.echo, repeats=repeats, tolerances=tol)
+    if strict and not verdict.passed:
+        raise SystemExit(1)

@@ -20,7 +20,8 @@ amplifies a cost error several times, so a device running slower than when it wa
 One module per job: :mod:`~experiments.validation.plan` (the resolved validation, before
 anything runs), :mod:`~experiments.validation.runs` (the two executors and the speed check),
 :mod:`~experiments.validation.errors` (metric and step errors), :mod:`~experiments.validation.result`
-(one validation), :mod:`~experiments.validation.report` (the table and the drift warning) and
+(one validation), :mod:`~experiments.validation.verdict` (PASS or FAIL against stated tolerances),
+:mod:`~experiments.validation.report` (the table and the drift warning) and
 :mod:`~experiments.validation.output` (its files).
 """
 
@@ -38,16 +39,21 @@ from experiments.validation.errors import (
 from experiments.validation.plan import Plan, make_plan, shipped_profile
 from experiments.validation.report import drift_warning, format_speed, format_speeds, format_table, live_spread
 from experiments.validation.result import Validation, validate
+from experiments.validation.verdict import Check, Tolerances, Verdict, judge, verdict_of
 
 __all__ = [
     "PERCENTILES",
+    "Check",
     "Plan",
     "StepErrors",
+    "Tolerances",
     "Validation",
+    "Verdict",
     "drift_warning",
     "format_speed",
     "format_speeds",
     "format_table",
+    "judge",
     "live_spread",
     "make_plan",
     "metric_names",
@@ -57,4 +63,5 @@ __all__ = [
     "shipped_profile",
     "step_errors",
     "validate",
+    "verdict_of",
 ]

@@ -11,16 +11,18 @@ from pathlib import Path
 from experiments.output import write_json, write_run, write_steps
 from experiments.plots import cdf_plot, step_scatter
 from experiments.validation.errors import PERCENTILES
-from experiments.validation.plan import Plan
+from experiments.validation.plan import Plan, arrivals_text
 from experiments.validation.report import format_table
 from experiments.validation.result import Validation, validate
+from experiments.validation.verdict import Tolerances, Verdict, verdict_of
 from sim.engine import SimResult
 from sim.metrics import request_latencies, summarize
 from sim.request import Status
 
 
-def write_outputs(out: Path, plan: Plan, v: Validation) -> list[Path]:
-    """validation.json, live/ and sim/ run directories, and the plots; returns the plots."""
+def write_outputs(out: Path, plan: Plan, v: Validation, verdict: Verdict | None = None) -> list[Path]:
+    """validation.json (with the verdict, when given), live/ and sim/ run directories, and the
+    plots; returns the plots."""
     out.mkdir(parents=True, exist_ok=True)
     config = {"command": "validate", **plan.describe()}
     for k, live in enumerate(v.live_runs):
@@ -31,7 +33,7 @@ def write_outputs(out: Path, plan: Plan, v: Validation) -> list[Path]:
         write_steps(directory / "steps.csv", live.step_log)
     write_run(out / "sim", config | {"executor": "sim"}, v.sim.requests, v.sim_summary,
               [s.timeseries for s in v.sim.replicas])
-    write_json(out / "validation.json", v.to_json({"setup": config}))
+    write_json(out / "validation.json", v.to_json({"setup": config, **(verdict.to_json() if verdict else {})}))
 
     def latencies(result: SimResult) -> tuple[list[float], list[float]]:
         done = [request_latencies(r) for r in result.requests if r.status is Status.FINISHED]
@@ -56,15 +58,16 @@ def write_outputs(out: Path, plan: Plan, v: Validation) -> list[Path]:
 
 
 def execute(plan: Plan, out: Path, progress: bool = True, echo: Callable[[str], None] = print,
-            repeats: int = 1) -> Validation:
-    """Run the plan live (``repeats`` times) and simulated, print the table through ``echo``,
-    write everything; returns the Validation."""
+            repeats: int = 1, tolerances: Tolerances | None = None) -> tuple[Validation, Verdict]:
+    """Run the plan live (``repeats`` times) and simulated, print the table and the verdict
+    against ``tolerances`` (default :class:`Tolerances`) through ``echo``, write everything;
+    returns the Validation and its verdict."""
     from calibrate.profile import CalibratedCost
 
     n = plan.workload.num_requests
     if plan.load is not None:
         echo(f"saturation (simulated, all {n} requests queued at once): {plan.capacity_rps:.2f} req/s; "
-             f"time scale {plan.workload.time_scale:.3g} for {plan.load:.0%} load")
+             f"{arrivals_text(plan.workload, plan.synthetic_arrivals)} for {plan.load:.0%} load")
     times = f"{repeats} times" if repeats > 1 else "once"
     echo(f"serving {n} requests live {times} ({plan.live.model} on {plan.live.device}, {plan.scheduler.policy}, "
          f"{plan.capacity.num_blocks} KV blocks), then simulating them ...")
@@ -73,8 +76,9 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo: Callable[[str], 
                  repeats)
     serving = " + ".join(f"{r.replicas[0].busy_s:.1f}" for r in v.live_runs)
     echo(f"live engine busy {serving} s ({time.perf_counter() - t0:.1f} s wall, simulation included)")
-    echo(format_table(v))
-    write_outputs(out, plan, v)
+    verdict = verdict_of(v, tolerances)
+    echo(format_table(v, verdict))
+    write_outputs(out, plan, v, verdict)
     more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
     echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png, step-scatter.png")
-    return v
+    return v, verdict

@@ -27,6 +27,13 @@ TINY_MAX_OUTPUT_TOKENS = 512
 2048 positions: prompts x ~0.25, outputs x ~0.86 on the default slice. 200 requests then take
 about 15 s live on a 2-core CPU at 70% load. (Prompts up to 1536 fit too, but prefills of
 1000+ tokens are where the quick calibration grid is weakest: TTFT errors triple.)"""
+SMALL_MAX_PROMPT_TOKENS = 512
+SMALL_MAX_OUTPUT_TOKENS = 128
+"""The small model's steps cost compute (a prefill of 512 tokens ~0.5 s on one CPU thread), so
+its slices are scaled further than its 4096 positions require, to keep a live run to tens of
+seconds."""
+DEFAULT_MAX_LENGTHS = {"tiny": (TINY_MAX_PROMPT_TOKENS, TINY_MAX_OUTPUT_TOKENS),
+                       "small": (SMALL_MAX_PROMPT_TOKENS, SMALL_MAX_OUTPUT_TOKENS)}
 SHIPPED_PROFILES = {"tiny": "tiny-cpu.json"}
 
 
@@ -48,10 +55,10 @@ def shipped_profile(model: str) -> Path | None:
 
 def default_lengths(model: str, max_prompt_tokens: int | None,
                     max_output_tokens: int | None) -> tuple[int | None, int | None]:
-    """``tiny`` gets Azure lengths scaled to its 2048 positions unless told otherwise."""
-    if model == "tiny":
-        return (max_prompt_tokens or TINY_MAX_PROMPT_TOKENS, max_output_tokens or TINY_MAX_OUTPUT_TOKENS)
-    return max_prompt_tokens, max_output_tokens
+    """servesim's own CPU models (:data:`DEFAULT_MAX_LENGTHS`) get lengths scaled down unless
+    told otherwise; other models keep the trace's."""
+    mp, mo = DEFAULT_MAX_LENGTHS.get(model, (None, None))
+    return max_prompt_tokens or mp, max_output_tokens or mo
 
 
 def native_rate(workload: TraceReplay) -> float:
@@ -70,6 +77,24 @@ def time_scale_for_load(workload: TraceReplay, load: float, capacity_rps: float)
     return load * capacity_rps / native_rate(workload)
 
 
+def at_load(workload: TraceReplay, load: float, capacity_rps: float, synthetic_arrivals: bool) -> TraceReplay:
+    """The slice with its mean arrival rate at ``load`` x ``capacity_rps``: a timed trace is
+    time-scaled; a length-only one (arrivals from ``arrival`` / ``rate``) gets its ``rate``
+    scaled, which stretches the same seeded gaps exactly (every gap is proportional to 1 / rate)."""
+    factor = time_scale_for_load(workload, load, capacity_rps)
+    if synthetic_arrivals:
+        return dataclasses.replace(workload, rate=workload.rate * factor)
+    return dataclasses.replace(workload, time_scale=factor)
+
+
+def arrivals_text(workload: TraceReplay, synthetic_arrivals: bool) -> str:
+    """How the slice's arrivals were set: ``time scale 3.2`` or ``poisson arrivals at 1.5 req/s``."""
+    if synthetic_arrivals:
+        shape = f" (burstiness {workload.burstiness:g})" if workload.arrival == "gamma" else ""
+        return f"{workload.arrival}{shape} arrivals at {workload.rate:.3g} req/s"
+    return f"time scale {workload.time_scale:.3g}"
+
+
 @dataclass(frozen=True)
 class Plan:
     """A resolved validation: what runs where, before anything runs."""
@@ -85,6 +110,8 @@ class Plan:
     capacity_rps: float | None
     prompt_scale: float = 1.0
     output_scale: float = 1.0
+    synthetic_arrivals: bool = False
+    """A length-only trace: arrivals drawn from the workload's arrival process and rate."""
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -146,6 +173,6 @@ def make_plan(profile_path: Path, model: str, device: str | None, dtype: str | N
                                       CalibratedCost(profile))
         if capacity_rps <= 0:
             raise ValueError("no request completed in the saturation run (do they fit the KV pool?)")
-        workload = dataclasses.replace(workload, time_scale=time_scale_for_load(workload, load, capacity_rps))
+        workload = at_load(workload, load, capacity_rps, replay.synthetic_arrivals)
     return Plan(profile_path, profile, workload, live, capacity, load, capacity_rps, replay.prompt_scale,
-                replay.output_scale)
+                replay.output_scale, replay.synthetic_arrivals)

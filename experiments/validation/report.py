@@ -7,6 +7,7 @@ import math
 
 from experiments.validation.errors import metric_names, metric_spread
 from experiments.validation.result import Validation
+from experiments.validation.verdict import Verdict
 
 DRIFT_WARN = 0.10
 """A device speed change (re-timed profile steps, or the live steps' median signed error)
@@ -31,20 +32,38 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
-def format_table(v: Validation) -> str:
+def check_cell(verdict: Verdict | None, key: str) -> str:
+    """``ok <=10%`` / ``FAIL >10%`` for a checked metric, ``""`` for one the verdict ignores."""
+    if verdict is None:
+        return ""
+    try:
+        c = verdict.check(key)
+    except KeyError:
+        return ""
+    return f"{'ok <=' if c.passed else 'FAIL >'}{c.tolerance * 100:g}%"
+
+
+def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     """The metrics table (live, sim, relative error; with repeated live runs ``live`` is their
-    mean and ``live spread`` their (max - min) / mean) and the step error lines."""
+    mean and ``live spread`` their (max - min) / mean; with a verdict, each checked metric's
+    pass or fail against its tolerance), the step error lines, and the verdict last."""
     label_w = max(len(label) for _, label in metric_names())
     repeated = len(v.live_runs) > 1
     head = f"{'metric':<{label_w}}  {'live':>10}  {'sim':>10}  {'error':>8}"
     rule = f"{'-' * label_w}  {'-' * 10}  {'-' * 10}  {'-' * 8}"
-    lines = [head + (f"  {'live spread':>11}" if repeated else ""), rule + (f"  {'-' * 11}" if repeated else "")]
+    if repeated:
+        head, rule = head + f"  {'live spread':>11}", rule + f"  {'-' * 11}"
+    if verdict is not None:
+        head, rule = head + f"  {'check':<10}", rule + f"  {'-' * 10}"
+    lines = [head, rule]
     for key, label in metric_names():
         m = v.metrics[key]
         row = f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  {_fmt(m['rel_error'], pct=True):>8}"
         if repeated:
             row += f"  {format_spread(live_spread(v, key)):>11}"
-        lines.append(row)
+        if verdict is not None:
+            row += f"  {check_cell(verdict, key)}"
+        lines.append(row.rstrip())
     if repeated:
         lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
                      "they were ((max - min) / mean)")
@@ -71,6 +90,10 @@ def format_table(v: Validation) -> str:
     warning = drift_warning(v)
     if warning:
         lines.append(f"warning: {warning}")
+    if verdict is not None:
+        step = verdict.check("median_step_rel_error")
+        lines.append(f"per-step check: {step.describe()}")
+        lines.append(verdict.summary())
     return "\n".join(lines)
 
 
