@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +88,29 @@ CASES: list[dict] = [
      "settings": settings(num_gpu_blocks=5, max_num_batched_tokens=64, max_num_seqs=4, policy="priority"),
      "requests": [request(0, 0, 7, 4, 1), request(1, 1, 7, 4, 0)]},
 ]
+
+
+def random_case(seed: int, policy: str) -> dict:
+    """A seeded mix: bursts of arrivals, lengths that make a small pool preempt, three priority
+    classes, the long-prefill cap and a watermark on some seeds."""
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 8])
+    max_num_seqs = rng.randint(3, 8)
+    rows, step = [], 0
+    for rid in range(24):
+        step += rng.choice([0, 0, 1, 2, 3])
+        rows.append(request(rid, step, rng.randint(1, 60), rng.randint(1, 30), rng.randint(0, 2)))
+    longest = max(r["prompt_tokens"] + r["output_tokens"] for r in rows)
+    return {"name": f"random_{policy}_{seed}",
+            "description": f"seeded random mix (seed {seed}): arrivals while running, a pool that preempts",
+            "settings": settings(block_size=block_size, num_gpu_blocks=-(-longest // block_size) + rng.randint(2, 12),
+                                 max_num_batched_tokens=rng.choice([16, 24, 32, 64]), max_num_seqs=max_num_seqs,
+                                 long_prefill_token_threshold=rng.choice([0, 0, 8]),
+                                 watermark=rng.choice([0.0, 0.0, 0.1]), policy=policy),
+            "requests": rows}
+
+
+CASES += [random_case(seed, policy) for seed, policy in ((1, "fcfs"), (2, "fcfs"), (3, "priority"), (4, "priority"))]
 
 
 def fail(message: str) -> None:
@@ -206,6 +230,17 @@ def run_case(v: dict, model_dir: str, case: dict) -> list[dict]:
     return steps
 
 
+def dump(doc: dict) -> str:
+    """The cases as JSON with one line per case header and per step (diffs read step by step)."""
+    cases = []
+    for case in doc["cases"]:
+        head = json.dumps({k: v for k, v in case.items() if k != "steps"})[:-1]
+        steps = ",\n".join("  " + json.dumps(step) for step in case["steps"])
+        cases.append(f'{head}, "steps": [\n{steps}\n ]}}')
+    head = json.dumps({k: v for k, v in doc.items() if k != "cases"})[:-1]
+    return head + ', "cases": [\n' + ",\n".join(cases) + "\n]}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT)
@@ -222,7 +257,7 @@ def main() -> None:
            "source": "vllm.v1.core.sched.scheduler.Scheduler driven by experiments/vllm_scheduler_cases.py",
            "null_blocks": 1, "cases": cases}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.write_text(dump(doc))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -43,28 +43,32 @@ def config_for(s: dict) -> SchedulerConfig:
 
 
 def vllm_steps(case: dict) -> list[dict]:
-    """vLLM's steps as one ``schedule`` call of ours sees them: an empty vLLM step that only
-    preempted (our policy runs vLLM's next step at once) folds into the step after it."""
+    """vLLM's steps as our ``schedule`` calls see them. An empty vLLM step that only preempted
+    (vLLM's next step then schedules the rest; our policy runs that next step in the same call)
+    folds into the step after it: its preemptions join that step's, and ``last_step`` says up to
+    which vLLM step's arrivals the call sees."""
     steps: list[dict] = []
     carried: list[int] = []
     for s in case["steps"]:
         if not s["scheduled"] and s["preempted"]:
             carried += s["preempted"]
             continue
-        steps.append(s | {"preempted": sorted(carried + s["preempted"])})
+        steps.append({**s, "preempted": sorted(carried + s["preempted"]), "last_step": s["step"]})
         carried = []
     return steps
 
 
-def replay(case: dict) -> list[dict]:
-    """The case's requests through the ``vllm`` policy, recorded as the script records vLLM."""
+def replay(case: dict, want: list[dict]) -> list[dict]:
+    """The case's requests through the ``vllm`` policy, one ``schedule`` call per step of
+    ``want``, recorded as the script records vLLM's."""
     s = case["settings"]
     kv = BlockManager(s["num_gpu_blocks"], s["block_size"])
     policy = make_policy(config_for(s), kv)
     pending = sorted(case["requests"], key=lambda r: (r["arrival_step"], r["id"]))
     requests = []
     steps = []
-    for k in range(len(case["steps"])):
+    for w in want:
+        k = w["last_step"]
         while pending and pending[0]["arrival_step"] <= k:
             r = pending.pop(0)
             req = Request(r["id"], float(r["arrival_step"]), r["prompt_tokens"], r["output_tokens"], r["priority"])
@@ -72,15 +76,14 @@ def replay(case: dict) -> list[dict]:
             policy.add(req, float(k))
             assert req.status is Status.WAITING, req.reject_reason
         batch = policy.schedule(float(k))
-        record = {"step": k, "scheduled": [], "preempted": [], "free_blocks": kv.num_free - NULL_BLOCKS,
-                  "finished": []}
+        record = {"step": w["step"], "last_step": k, "scheduled": [], "preempted": [],
+                  "free_blocks": kv.num_free - NULL_BLOCKS, "finished": []}
         if batch is not None:
             record["scheduled"] = [[seq.request.id, seq.num_new_tokens] for seq in batch.seqs]
             record["preempted"] = sorted(r.id for r in batch.preempted)
             record["finished"] = sorted(r.id for r in policy.on_step_done(batch, k + 0.5))
         steps.append(record)
-        if all(r.status is Status.FINISHED for r in requests) and not pending:
-            break
+    assert all(r.status is Status.FINISHED for r in requests) and not pending
     assert kv.num_used == 0, "blocks leaked"
     return steps
 
@@ -102,10 +105,9 @@ def test_decisions_match_vllm_step_by_step(case):
     """Every step schedules the same tokens per request in vLLM's order, preempts and finishes the
     same requests, and leaves the same KV blocks free as vLLM's own scheduler did."""
     want = vllm_steps(case)
-    got = replay(case)
-    for w, g in zip(want, got, strict=False):
-        assert g == {**w, "step": g["step"]}, f"{case['name']}: step {w['step']} differs"
-    assert len(got) == len(want), f"{case['name']}: {len(got)} steps, vLLM ran {len(want)}"
+    got = replay(case, want)
+    for w, g in zip(want, got, strict=True):
+        assert g == w, f"{case['name']}: vLLM step {w['step']} differs"
 
 
 def test_only_vllm_orders_and_recompute():
