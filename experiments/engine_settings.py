@@ -51,6 +51,16 @@ class EngineSettings:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
+    def caveats(self) -> list[str]:
+        """What of this engine the ``vllm`` policy does not mirror, one sentence each (empty: nothing)."""
+        notes = []
+        if self.enable_prefix_caching:
+            notes.append("vLLM has prefix caching on and the vllm policy models none: servesim bench's random "
+                         "prompts share no prefix, but a request preempted by recompute may find its own blocks "
+                         "still cached and recompute less than the policy says (serve with "
+                         "--no-enable-prefix-caching to compare exactly)")
+        return notes
+
     def kv_config(self) -> KVConfig:
         """servesim's KV capacity for this engine: vLLM's block count and size (the ``vllm``
         policy keeps vLLM's null block out of use)."""

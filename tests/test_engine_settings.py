@@ -33,6 +33,9 @@ def test_captured_metrics_give_the_servers_cache_settings():
     assert (s.num_gpu_blocks, s.block_size, s.enable_prefix_caching, s.max_model_len) == (682, 128, True, 2048)
     assert s.cache_config["kv_cache_memory_bytes"] == "1073741824"  # the 1 GiB it was given
     assert int(s.cache_config["kv_cache_size_tokens"]) == s.num_gpu_blocks * s.block_size
+    assert len(s.caveats()) == 1 and "prefix caching" in s.caveats()[0]
+    off = parse_metrics(METRICS.replace('enable_prefix_caching="True"', 'enable_prefix_caching="False"'))
+    assert not off.enable_prefix_caching and off.caveats() == []
 
 
 def test_settings_become_the_vllm_policys_configs():
