@@ -48,6 +48,10 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     phases_s              (optional, nullable) wall seconds of the phases: {"grid", "live"}
     max_model_len         (optional, nullable) longest sequence calibrated, when below the
                           model's positions (calibrate --max-model-len)
+    engine                (optional, nullable) the external engine the steps were measured on
+                          (calibrate --engine vllm): engine, vllm_version, mode (in-process |
+                          http), settings {max_num_batched_tokens, max_num_seqs, block_size,
+                          num_gpu_blocks, enable_prefix_caching, ...}, model_config, api relied on
     samples               {"columns": [calibrate.samples.CSV_COLUMNS, in any order],
                            "rows": [[one value per column], ...]}: one row per measured
                           step (tens of thousands with a live phase, hence rows, not objects),
@@ -129,6 +133,8 @@ class Profile:
     """Wall seconds of the grid and the live phase."""
     max_model_len: int | None = None
     """The longest sequence calibrated when below the model's positions; None: all of them."""
+    engine: dict | None = None
+    """The external engine measured (:mod:`calibrate.vllm_calibration`); None: servesim's runtime."""
 
     def to_dict(self) -> dict:
         return {
@@ -163,6 +169,7 @@ class Profile:
             "fit_check": self.fit_check,
             "phases_s": self.phases_s,
             "max_model_len": self.max_model_len,
+            "engine": self.engine,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -199,7 +206,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 
 
-OPTIONAL_OBJECTS = ("live", "drift", "fit_check", "phases_s")
+OPTIONAL_OBJECTS = ("live", "drift", "fit_check", "phases_s", "engine")
 """Fields that may be absent (files written before them) or null."""
 
 

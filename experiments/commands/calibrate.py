@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import click
@@ -65,6 +66,26 @@ def _print_errors(errors: dict) -> None:
               help="Write the profile even when its held-out error is beyond the limits "
                    f"(median {FIT_LIMITS_PCT['median_ape_pct']:g}%, p90 {FIT_LIMITS_PCT['p90_ape_pct']:g}% "
                    "on the live steps); the profile records that it was accepted.")
+@click.option("--engine", type=click.Choice(["servesim", "vllm"]), default="servesim", show_default=True,
+              help="The engine to measure: servesim's runtime, or a real vLLM (in process with --model "
+                   "CHECKPOINT_DIR, black-box over HTTP with --url).")
+@click.option("--url", default=None, metavar="URL",
+              help="--engine vllm: a vLLM server already running (http://HOST:PORT), calibrated from request "
+                   "patterns whose steps are known, timed from the stream; settings read from its /metrics.")
+@click.option("--vllm-python", default=None, metavar="PATH",
+              help="--engine vllm: the python of an environment with vLLM [default: this one if it imports "
+                   "vllm, else $SERVESIM_VLLM_PYTHON].")
+@click.option("--max-num-batched-tokens", type=click.IntRange(1), default=None,
+              help="--engine vllm: vLLM's token budget per step [default: vLLM's; with --url: what the server "
+                   "was started with, which its /metrics does not say].")
+@click.option("--max-num-seqs", type=click.IntRange(1), default=None,
+              help="--engine vllm: vLLM's sequences per step [default: vLLM's].")
+@click.option("--kv-cache-gib", type=click.IntRange(1), default=None,
+              help="--engine vllm: KV cache GiB (VLLM_CPU_KVCACHE_SPACE on CPU) [default: vLLM's].")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", "prefix_caching", default=None,
+              help="--engine vllm: vLLM's prefix caching [default: vLLM's, on].")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--engine vllm: keep the engine's log, steps.csv and engine.json here.")
 @progress_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Profile JSON to write.")
@@ -73,12 +94,17 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
               block_size: int, quick: bool, seed: int, repeats: int, warmup: int, passes: int, threads: int | None,
               memory_utilization: float, samples_csv: Path | None, live: bool, max_model_len: int | None,
               drift_pct: float,
-              no_drift_check: bool, accept_poor_fit: bool, progress: bool | None, output: Path | None) -> None:
+              no_drift_check: bool, accept_poor_fit: bool, progress: bool | None, output: Path | None,
+              engine: str = "servesim", url: str | None = None, vllm_python: str | None = None,
+              max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+              kv_cache_gib: int | None = None, prefix_caching: bool | None = None, workdir: Path | None = None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
     \b
       servesim calibrate --model tiny --quick -o profiles/tiny-cpu.json
       servesim calibrate fit steps.csv --model qwen2.5-7b -o profile.json
+      servesim calibrate --engine vllm --model CHECKPOINT_DIR --quick -o vllm-cpu.json
+      servesim calibrate --engine vllm --url http://127.0.0.1:8000 --quick -o vllm-cpu.json
     """
     if ctx.invoked_subcommand is not None:
         given = [p.opts[-1] for p in ctx.command.params
@@ -87,6 +113,16 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
             raise click.UsageError(f"option(s) {', '.join(given)} must come after `{ctx.invoked_subcommand}` "
                                    f"(see servesim calibrate {ctx.invoked_subcommand} --help)")
         return
+    if engine == "vllm":
+        _calibrate_vllm(ctx, output, accept_poor_fit, samples_csv, url=url, model=model, dtype=dtype,
+                        block_size=block_size, max_model_len=max_model_len, quick=quick, seed=seed,
+                        vllm_python=vllm_python, max_num_batched_tokens=max_num_batched_tokens,
+                        max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching,
+                        workdir=workdir)
+        return
+    given_vllm = _given(ctx, _VLLM_ONLY)
+    if given_vllm:
+        raise click.UsageError(f"option(s) {', '.join(given_vllm)} apply to --engine vllm")
     if model is None or output is None:
         raise click.UsageError("--model and -o/--output are required "
                                "(or: servesim calibrate fit SAMPLES.csv -o PROFILE)")
@@ -122,6 +158,88 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
             raise click.ClickException(
                 f"poor fit: {problems}. The profile was not written: the machine was probably busy (recalibrate "
                 f"on an idle one), or pass --accept-poor-fit to write it anyway.")
+        profile = dataclasses.replace(profile, fit_check=check | {"accepted_poor_fit": True})
+        click.echo(f"poor fit accepted (--accept-poor-fit): {problems}", err=True)
+    save_profile(profile, output)
+    if samples_csv is not None:
+        write_samples(samples_csv, profile.samples)
+    click.echo(f"wrote {output}")
+
+
+_VLLM_ONLY = ("url", "vllm_python", "max_num_batched_tokens", "max_num_seqs", "kv_cache_gib", "prefix_caching",
+              "workdir")
+_SERVESIM_ONLY = ("weights", "device", "repeats", "warmup", "passes", "threads", "memory_utilization", "live",
+                  "drift_pct", "no_drift_check")
+_SERVER_SETS = ("vllm_python", "kv_cache_gib", "prefix_caching", "block_size", "max_model_len")
+"""What a running server was started with and --url cannot change (it reads them, or the fit does not need them)."""
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` that the command line set, as the user spells them."""
+    return [p.opts[-1] for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]  # type: ignore[arg-type]
+
+
+def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bool, samples_csv: Path | None, *,
+                    url: str | None, model: str | None, dtype: str | None, block_size: int,
+                    max_model_len: int | None, quick: bool, seed: int, vllm_python: str | None,
+                    max_num_batched_tokens: int | None, max_num_seqs: int | None, kv_cache_gib: int | None,
+                    prefix_caching: bool | None, workdir: Path | None) -> None:
+    """``--engine vllm``: in process (``--model CHECKPOINT_DIR``) or black-box (``--url``)."""
+    from calibrate.errors import CalibrationError
+    from calibrate.profile import save_profile
+    from calibrate.samples import write_samples
+
+    wrong = _given(ctx, _SERVESIM_ONLY)
+    if wrong:
+        raise click.UsageError(f"option(s) {', '.join(wrong)} apply to --engine servesim (vLLM sets its own)")
+    if output is None:
+        raise click.UsageError("-o/--output is required")
+    if url is not None and _given(ctx, _SERVER_SETS):
+        raise click.UsageError(f"option(s) {', '.join(_given(ctx, _SERVER_SETS))} cannot be used with --url: the "
+                               "server was started with its own (they are read from its /metrics)")
+    echo = functools.partial(click.echo, err=True)
+    try:
+        if url is None:
+            from calibrate.vllm_calibration import calibrate_inprocess
+            from calibrate.vllm_inproc import VllmEngineArgs
+
+            if model is None:
+                raise click.UsageError("--engine vllm needs --model CHECKPOINT_DIR (vLLM in process) or --url URL "
+                                       "(a running vLLM server)")
+            if not (Path(model) / "config.json").is_file():
+                raise click.ClickException(f"--model {model}: not a checkpoint directory (no config.json); "
+                                           "write one with `servesim checkpoint write --model small -o DIR`")
+            args = VllmEngineArgs(
+                model=str(Path(model).resolve()), dtype=dtype or "bfloat16", max_model_len=max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                block_size=block_size if ctx.get_parameter_source("block_size") is ParameterSource.COMMANDLINE
+                else None, kv_cache_gib=kv_cache_gib, enable_prefix_caching=prefix_caching, seed=seed)
+            profile = calibrate_inprocess(args, quick=quick, seed=seed, vllm_python=vllm_python, workdir=workdir,
+                                          echo=echo)
+        else:
+            from calibrate.vllm_blackbox import calibrate_blackbox
+
+            profile = calibrate_blackbox(url, model=model, dtype=dtype, quick=quick, seed=seed,
+                                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                         workdir=workdir, echo=echo)
+    except (ValueError, CalibrationError) as e:
+        raise click.ClickException(str(e)) from None
+    from calibrate.live import count_origins
+
+    info = profile.engine or {}
+    origins = ", ".join(f"{n} {origin}" for origin, n in count_origins(profile.samples).items())
+    click.echo(f"vLLM {info.get('vllm_version')} ({info.get('mode')}) on {profile.device}, {profile.dtype}: "
+               f"{len(profile.samples)} steps ({origins}) in {profile.calibration_s or 0:.1f} s"
+               f"{_phases(profile.phases_s, None)}")
+    click.echo("settings: " + ", ".join(f"{k} {v}" for k, v in info.get("settings", {}).items()))
+    _print_errors(profile.errors)
+    check = profile.fit_check
+    if check is not None and not check["passed"]:
+        problems = "; ".join(poor_fit_problems(check))
+        if not accept_poor_fit:
+            raise click.ClickException(f"poor fit: {problems}. The profile was not written: the machine was probably "
+                                       "busy (recalibrate on an idle one), or pass --accept-poor-fit.")
         profile = dataclasses.replace(profile, fit_check=check | {"accepted_poor_fit": True})
         click.echo(f"poor fit accepted (--accept-poor-fit): {problems}", err=True)
     save_profile(profile, output)

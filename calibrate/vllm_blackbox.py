@@ -1,0 +1,322 @@
+"""Black-box calibration of a running vLLM server: request patterns whose steps are known,
+timed from the stream with ``servesim bench``'s client (:mod:`experiments.loadgen`).
+
+Nothing inside the server is read but what it serves: ``/metrics`` and ``/v1/models`` for the
+settings (:mod:`experiments.engine_settings`), ``/version`` for its version. The patterns, each
+sent after the previous one has finished (the engine is otherwise idle):
+
+- **decode batches**: ``B`` requests of the same prompt sent at once. Once every one has its
+  first token, each step decodes all ``B`` together until the first finishes, and each
+  request's gap between consecutive tokens is one such step (the median over the ``B`` is kept).
+- **prefills joining a batch**: ``B`` decoding requests and, one at a time, a request wanting
+  one token; the step that prefills it also decodes the ``B``, and ends when its token comes,
+  so the decoders' gap that ends nearest that token is the mixed step.
+- **lone prefills**: one request at a time; its time to first token is the prefill step plus
+  the server's fixed per-request cost (HTTP, input processing, output streaming). That cost is
+  measured with one-token prompts: their prefill is the same forward pass as a one-sequence
+  decode, so their TTFT minus their own decode gaps is the cost, which is then taken off.
+
+A chunk that carried several tokens (the server coalesced them) gives no step time; such gaps
+are left out. The steps are ``grid`` samples: a black-box run sees no step of a live load.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from calibrate.errors import CalibrationError
+from calibrate.samples import Sample, write_samples
+from sim.batch import StepShape, chunk_attention
+from sim.request import Request, Status
+
+MIN_GAP_S = 1e-4
+"""Gaps below this are tokens that arrived in one chunk, not a step."""
+
+
+@dataclass(frozen=True)
+class BlackboxPlan:
+    """The patterns sent; lengths beyond the server's limits are left out by :meth:`fitted`."""
+
+    quick: bool = True
+    prefill_lengths: tuple[int, ...] = (16, 64, 256, 1024, 2048)
+    decode_batches: tuple[int, ...] = (1, 4, 16)
+    decode_contexts: tuple[int, ...] = (32, 512)
+    decode_tokens: int = 8
+    join_batch: int = 4
+    join_lengths: tuple[int, ...] = (16, 128, 512)
+    repeats: int = 3
+    overhead_requests: int = 5
+
+    def __post_init__(self) -> None:
+        if self.decode_tokens < 3:
+            raise ValueError(f"decode_tokens must be >= 3 (two gaps after the first token), got {self.decode_tokens}")
+        for name in ("join_batch", "repeats", "overhead_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def make(cls, quick: bool) -> BlackboxPlan:
+        if quick:
+            return cls()
+        return cls(quick=False, prefill_lengths=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+                   decode_batches=(1, 2, 4, 8, 16, 32, 64), decode_contexts=(32, 256, 1024, 2048), decode_tokens=16,
+                   join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4)
+
+    def fitted(self, budget: int, max_seqs: int, max_len: int) -> BlackboxPlan:
+        """This plan within a server's token budget, sequence cap and model length."""
+        return BlackboxPlan(
+            quick=self.quick,
+            prefill_lengths=tuple(p for p in self.prefill_lengths if p <= min(budget, max_len - 2)),
+            decode_batches=tuple(b for b in self.decode_batches if b <= max_seqs),
+            decode_contexts=tuple(c for c in self.decode_contexts if c + self.decode_tokens <= max_len),
+            decode_tokens=self.decode_tokens,
+            join_batch=min(self.join_batch, max_seqs - 1) or 1,
+            join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
+            repeats=self.repeats, overhead_requests=self.overhead_requests)
+
+
+def _gaps(r: Request) -> list[tuple[int, float, float]]:
+    """(index of the earlier token, its time, the gap to the next) for each pair of consecutive
+    tokens of ``r`` that came in separate chunks; index 1 is the first token."""
+    times = r.token_times_s or []
+    return [(j + 1, times[j], times[j + 1] - times[j]) for j in range(len(times) - 1)
+            if times[j + 1] - times[j] >= MIN_GAP_S]
+
+
+def decode_steps(requests: Sequence[Request]) -> list[tuple[StepShape, float]]:
+    """The steps in which every one of ``requests`` (sent together) decoded: each a shape of
+    ``len(requests)`` decodes and the median over them of the gap at the same position.
+
+    The window is from the last first token to the first last token; a request's gap from
+    its token ``j`` to ``j + 1`` is the step that computed token ``j + 1`` with ``prompt + j - 1``
+    tokens of context (the prompt and every output but the one being computed)."""
+    done = [r for r in requests if r.status is Status.FINISHED and r.token_times_s]
+    if len(done) != len(requests) or not done:
+        return []
+    start = max(r.token_times_s[0] for r in done)  # type: ignore[index]
+    end = min(r.token_times_s[-1] for r in done)  # type: ignore[index]
+    per_request = []
+    for r in done:
+        inside = [(j, g) for j, t, g in _gaps(r) if t >= start and t + g <= end]
+        per_request.append((r.prompt_tokens, inside))
+    steps = min(len(gaps) for _, gaps in per_request)
+    out = []
+    for k in range(steps):
+        context = sum(p + gaps[k][0] - 1 for p, gaps in per_request)
+        out.append((StepShape(decode_seqs=len(done), decode_context_tokens=context),
+                    statistics.median(gaps[k][1] for _, gaps in per_request)))
+    return out
+
+
+def mixed_step(decoders: Sequence[Request], joiner: Request) -> tuple[StepShape, float] | None:
+    """The step that prefilled ``joiner`` (all its prompt, one token wanted) while every one of
+    ``decoders`` decoded: the decoders' gaps that end nearest the joiner's token, their median;
+    None when some decoder was not decoding then or its gap there is a coalesced chunk."""
+    if joiner.status is not Status.FINISHED or joiner.first_token_s is None:
+        return None
+    t = joiner.first_token_s
+    context = 0
+    gaps = []
+    for r in decoders:
+        times = r.token_times_s or []
+        if r.status is not Status.FINISHED or len(times) < 2 or not times[0] < t < times[-1] + MIN_GAP_S:
+            return None
+        j = min(range(len(times)), key=lambda i: abs(times[i] - t))
+        if j == 0:
+            return None  # prefilled with the decoders' own prompts, not while they decoded
+        gap = times[j] - times[j - 1]
+        if gap < MIN_GAP_S:
+            return None
+        gaps.append(gap)
+        context += r.prompt_tokens + j - 1  # computing token j + 1 (1-based), as in decode_steps
+    p = joiner.prompt_tokens
+    shape = StepShape(prefill_tokens=p, prefill_seqs=1, decode_seqs=len(decoders), decode_context_tokens=context,
+                      prefill_attention_tokens=chunk_attention(p, 0))
+    return shape, statistics.median(gaps)
+
+
+def lone_overhead_s(one_token: Sequence[Request]) -> float:
+    """The server's per-request cost outside the engine step, from lone one-token prompts: TTFT
+    minus the median gap of their decodes (a one-token prefill is a one-sequence decode)."""
+    ttfts, gaps = [], []
+    for r in one_token:
+        if r.status is Status.FINISHED and r.first_token_s is not None:
+            ttfts.append(r.first_token_s - r.arrival_s)
+            gaps += [g for _, _, g in _gaps(r)]
+    if not ttfts or not gaps:
+        raise CalibrationError("the one-token requests gave no time to first token or no decode gap; is the server "
+                               "streaming one chunk per token?")
+    return max(0.0, statistics.median(ttfts) - statistics.median(gaps))
+
+
+def lone_prefill(r: Request, overhead_s: float) -> tuple[StepShape, float] | None:
+    if r.status is not Status.FINISHED or r.first_token_s is None:
+        return None
+    step_s = r.first_token_s - r.arrival_s - overhead_s
+    if step_s <= 0:
+        return None
+    p = r.prompt_tokens
+    return StepShape(prefill_tokens=p, prefill_seqs=1, prefill_attention_tokens=chunk_attention(p, 0)), step_s
+
+
+@dataclass
+class _Client:
+    """Sends patterns to the server, each request with its own prompt (ids never reused)."""
+
+    url: str
+    model: str | None
+    vocab_size: int
+    seed: int
+    next_id: int = 0
+    sent: int = 0
+
+    def run(self, specs: Sequence[tuple[float, int, int]], one_at_a_time: bool = False) -> list[Request]:
+        """Requests of (arrival_s, prompt_tokens, output_tokens), replayed; Ctrl-C or a failure stops."""
+        from experiments.loadgen import BenchConfig, BenchError, run_bench
+
+        requests = []
+        for arrival, prompt, output in specs:
+            requests.append(Request(self.next_id, arrival, prompt, output))
+            self.next_id += 1
+        config = BenchConfig(url=self.url, model=self.model, seed=self.seed, vocab_size=self.vocab_size,
+                             token_times=True, progress=False, max_concurrency=1 if one_at_a_time else None)
+        try:
+            result = run_bench(config, requests)
+        except BenchError as e:
+            raise CalibrationError(str(e)) from None
+        if result.interrupted:
+            raise CalibrationError("interrupted")
+        failed = result.failed_reasons()
+        if failed:
+            first = next(iter(result.errors.values()), "")
+            raise CalibrationError(f"{url_text(self.url)}: requests failed ({failed}): {first}")
+        self.model = result.model
+        self.sent += len(requests)
+        return requests
+
+
+def url_text(url: str) -> str:
+    return url.rstrip("/")
+
+
+def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]) -> tuple[list[Sample], dict]:
+    """Send every pattern ``plan.repeats`` times; the samples and what was measured."""
+    samples: list[Sample] = []
+
+    def keep(found: list[tuple[StepShape, float]]) -> None:
+        samples.extend(Sample(shape, step_ms=s * 1000, step_ms_min=s * 1000, step_ms_max=s * 1000, origin="grid")
+                       for shape, s in found if s > 0)
+
+    t0 = time.perf_counter()
+    client.run([(0.0, 16, plan.decode_tokens)])  # warm-up, not kept
+    one = client.run([(0.0, 1, plan.decode_tokens)] * plan.overhead_requests, one_at_a_time=True)
+    overhead_s = lone_overhead_s(one)
+    log(f"per-request cost outside the step: {overhead_s * 1000:.1f} ms")
+    decode_gap: dict[int, float] = {}
+    for _ in range(plan.repeats):
+        lone = client.run([(0.0, p, 2) for p in plan.prefill_lengths], one_at_a_time=True)
+        keep([x for x in (lone_prefill(r, overhead_s) for r in lone) if x is not None])
+        for r in lone:  # its second token: a one-sequence decode after the prompt
+            keep(decode_steps([r]))
+        for b in plan.decode_batches:
+            for c in plan.decode_contexts:
+                found = decode_steps(client.run([(0.0, c, plan.decode_tokens)] * b))
+                keep(found)
+                if found:
+                    decode_gap[b] = statistics.median(s for _, s in found)
+        if plan.join_lengths:
+            keep(_joins(client, plan, decode_gap, samples, overhead_s))
+    log(f"patterns: {len(samples)} steps from {client.sent} requests in {time.perf_counter() - t0:.1f} s")
+    return samples, {"overhead_ms": overhead_s * 1000, "requests": client.sent}
+
+
+def _joins(client: _Client, plan: BlackboxPlan, decode_gap: dict[int, float], samples: Sequence[Sample],
+           overhead_s: float) -> list[tuple[StepShape, float]]:
+    """``plan.join_batch`` decoders with each join length arriving alone, spaced so that its
+    prefill ends before the next arrives, and the decoders outlast them all."""
+    b = plan.join_batch
+    gap_s = decode_gap.get(b) or max(decode_gap.values(), default=0.05)
+    prefills = [s for s in samples if s.kind == "prefill"]
+    per_token_s = (statistics.median(s.step_ms / s.shape.prefill_tokens for s in prefills) / 1000
+                   if prefills else gap_s / 16)
+    start = 2 * overhead_s + b * 64 * per_token_s + 4 * gap_s  # the decoders' prefill done and decoding
+    arrivals = []
+    t = start
+    for p in plan.join_lengths:
+        arrivals.append((t, p, 1))
+        t += p * per_token_s + 6 * gap_s
+    tokens = max(plan.decode_tokens, math.ceil((t + overhead_s) / gap_s) + 8)
+    requests = client.run([(0.0, 64, tokens)] * b + arrivals)
+    decoders, joiners = requests[:b], requests[b:]
+    return [x for x in (mixed_step(decoders, j) for j in joiners) if x is not None]
+
+
+def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = None, quick: bool = True, seed: int = 0,
+                       max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                       workdir: Path | None = None, echo: Callable[[str], None] | None = None,
+                       folds: int = 5, plan: BlackboxPlan | None = None):
+    """``servesim calibrate --engine vllm --url URL``: read the server's settings, send the
+    patterns, fit. ``model`` (a preset, config.json or checkpoint directory) and ``dtype``
+    give the KV bytes per token; the served model is the first the server lists."""
+    from calibrate.vllm_calibration import profile_from_engine
+    from experiments.engine_settings import DEFAULT_MAX_NUM_SEQS, read_engine_settings
+    from sim.models import get_model
+    from sim.policies.vllm import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    log = echo or (lambda _: None)
+    started = time.perf_counter()
+    try:
+        settings = read_engine_settings(url)
+    except ValueError as e:
+        raise CalibrationError(f"--url {url}: cannot read the engine's settings: {e}") from None
+    spec = get_model(model) if model is not None else None
+    budget = max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
+    max_len = settings.max_model_len or 2048
+    plan = (plan or BlackboxPlan.make(quick)).fitted(budget, seqs, max_len)
+    vocab = min(spec.vocab_size, 32000) if spec is not None else 4096
+    client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
+    samples, measured = run_patterns(client, plan, log)
+    version = _version(url)
+    info = {
+        "engine": "vllm", "vllm_version": version, "mode": "http", "url": url_text(url), "served_model": client.model,
+        "device": None, "dtype": dtype or "bfloat16", "model": model,
+        "model_config": None if spec is None else {"name": spec.name, "num_params": spec.num_params},
+        "settings": {"max_num_batched_tokens": budget, "max_num_seqs": seqs, "max_model_len": settings.max_model_len,
+                     "block_size": settings.block_size, "num_gpu_blocks": settings.num_gpu_blocks,
+                     "enable_prefix_caching": settings.enable_prefix_caching},
+        "settings_assumed": [name for name, given in (("max_num_batched_tokens", max_num_batched_tokens),
+                                                     ("max_num_seqs", max_num_seqs), ("dtype", dtype))
+                             if given is None],
+        "cache_config": settings.cache_config,
+        "plan": asdict(plan), "measured": measured,
+        "api": ["GET /metrics vllm:cache_config_info", "GET /v1/models", "GET /version",
+                "POST /v1/completions stream, ignore_eos, stream_options.continuous_usage_stats"],
+        "phases_s": {"patterns": time.perf_counter() - started},
+    }
+    if workdir is not None:
+        import json
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_samples(workdir / "steps.csv", samples)
+        (workdir / "engine.json").write_text(json.dumps(info, indent=1) + "\n")
+    return profile_from_engine(samples, info, source=f"vllm:{url_text(url)}",
+                               grid="vllm-http-quick" if plan.quick else "vllm-http",
+                               calibration_s=time.perf_counter() - started, folds=folds, seed=seed)
+
+
+def _version(url: str) -> str | None:
+    """The server's ``GET /version`` (vLLM's), None when it has none."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url_text(url)}/version", timeout=10) as resp:
+            return str(json.loads(resp.read().decode()).get("version"))
+    except (OSError, ValueError, AttributeError):
+        return None
