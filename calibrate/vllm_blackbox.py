@@ -80,36 +80,51 @@ class BlackboxPlan:
             repeats=self.repeats, overhead_requests=self.overhead_requests)
 
 
+def _clean(times: Sequence[float], j: int) -> bool:
+    """Whether the gap from token ``j`` (0-based) to the next is a step: both came in their own
+    chunks. After a coalesced chunk the delivery was late, so the next gap is short by that."""
+    return (j + 1 < len(times) and times[j + 1] - times[j] >= MIN_GAP_S
+            and (j == 0 or times[j] - times[j - 1] >= MIN_GAP_S))
+
+
 def _gaps(r: Request) -> list[tuple[int, float, float]]:
     """(index of the earlier token, its time, the gap to the next) for each pair of consecutive
-    tokens of ``r`` that came in separate chunks; index 1 is the first token."""
+    tokens of ``r`` that is a step (:func:`_clean`); index 1 is the first token."""
     times = r.token_times_s or []
-    return [(j + 1, times[j], times[j + 1] - times[j]) for j in range(len(times) - 1)
-            if times[j + 1] - times[j] >= MIN_GAP_S]
+    return [(j + 1, times[j], times[j + 1] - times[j]) for j in range(len(times) - 1) if _clean(times, j)]
 
 
 def decode_steps(requests: Sequence[Request]) -> list[tuple[StepShape, float]]:
     """The steps in which every one of ``requests`` (sent together) decoded: each a shape of
-    ``len(requests)`` decodes and the median over them of the gap at the same position.
+    ``len(requests)`` decodes and the median over them of their gap in that step.
 
-    The window is from the last first token to the first last token; a request's gap from
-    its token ``j`` to ``j + 1`` is the step that computed token ``j + 1`` with ``prompt + j - 1``
-    tokens of context (the prompt and every output but the one being computed)."""
+    Steps are taken from the request whose first token came last, from that token to the
+    first request's last token; every other request's gap in a step is the one that starts at
+    its token nearest the step's start (streams of one step arrive a little apart). A gap from
+    token ``j`` to ``j + 1`` (1-based) is the step that computed token ``j + 1``, with
+    ``prompt + j - 1`` tokens of context (the prompt and every output but the one computed)."""
     done = [r for r in requests if r.status is Status.FINISHED and r.token_times_s]
     if len(done) != len(requests) or not done:
         return []
-    start = max(r.token_times_s[0] for r in done)  # type: ignore[index]
+    ref = max(done, key=lambda r: r.token_times_s[0])  # type: ignore[index]
     end = min(r.token_times_s[-1] for r in done)  # type: ignore[index]
-    per_request = []
-    for r in done:
-        inside = [(j, g) for j, t, g in _gaps(r) if t >= start and t + g <= end]
-        per_request.append((r.prompt_tokens, inside))
-    steps = min(len(gaps) for _, gaps in per_request)
     out = []
-    for k in range(steps):
-        context = sum(p + gaps[k][0] - 1 for p, gaps in per_request)
-        out.append((StepShape(decode_seqs=len(done), decode_context_tokens=context),
-                    statistics.median(gaps[k][1] for _, gaps in per_request)))
+    for _, t, g in _gaps(ref):
+        if t + g > end + g / 2:
+            break
+        context, gaps = 0, []
+        for r in done:
+            times = r.token_times_s or []
+            i = min(range(len(times)), key=lambda k: abs(times[k] - t))
+            if abs(times[i] - t) > g / 2 or i + 1 >= len(times):
+                break
+            context += r.prompt_tokens + i  # token i + 1 (1-based) out, token i + 2 computed
+            if _clean(times, i):
+                gaps.append(times[i + 1] - times[i])
+        else:
+            if gaps:
+                out.append((StepShape(decode_seqs=len(done), decode_context_tokens=context),
+                            statistics.median(gaps)))
     return out
 
 
@@ -129,10 +144,9 @@ def mixed_step(decoders: Sequence[Request], joiner: Request) -> tuple[StepShape,
         j = min(range(len(times)), key=lambda i: abs(times[i] - t))
         if j == 0:
             return None  # prefilled with the decoders' own prompts, not while they decoded
-        gap = times[j] - times[j - 1]
-        if gap < MIN_GAP_S:
+        if not _clean(times, j - 1):
             return None
-        gaps.append(gap)
+        gaps.append(times[j] - times[j - 1])
         context += r.prompt_tokens + j - 1  # computing token j + 1 (1-based), as in decode_steps
     p = joiner.prompt_tokens
     shape = StepShape(prefill_tokens=p, prefill_seqs=1, decode_seqs=len(decoders), decode_context_tokens=context,

@@ -52,7 +52,9 @@ class VllmEngineArgs:
     max_num_seqs: int | None = None
     block_size: int | None = None
     kv_cache_gib: int | None = None
-    """KV cache memory: ``VLLM_CPU_KVCACHE_SPACE`` on the CPU backend, ``kv_cache_memory_bytes`` elsewhere."""
+    """KV cache memory (``kv_cache_memory_bytes``; ``VLLM_CPU_KVCACHE_SPACE`` on the CPU backend). Unset,
+    vLLM reserves ``gpu_memory_utilization`` of the memory, on CPU too, and refuses to start when
+    that much is not free (a shared machine): give it."""
     enable_prefix_caching: bool | None = None
     seed: int = 0
 
@@ -103,7 +105,7 @@ class InprocPlan:
     @classmethod
     def make(cls, quick: bool, seed: int = 0) -> InprocPlan:
         if quick:
-            return cls(quick=True, seed=seed)
+            return cls(quick=True, repeats=2, seed=seed)
         return cls(quick=False, repeats=4, decode_tokens=16, max_batch_prompt_tokens=65536, live_requests=64,
                    live_loads=(0.5, 0.9, 1.5),
                    live_time_budget_s=300.0, seed=seed)
@@ -120,7 +122,7 @@ class InprocPlan:
 
     def decode_batches(self, max_seqs: int) -> list[int]:
         sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_seqs]
-        return sizes[::2] + ([sizes[-1]] if len(sizes) % 2 == 0 else []) if self.quick else sizes
+        return [b for b in sizes if b <= 64][::2] if self.quick else sizes
 
     def decode_contexts(self, max_prompt: int) -> list[int]:
         return [c for c in ((32, 512) if self.quick else (32, 256, 1024, 2048)) if c <= max_prompt]
@@ -138,7 +140,6 @@ class _Driver:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import EngineArgs
         from vllm.inputs import TokensPrompt
-        from vllm.platforms import current_platform
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -151,7 +152,7 @@ class _Driver:
                      "enable_prefix_caching"):
             if getattr(args, name) is not None:
                 kwargs[name] = getattr(args, name)
-        if args.kv_cache_gib is not None and not current_platform.is_cpu():
+        if args.kv_cache_gib is not None:  # the CPU backend reads it from VLLM_CPU_KVCACHE_SPACE too
             kwargs["kv_cache_memory_bytes"] = args.kv_cache_gib * 2**30
         t0 = time.perf_counter()
         # The OpenAI server's usage context: its defaults (max_num_batched_tokens, max_num_seqs)
@@ -382,7 +383,11 @@ def run(args: VllmEngineArgs, plan: InprocPlan, out: Path, log=sys.stderr) -> di
           f"{d.max_seqs}, block_size {d.block_size}, {d.num_blocks} KV blocks", file=log, flush=True)
     patterns = list(_patterns(d, plan))
     t0 = time.perf_counter()
-    for _, thunk in patterns:  # warm-up: every pattern once, not kept
+    # Warm-up, not kept: every prefill length (each a new shape for the compiled model) and the
+    # largest decode batch; a quick plan skips the rest, whose shapes these cover.
+    warm = ([x for x in patterns if x[0].startswith("prefill")]
+            + [x for x in patterns if x[0].startswith("decode")][-1:])
+    for _, thunk in warm if plan.quick else patterns:
         thunk()
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
