@@ -154,6 +154,8 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
 
     started = time.perf_counter()
     spec = get_model(model)
+    if max_model_len is not None and not 2 <= max_model_len <= spec.max_position:
+        raise ValueError(f"max_model_len must be in 2..{spec.max_position} ({model}'s positions), got {max_model_len}")
     engine_config = LiveConfig(model=model, weights=None if weights is None else str(weights), device=device,
                                dtype=dtype, threads=threads, seed=seed, block_size=block_size,
                                memory_utilization=memory_utilization)
@@ -166,8 +168,6 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
         num_blocks = blocks_from_memory(spec, block_size, torch_dtype, dev, memory_utilization)
     else:
         num_blocks = CPU_KV_MEMORY_BYTES // block_bytes
-    if max_model_len is not None and not 2 <= max_model_len <= spec.max_position:
-        raise ValueError(f"max_model_len must be in 2..{spec.max_position} ({model}'s positions), got {max_model_len}")
     max_len = spec.max_position if max_model_len is None else max_model_len
     points = list(grid) if grid is not None else make_grid(max_len, num_blocks, block_size, quick)
     if not points:
