@@ -1,0 +1,416 @@
+"""Does one calibration generalize? Validate ONE profile against workloads it never saw, and
+print one table with a verdict per cell.
+
+Calibration's live phase serves a synthetic workload (Poisson arrivals, uniform lengths:
+:mod:`calibrate.live`), never these. The cells are workload x load x policy:
+
+- ``azure-conv``: a slice of the embedded Azure conversation trace from row
+  :data:`AZURE_START` (``servesim validate`` and the demo use rows from 0);
+- ``mooncake``: the Mooncake (Kimi) conversation trace, its coarse timestamps kept;
+- ``sharegpt``, ``arxiv``, ``bwb``: the length statistics of ShareGPT conversations, arXiv
+  summarisation and BWB translation (long outputs), under Poisson arrivals and under bursty
+  Gamma arrivals (shape :data:`GAMMA_BURSTINESS`, ``-gamma``);
+
+each at 50% and 85% of its simulated saturation throughput, under continuous batching and
+chunked prefill. Lengths are scaled proportionally so the longest request of a slice fits
+(``--max-prompt-tokens`` / ``--max-output-tokens``; the model's defaults keep a CPU live run to
+tens of seconds). Each cell is ``servesim validate``'s job (:mod:`experiments.validation`):
+served live ``--repeats`` times and simulated once, then judged against the tolerances.
+
+Every cell writes its own directory under ``OUT/cells/``; a rerun with the same arguments
+skips the cells whose ``validation.json`` is there (resumable), and the table is rebuilt from
+those files. ``--dry-run`` prints the plan and its estimated runtime (the simulated duration of
+every live run, plus the speed checks) without serving anything.
+
+    python experiments/fidelity.py --profile small.json -o runs/fidelity          # every cell
+    python experiments/fidelity.py --profile small.json --quick -o runs/fidelity-q  # minutes
+    python experiments/fidelity.py --profile small.json --dry-run                   # the estimate
+
+Without ``--profile`` it first calibrates the model (``servesim calibrate --quick``'s grid)
+into ``OUT/profile.json``, or reuses the one there. Writes ``OUT/fidelity.md`` and
+``OUT/fidelity.json``; exit status 1 with ``--strict`` when a cell fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACES = ROOT.parent / "shared" / "traces"
+AZURE_START = 10_000
+"""First row of the azure-conv slice: far from the rows ``validate`` and the demo replay."""
+GAMMA_BURSTINESS = 0.25
+"""Gamma shape of the bursty arrivals: inter-arrival CV 2 (Poisson is 1)."""
+LOADS = (0.5, 0.85)
+POLICIES = ("continuous", "chunked")
+SIZES = {"full": (100, 3), "quick": (24, 1)}
+"""(requests per cell, live runs per cell) of a full run and of ``--quick``."""
+SPEED_CHECK_S = 4.0
+"""About what the speed checks around the live runs and the engine build take per cell."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload: a trace (embedded name or a file under the traces directory) and, for a
+    length-only trace, its arrival process."""
+
+    name: str
+    trace: str
+    start: int = 0
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    relative: bool = True
+    """``trace`` is a path under the traces directory (else an embedded name)."""
+
+    def path(self, traces: Path) -> str:
+        return str(traces / self.trace) if self.relative else self.trace
+
+
+_LENGTHS = {"sharegpt": "lengths/sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
+            "arxiv": "lengths/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv",
+            "bwb": "lengths/bwb_stats_llama2_tokenizer_filtered_v2.csv"}
+WORKLOADS = {w.name: w for w in [
+    Workload("azure-conv", "azure-conv", start=AZURE_START, relative=False),
+    Workload("mooncake", "mooncake/conversation_trace.jsonl"),
+    *[Workload(f"{name}-{arrival}", path, arrival=arrival, burstiness=GAMMA_BURSTINESS if arrival == "gamma" else 1.0)
+      for name, path in _LENGTHS.items() for arrival in ("poisson", "gamma")],
+]}
+
+
+@dataclass(frozen=True)
+class Cell:
+    workload: Workload
+    load: float
+    policy: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload.name}-load{round(self.load * 100)}-{self.policy}"
+
+
+def cells(workloads: Sequence[str], loads: Sequence[float], policies: Sequence[str]) -> list[Cell]:
+    """Every workload x load x policy, in table order."""
+    return [Cell(WORKLOADS[w], load, p) for w in workloads for load in loads for p in policies]
+
+
+# -- the table (pure: from validation.json contents) ---------------------------------------------
+
+ERROR_COLUMNS = (("mean TTFT", "mean_ttft_ms"), ("mean TPOT", "mean_tpot_ms"), ("mean E2EL", "mean_e2el_ms"),
+                 ("throughput", "output_throughput"), ("p99 TTFT", "p99_ttft_ms"), ("p99 TPOT", "p99_tpot_ms"),
+                 ("p99 E2EL", "p99_e2el_ms"))
+"""The table's error columns (label, validation.json key); throughput is output tok/s (the
+verdict also checks request throughput)."""
+
+
+def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
+    """One table row from a cell's ``validation.json`` contents, judged against ``tolerances``
+    (recomputed, so a rerun with other tolerances needs no live run)."""
+    from experiments.validation.errors import metric_spread
+    from experiments.validation.verdict import judge
+
+    verdict = judge(data, data["median_step_rel_error"], tolerances)
+    out: dict[str, Any] = {"workload": cell.workload.name, "load": cell.load, "policy": cell.policy,
+                           "live_runs": data.get("live_runs", 1)}
+    for _, key in ERROR_COLUMNS:
+        out[key] = {"error": data[key]["rel_error"], "live_spread": metric_spread(data[key])}
+    out["median_step_rel_error"] = data["median_step_rel_error"]
+    spreads = [s for s in (metric_spread(data[k]) for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms"))
+               if s is not None]
+    out["max_mean_live_spread"] = max(spreads) if spreads else None
+    speeds = [x for x in (data.get("device_speed_vs_profile") or {}).values() if x is not None]
+    out["device_speed_vs_profile"] = max(speeds, key=lambda x: abs(x - 1)) if speeds else None
+    out["verdict"] = verdict.label
+    out["failed"] = [c.metric for c in verdict.failed]
+    out["noisy"] = [c.metric for c in verdict.noisy]
+    return out
+
+
+def _pct(x: float | None, signed: bool = True) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    """``+3.2% (5%)``: the error and, in brackets, the live runs' spread."""
+    spread = entry["live_spread"]
+    return _pct(entry["error"]) + ("" if spread is None else f" ({spread * 100:.0f}%)")
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "load", "policy", *(label for label, _ in ERROR_COLUMNS), "step median", "device",
+            "verdict"]
+    body = []
+    for r in rows:
+        verdict = r["verdict"] + ("*" if r["noisy"] else "")
+        speed = r["device_speed_vs_profile"]
+        body.append([r["workload"], f"{r['load']:.0%}", r["policy"], *(_cell(r[key]) for _, key in ERROR_COLUMNS),
+                     _pct(r["median_step_rel_error"], signed=False), "-" if speed is None else f"x{speed:.2f}",
+                     verdict])
+    return head, body
+
+
+LEGEND = ("Errors are (sim - live) / live against the mean of the live runs; in brackets, the live runs' "
+          "spread (max - min) / mean. step median: median |error| of the profile's price of every live step. "
+          "device: the profile's own steps re-timed around the live runs, time now / at calibration (x1.00: "
+          "as fast; the one furthest from 1). "
+          "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "
+          "(the device did not reproduce itself).")
+
+
+def format_text(rows: Sequence[dict[str, Any]]) -> str:
+    head, body = table_rows(rows)
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    head, body = table_rows(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def totals(rows: Sequence[dict[str, Any]]) -> str:
+    passed = sum(r["verdict"] == "PASS" for r in rows)
+    noisy = sum(bool(r["noisy"]) for r in rows)
+    return f"{passed} of {len(rows)} cells PASS" + (f"; {noisy} with live runs beyond a tolerance (*)" if noisy else "")
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def plan_cell(cell: Cell, profile: Path, model: str, traces: Path, num_requests: int, max_prompt_tokens: int | None,
+              max_output_tokens: int | None, threads: int | None, seed: int) -> Any:
+    """The cell's resolved :class:`~experiments.validation.Plan` (nothing served yet)."""
+    from experiments.validation.plan import default_lengths, make_plan
+    from sim.policies.base import SchedulerConfig
+    from sim.workload import TraceReplay
+
+    mp, mo = default_lengths(model, max_prompt_tokens, max_output_tokens)
+    w = cell.workload
+    workload = TraceReplay(trace=w.path(traces), start=w.start, num_requests=num_requests, arrival=w.arrival,
+                           burstiness=w.burstiness, seed=seed, max_prompt_tokens=mp, max_output_tokens=mo)
+    return make_plan(profile, model, "cpu", None, threads, workload, SchedulerConfig(policy=cell.policy), None,
+                     cell.load, seed)
+
+
+def estimate_s(plan: Any, repeats: int) -> float:
+    """Seconds a cell will take: the simulated duration of its requests (what the live engine
+    takes when the profile is right) per live run, plus the speed checks."""
+    from calibrate.profile import CalibratedCost
+    from experiments.validation.runs import simulate_run
+
+    sim = simulate_run(plan.workload.requests(), plan.live, CalibratedCost(plan.profile))
+    finish_s = max(r.finish_s for r in sim.requests if r.finish_s is not None)
+    return repeats * (finish_s + SPEED_CHECK_S)
+
+
+def cell_key(cell: Cell, args: argparse.Namespace, profile: Path) -> dict[str, Any]:
+    """What a cell's result depends on; a stored cell is reused only when it matches."""
+    return {"cell": cell.name, "profile": str(profile.resolve()), "requests": args.requests, "repeats": args.repeats,
+            "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
+            "threads": args.threads, "seed": args.seed}
+
+
+def stored(directory: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell's validation.json when it was written for ``key``."""
+    path = directory / "validation.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return data if data.get("fidelity_cell") == key else None
+
+
+def ensure_profile(args: argparse.Namespace, out: Path, echo: Callable[[str], None]) -> Path:
+    """``--profile``, else ``OUT/profile.json`` (calibrated now when it is not there yet)."""
+    if args.profile is not None:
+        if not args.profile.is_file():
+            raise SystemExit(f"--profile: {args.profile} does not exist (make one with servesim calibrate --model "
+                             f"{args.model} --quick --threads 1 -o PROFILE)")
+        return Path(args.profile)
+    path = out / "profile.json"
+    if path.is_file():
+        echo(f"reusing the calibration in {path}")
+        return path
+    from calibrate.calibration import CalibrationError, poor_fit_problems, run_calibration
+    from calibrate.profile import save_profile
+
+    echo(f"calibrating {args.model} (quick grid, {args.threads or 'default'} thread(s)) into {path} ...")
+    try:
+        profile = run_calibration(args.model, quick=True, threads=args.threads, device="cpu", progress=False)
+    except (ValueError, CalibrationError) as e:
+        raise SystemExit(f"calibration failed: {e}") from None
+    problems = poor_fit_problems(profile.fit_check) if profile.fit_check else []
+    if problems:
+        raise SystemExit(f"poor fit: {'; '.join(problems)}; not written. Calibrate on an idle machine, or give "
+                         "--profile of one made with servesim calibrate --accept-poor-fit.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_profile(profile, path)
+    echo(f"calibrated in {profile.calibration_s:.0f} s")
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--profile", type=Path, default=None, help="the one calibration to validate [default: calibrate]")
+    p.add_argument("--model", default=None, help="the profile's model [default: the profile's, else small]")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of: {', '.join(WORKLOADS)}")
+    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of saturation")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
+    p.add_argument("--requests", type=int, default=None, help=f"requests per cell [full {SIZES['full'][0]}, "
+                   f"--quick {SIZES['quick'][0]}]")
+    p.add_argument("--repeats", type=int, default=None, help=f"live runs per cell [full {SIZES['full'][1]}, "
+                   f"--quick {SIZES['quick'][1]}]")
+    p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="[the model's validation default]")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="[the model's validation default]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads [default: the profile's]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="the shared traces directory")
+    p.add_argument("--tolerance", action="append", default=[], metavar="NAME:PCT",
+                   help="as servesim validate's (mean:10, p99:20, step:5)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and the estimated runtime, serve nothing")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a cell fails")
+    p.add_argument("-o", "--output", type=Path, default=Path("runs/fidelity"))
+    args = p.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    args.requests = args.requests or size[0]
+    args.repeats = args.repeats or size[1]
+    for name in ("requests", "repeats"):
+        if getattr(args, name) < (2 if name == "requests" else 1):
+            p.error(f"--{name}: too small ({getattr(args, name)})")
+    try:
+        args.load_list = [float(x) for x in args.loads.split(",") if x]
+    except ValueError:
+        p.error(f"--loads: {args.loads!r} is not a comma-separated list of fractions")
+    if not args.load_list or any(not (0 < x < 10) for x in args.load_list):
+        p.error(f"--loads: fractions of saturation > 0 expected, got {args.loads!r}")
+    args.workload_list = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in args.workload_list if w not in WORKLOADS]
+    if unknown or not args.workload_list:
+        p.error(f"--workloads: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(WORKLOADS)}")
+    from sim.policies import POLICIES as REGISTERED
+
+    args.policy_list = [x for x in args.policies.split(",") if x]
+    bad = [x for x in args.policy_list if x not in REGISTERED]
+    if bad or not args.policy_list:
+        p.error(f"--policies: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(sorted(REGISTERED))}")
+    from experiments.validation.verdict import Tolerances
+
+    try:
+        args.tolerances = Tolerances.parse(args.tolerance)
+    except ValueError as e:
+        p.error(f"--tolerance: {e}")
+    return args
+
+
+def _profile_model(path: Path) -> str | None:
+    try:
+        model = json.loads(path.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
+    args = parse_args(argv)
+    out: Path = args.output
+    if not args.traces.is_dir() and any(WORKLOADS[w].relative for w in args.workload_list):
+        raise SystemExit(f"--traces: {args.traces} is not a directory (the shared traces: mooncake/, lengths/)")
+    if args.profile is not None and args.model is None:
+        args.model = _profile_model(args.profile)
+    args.model = args.model or "small"
+    profile = ensure_profile(args, out, echo) if not args.dry_run or args.profile else None
+    if profile is None:
+        raise SystemExit("--dry-run needs --profile (the estimate prices the cells with it)")
+    from experiments.validation.output import execute
+
+    todo = cells(args.workload_list, args.load_list, args.policy_list)
+    plans, estimates = {}, {}
+    for cell in todo:
+        try:
+            plans[cell.name] = plan_cell(cell, profile, args.model, args.traces, args.requests,
+                                         args.max_prompt_tokens, args.max_output_tokens, args.threads, args.seed)
+        except ValueError as e:
+            raise SystemExit(f"{cell.name}: {e}") from None
+        estimates[cell.name] = estimate_s(plans[cell.name], args.repeats)
+    keys = {c.name: cell_key(c, args, profile) for c in todo}
+    done = {c.name: stored(out / "cells" / c.name, keys[c.name]) for c in todo}
+    left_s = sum(estimates[c.name] for c in todo if done[c.name] is None)
+    echo(f"{len(todo)} cells ({len(args.workload_list)} workloads x {len(args.load_list)} loads x "
+         f"{len(args.policy_list)} policies), {args.requests} requests each, {args.repeats} live run(s); profile "
+         f"{profile}; {sum(d is not None for d in done.values())} already done; estimated {left_s / 60:.0f} min "
+         "to go (simulated durations; a busy machine takes longer)")
+    if args.dry_run:
+        for cell in todo:
+            plan = plans[cell.name]
+            echo(f"  {cell.name}: saturation {plan.capacity_rps:.2f} req/s, prompts x {plan.prompt_scale:.3f}, "
+                 f"outputs x {plan.output_scale:.3f}, ~{estimates[cell.name]:.0f} s"
+                 + (" (done)" if done[cell.name] is not None else ""))
+        return 0
+    rows = []
+    started = time.perf_counter()
+    spent_s = estimated_done_s = 0.0
+    for k, cell in enumerate(todo, 1):
+        directory = out / "cells" / cell.name
+        data = done[cell.name]
+        if data is None:
+            left = sum(estimates[c.name] for c in todo[k - 1:] if done[c.name] is None)
+            ratio = spent_s / estimated_done_s if estimated_done_s else 1.0
+            echo(f"[{k}/{len(todo)}] {cell.name}: ~{estimates[cell.name]:.0f} s; ~{left * ratio / 60:.0f} min left")
+            t0 = time.perf_counter()
+            execute(plans[cell.name], directory, progress=False, echo=lambda _: None, repeats=args.repeats,
+                    tolerances=args.tolerances)
+            data = json.loads((directory / "validation.json").read_text())
+            data["fidelity_cell"] = keys[cell.name]
+            (directory / "validation.json").write_text(json.dumps(data, indent=2) + "\n")
+            spent_s += time.perf_counter() - t0
+            estimated_done_s += estimates[cell.name]
+        else:
+            echo(f"[{k}/{len(todo)}] {cell.name}: stored")
+        r = row(cell, data, args.tolerances)
+        rows.append(r)
+        names = ", ".join(r["failed"][:3]) + (", ..." if len(r["failed"]) > 3 else "")
+        echo(f"      {r['verdict']}" + (f" ({len(r['failed'])} checks failed: {names})" if r["failed"] else ""))
+    legend = LEGEND.format(tolerances=judge_text(args.tolerances))
+    text = format_text(rows)
+    echo("")
+    echo(text)
+    echo(legend)
+    echo(totals(rows))
+    command = "python experiments/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.md").write_text(
+        f"# One calibration, workloads it never saw\n\n`{command}`\n\nProfile `{profile}` (model {args.model}); "
+        f"{args.requests} requests per cell, {args.repeats} live run(s).\n\n{format_markdown(rows)}\n\n{legend}\n\n"
+        f"{totals(rows)}.\n")
+    (out / "fidelity.json").write_text(json.dumps(
+        {"command": command, "profile": str(profile), "model": args.model, "requests": args.requests,
+         "repeats": args.repeats, "tolerances_pct": args.tolerances.to_dict(), "rows": rows,
+         "wall_s": time.perf_counter() - started}, indent=2) + "\n")
+    echo(f"wrote {out}/fidelity.md, fidelity.json and cells/ ({time.perf_counter() - started:.0f} s)")
+    return 1 if args.strict and any(r["verdict"] != "PASS" for r in rows) else 0
+
+
+def judge_text(tolerances: Any) -> str:
+    t = tolerances
+    return (f"PASS when mean TTFT/TPOT/E2EL and throughput are within {t.mean_pct:g}%, p99 TTFT/TPOT/E2EL within "
+            f"{t.p99_pct:g}% and the step median within {t.step_pct:g}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

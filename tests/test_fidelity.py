@@ -1,0 +1,142 @@
+"""experiments/fidelity.py: one calibration against unseen workloads, one table, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import fidelity
+from experiments.validation.errors import metric_names
+from experiments.validation.verdict import Tolerances
+
+
+def _validation_json(errors: dict[str, float], runs: dict[str, list[float]] | None = None,
+                     step: float = 0.02) -> dict:
+    data: dict = {}
+    for key, _ in metric_names():
+        data[key] = {"live": 100.0, "sim": 100.0 * (1 + errors.get(key, 0.0)), "rel_error": errors.get(key, 0.0)}
+        if runs and key in runs:
+            data[key]["live_runs"] = runs[key]
+    data["median_step_rel_error"] = step
+    data["device_speed_vs_profile"] = {"before": 1.02, "after": 0.9}
+    data["live_runs"] = 3 if runs else 1
+    return data
+
+
+def test_workloads_cover_the_unseen_traces():
+    """At least four distinct traces, each length-only one under Poisson and bursty Gamma arrivals."""
+    traces = {w.trace for w in fidelity.WORKLOADS.values()}
+    assert len(traces) >= 4 and "azure-conv" in traces and any("mooncake" in t for t in traces)
+    for name in ("sharegpt", "arxiv", "bwb"):
+        assert fidelity.WORKLOADS[f"{name}-poisson"].arrival == "poisson"
+        gamma = fidelity.WORKLOADS[f"{name}-gamma"]
+        assert gamma.arrival == "gamma" and gamma.burstiness < 1
+    assert fidelity.WORKLOADS["azure-conv"].start > 0  # not the rows validate and the demo replay
+
+
+def test_cells_are_workload_by_load_by_policy():
+    """cells() lists every combination in table order, each with a distinct directory name."""
+    cells = fidelity.cells(["azure-conv", "mooncake"], [0.5, 0.85], ["continuous", "chunked"])
+    assert len(cells) == 8 and len({c.name for c in cells}) == 8
+    assert cells[0].name == "azure-conv-load50-continuous" and cells[-1].name == "mooncake-load85-chunked"
+
+
+def test_row_judges_stored_numbers_with_the_given_tolerances():
+    """A row carries each error with its live spread, the step median, the device speed furthest
+    from 1, and the verdict recomputed for the tolerances given."""
+    cell = fidelity.cells(["azure-conv"], [0.5], ["chunked"])[0]
+    data = _validation_json({"mean_tpot_ms": 0.12}, runs={"mean_tpot_ms": [95.0, 100.0, 105.0]})
+    r = fidelity.row(cell, data, Tolerances())
+    assert r["verdict"] == "FAIL" and r["failed"] == ["mean_tpot_ms"] and r["noisy"] == []
+    assert r["mean_tpot_ms"] == {"error": 0.12, "live_spread": pytest.approx(0.1)}
+    assert r["device_speed_vs_profile"] == 0.9
+    assert fidelity.row(cell, data, Tolerances(mean_pct=15))["verdict"] == "PASS"
+
+
+def test_tables_show_errors_with_spreads_and_verdicts():
+    """Text and markdown tables have one line per row, errors with the spread in brackets, and
+    a * on a verdict whose live runs were beyond a tolerance."""
+    cells = fidelity.cells(["azure-conv"], [0.5, 0.85], ["continuous"])
+    noisy = _validation_json({}, runs={"mean_ttft_ms": [50.0, 100.0, 150.0]})
+    rows = [fidelity.row(cells[0], _validation_json({"mean_e2el_ms": -0.05}), Tolerances()),
+            fidelity.row(cells[1], noisy, Tolerances())]
+    md = fidelity.format_markdown(rows).splitlines()
+    assert len(md) == 4 and md[0].startswith("| workload | load | policy | mean TTFT |")
+    assert "| -5.0% |" in md[2] and md[2].endswith("| PASS |")
+    assert "+0.0% (100%)" in md[3] and md[3].endswith("| PASS* |")
+    text = fidelity.format_text(rows).splitlines()
+    assert len(text) == 4 and "x0.90" in text[2]
+    assert fidelity.totals(rows) == "2 of 2 cells PASS; 1 with live runs beyond a tolerance (*)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workloads", "nope"], "--workloads: unknown nope"),
+    (["--loads", "0"], "--loads"),
+    (["--policies", "fifo"], "--policies: unknown fifo"),
+    (["--tolerance", "p50:3"], "--tolerance"),
+    (["--requests", "1"], "--requests"),
+])
+def test_bad_arguments(args, message, capsys):
+    """Bad arguments stop the script with a message naming the option."""
+    with pytest.raises(SystemExit) as e:
+        fidelity.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    """A tiny CPU profile on a small grid (seconds)."""
+    pytest.importorskip("torch")
+    from calibrate.calibration import run_calibration
+    from calibrate.grid import GridPoint
+    from calibrate.profile import save_profile
+
+    grid = [GridPoint(prefill=((c, ctx),)) for c in (8, 32, 96) for ctx in (0, 64)]
+    grid += [GridPoint(decode=(ctx,) * b) for b in (1, 4, 12) for ctx in (16, 120)]
+    profile = run_calibration("tiny", device="cpu", threads=1, repeats=2, warmup=1, folds=2, grid=grid,
+                              progress=False, drift_threshold=None)
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    save_profile(profile, path)
+    return path
+
+
+def _traces(root):
+    """A traces directory shaped as the shared one, with a few rows of each kind used here."""
+    (root / "mooncake").mkdir(parents=True)
+    (root / "lengths").mkdir()
+    lines = [json.dumps({"timestamp": 40 * i, "input_length": 200 + 37 * i, "output_length": 5 + i % 7,
+                         "hash_ids": [i]}) for i in range(12)]
+    (root / "mooncake" / "conversation_trace.jsonl").write_text("\n".join(lines) + "\n")
+    rows = ["num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio"]
+    rows += [f"{50 + 13 * i},{4 + i % 9},{54 + 13 * i + i % 9},1.0" for i in range(12)]
+    (root / "lengths" / "sharegpt_8k_filtered_stats_llama2_tokenizer.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_end_to_end_and_resume(tmp_path, tiny_profile):
+    """Two unseen workloads (a timed trace, a length-only one under Gamma arrivals) are validated
+    live against one profile into one table; a rerun reuses the stored cells without serving."""
+    traces = _traces(tmp_path / "traces")
+    out = tmp_path / "fid"
+    args = ["--profile", str(tiny_profile), "--workloads", "mooncake,sharegpt-gamma", "--loads", "0.5",
+            "--policies", "continuous", "--requests", "6", "--repeats", "1", "--max-prompt-tokens", "64",
+            "--max-output-tokens", "8", "--traces", str(traces), "-o", str(out)]
+    lines: list[str] = []
+    assert fidelity.main(args, echo=lines.append) == 0
+    assert any("estimated" in line for line in lines)
+    data = json.loads((out / "fidelity.json").read_text())
+    assert [(r["workload"], r["policy"]) for r in data["rows"]] == [("mooncake", "continuous"),
+                                                                   ("sharegpt-gamma", "continuous")]
+    for r in data["rows"]:
+        assert r["verdict"] in ("PASS", "FAIL") and r["median_step_rel_error"] >= 0
+    md = (out / "fidelity.md").read_text()
+    assert "| mooncake | 50% | continuous |" in md and "python experiments/fidelity.py" in md
+    cell = out / "cells" / "sharegpt-gamma-load50-continuous" / "validation.json"
+    stored = json.loads(cell.read_text())
+    assert stored["setup"]["workload"]["arrival"] == "gamma" and stored["setup"]["load"] == 0.5
+    before = cell.stat().st_mtime_ns
+    again: list[str] = []
+    assert fidelity.main(args, echo=again.append) == 0
+    assert sum("stored" in line for line in again) == 2 and cell.stat().st_mtime_ns == before
+    assert json.loads((out / "fidelity.json").read_text())["rows"] == data["rows"]
