@@ -5,11 +5,12 @@ This module imports no vLLM at module level (servesim's own environment has none
 recorder is used inside a python that has vLLM (:mod:`calibrate.vllm_inproc`). It relies on
 these vLLM v1 internals (0.32.0), checked by :func:`require_api`, which names what is missing:
 
-- ``vllm.v1.engine.core.EngineCore``: ``scheduler`` and ``step_fn``, the bound step the
-  in-process client (``InprocClient.get_output``) calls once per engine step: schedule,
-  execute the model, update from its output;
+- ``vllm.v1.engine.core.EngineCore.scheduler``, whose ``step_fn`` (``step``, or
+  ``step_with_batch_queue`` with async scheduling or pipeline parallelism) calls, per engine
+  step, ``schedule`` and later ``update_from_output`` with that step's output;
 - ``vllm.v1.core.sched.scheduler.Scheduler``: ``schedule()``, returning a ``SchedulerOutput``,
-  and ``requests`` (request id -> ``Request`` with ``num_prompt_tokens``);
+  ``update_from_output(scheduler_output, model_runner_output)``, and ``requests`` (request
+  id -> ``Request`` with ``num_prompt_tokens``);
 - ``vllm.v1.core.sched.output.SchedulerOutput``: ``num_scheduled_tokens`` (request id ->
   tokens this step), ``scheduled_new_reqs`` (``NewRequestData``: ``req_id``,
   ``num_computed_tokens``), ``scheduled_cached_reqs`` (``CachedRequestData``: ``req_ids``,
@@ -22,6 +23,7 @@ step's tokens attend to, prefix-cache hits included.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,9 +32,9 @@ from typing import Any
 from sim.batch import StepShape, chunk_attention
 
 API = (
-    "vllm.v1.engine.core.EngineCore.step_fn",
     "vllm.v1.engine.core.EngineCore.scheduler",
     "vllm.v1.core.sched.scheduler.Scheduler.schedule",
+    "vllm.v1.core.sched.scheduler.Scheduler.update_from_output(scheduler_output, ...)",
     "vllm.v1.core.sched.scheduler.Scheduler.requests[id].num_prompt_tokens",
     "SchedulerOutput.num_scheduled_tokens",
     "SchedulerOutput.scheduled_new_reqs[].req_id, .num_computed_tokens",
@@ -53,18 +55,14 @@ def _missing(obj: object, names: tuple[str, ...], where: str) -> list[str]:
 
 def require_api(core: object, version: str = "?") -> None:
     """Raise :class:`VllmApiError` unless ``core`` (an ``EngineCore``) has what :data:`API` lists."""
-    missing = _missing(core, ("step_fn", "scheduler"), "EngineCore")
+    missing = _missing(core, ("scheduler",), "EngineCore")
     scheduler = getattr(core, "scheduler", None)
     if scheduler is not None:
-        missing += _missing(scheduler, ("schedule", "requests"), "Scheduler")
+        missing += _missing(scheduler, ("schedule", "update_from_output", "requests"), "Scheduler")
     if missing:
         raise VllmApiError(f"vLLM {version} lacks {', '.join(missing)}: servesim's in-process calibration reads "
                            "each engine step from these internals of vLLM v1 (written against 0.32.0); use "
                            "`servesim calibrate --engine vllm --url URL` (black-box, over HTTP) instead")
-    if getattr(core, "batch_queue", None) is not None:
-        raise VllmApiError("the engine runs several batches in flight (a batch queue, e.g. pipeline parallelism): "
-                           "its steps overlap, so one step's time cannot be taken; calibrate with pipeline "
-                           "parallelism 1")
 
 
 def _check_output(output: object) -> None:
@@ -124,13 +122,17 @@ class RecordedStep:
 
 
 class StepRecorder:
-    """Wraps one ``EngineCore``'s ``scheduler.schedule`` and ``step_fn`` (on the instance, not
-    the class) so that every step that scheduled tokens is kept as a :class:`RecordedStep`.
+    """Wraps one ``EngineCore``'s ``scheduler.schedule`` and ``scheduler.update_from_output``
+    (on the instance, not the class) so that every step that scheduled tokens is kept as a
+    :class:`RecordedStep`.
 
-    The step's time is the wall time of ``step_fn``: scheduling, the forward pass and sampling,
-    and the scheduler's update, which is what the engine core's busy loop spends per step. The
-    shape is built after the step from what ``schedule`` returned, so the recorder's own work
-    is not timed; only the prompt lengths are read inside (finished requests are gone after).
+    A step starts when ``schedule`` is called for it, or when the previous step ended if that
+    was later (with async scheduling the next batch is scheduled while one runs), and ends
+    when ``update_from_output`` has processed its output: scheduling, the forward pass and
+    sampling, and the scheduler's update, which is what the engine core's loop spends per step.
+    Without a batch queue (vLLM's CPU backend) that is exactly one ``step_fn`` call. The shape
+    is built after the step from what ``schedule`` returned, so the recorder's own work is not
+    timed; only the prompt lengths are read at schedule time (finished requests are gone after).
     ``phase`` labels the steps that follow; ``phase = None`` stops keeping them (warm-up).
     """
 
@@ -138,28 +140,32 @@ class StepRecorder:
         require_api(core, version)
         self.steps: list[RecordedStep] = []
         self.phase: str | None = None
-        self._clock = clock
-        self._scheduled: tuple[Any, dict[str, int]] | None = None
+        self._pending: dict[int, tuple[float, dict[str, int], str | None]] = {}
+        self._last_end = -math.inf
         scheduler = core.scheduler
-        schedule, step_fn = scheduler.schedule, core.step_fn
+        schedule, update = scheduler.schedule, scheduler.update_from_output
 
         def recording_schedule(*args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
             output = schedule(*args, **kwargs)
             requests = scheduler.requests
-            self._scheduled = (output, {r: requests[r].num_prompt_tokens for r in output.num_scheduled_tokens})
+            self._pending[id(output)] = (t0, {r: requests[r].num_prompt_tokens for r in output.num_scheduled_tokens},
+                                         self.phase)
             return output
 
-        def timed_step(*args: Any, **kwargs: Any) -> Any:
-            self._scheduled = None
-            t0 = clock()
-            result = step_fn(*args, **kwargs)
+        def timed_update(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            result = update(scheduler_output, *args, **kwargs)
             t1 = clock()
-            if self._scheduled is not None and self.phase is not None:
-                output, prompts = self._scheduled
-                shape = step_shape(output, prompts)
-                if shape.num_tokens:
-                    self.steps.append(RecordedStep(shape, t1 - t0, self.phase, t1))
+            started = self._pending.pop(id(scheduler_output), None)
+            if started is not None:
+                t0, prompts, phase = started
+                begin = max(t0, self._last_end)
+                self._last_end = t1
+                if phase is not None:
+                    shape = step_shape(scheduler_output, prompts)
+                    if shape.num_tokens:
+                        self.steps.append(RecordedStep(shape, t1 - begin, phase, t1))
             return result
 
         scheduler.schedule = recording_schedule
-        core.step_fn = timed_step
+        scheduler.update_from_output = timed_update

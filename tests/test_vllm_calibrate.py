@@ -78,29 +78,26 @@ def test_a_scheduler_output_without_the_fields_names_them():
 
 
 def test_require_api_names_what_a_vllm_lacks():
-    """An engine core without step_fn, or a scheduler without requests, is named in the error."""
-    with pytest.raises(VllmApiError, match=r"EngineCore\.step_fn"):
-        require_api(SimpleNamespace(scheduler=SimpleNamespace(schedule=None, requests={})), "9.9")
-    with pytest.raises(VllmApiError, match=r"Scheduler\.requests.*--url"):
-        require_api(SimpleNamespace(step_fn=None, scheduler=SimpleNamespace(schedule=None)), "9.9")
-    with pytest.raises(VllmApiError, match="batch queue"):
-        require_api(SimpleNamespace(step_fn=None, batch_queue=[], scheduler=SimpleNamespace(schedule=None,
-                                                                                             requests={})))
+    """An engine core without a scheduler, or a scheduler without requests, is named in the error."""
+    with pytest.raises(VllmApiError, match=r"EngineCore\.scheduler"):
+        require_api(SimpleNamespace(), "9.9")
+    with pytest.raises(VllmApiError, match=r"Scheduler\.update_from_output, Scheduler\.requests.*--url"):
+        require_api(SimpleNamespace(scheduler=SimpleNamespace(schedule=None)), "9.9")
 
 
 class _FakeCore:
-    """An EngineCore stand-in: step_fn schedules the next scripted output, then 'runs' it."""
+    """An EngineCore stand-in: a step schedules the next scripted output, 'runs' it, and updates
+    from it; with ``ahead`` the next one is scheduled before the previous is updated (a batch queue)."""
 
     def __init__(self, outputs: list, prompts: dict[str, int], clock: list[float], step_s: list[float]) -> None:
         self._outputs, self._clock, self._step_s = iter(outputs), clock, iter(step_s)
         self.scheduler = SimpleNamespace(requests={r: SimpleNamespace(num_prompt_tokens=n) for r, n in prompts.items()},
-                                         schedule=lambda: next(self._outputs))
-        self.step_fn = self._step
+                                         schedule=lambda: next(self._outputs), update_from_output=lambda out, mro: {})
 
-    def _step(self):
-        self.scheduler.schedule()
+    def step_fn(self):
+        out = self.scheduler.schedule()
         self._clock[0] += next(self._step_s)
-        return {}, True
+        return self.scheduler.update_from_output(out, None), True
 
 
 def test_step_recorder_keeps_each_step_with_its_wall_time_and_phase():
@@ -121,6 +118,30 @@ def test_step_recorder_keeps_each_step_with_its_wall_time_and_phase():
         (StepShape(decode_seqs=1, decode_context_tokens=64), "grid"),
         (StepShape(decode_seqs=1, decode_context_tokens=65), "live")]
     assert [s.step_s for s in rec.steps] == pytest.approx([0.02, 0.03])
+
+
+def test_step_recorder_times_overlapping_steps_from_the_previous_end():
+    """With a batch queue (async scheduling) a step is scheduled while the previous runs: it is
+    timed from the previous step's end to its own, so the steps add up to the wall time."""
+    clock = [0.0]
+    outs = [_output({"a": 1}, [], [("a", 10 + k)]) for k in range(3)]
+    sched = SimpleNamespace(requests={"a": SimpleNamespace(num_prompt_tokens=10)}, schedule=iter(outs).__next__,
+                            update_from_output=lambda out, mro: {})
+    rec = StepRecorder(SimpleNamespace(scheduler=sched), clock=lambda: clock[0])
+    rec.phase = "live"
+    first = sched.schedule()  # t = 0
+    clock[0] = 0.004
+    second = sched.schedule()  # scheduled at 0.004 while the first runs
+    clock[0] = 0.010
+    sched.update_from_output(first, None)
+    clock[0] = 0.012
+    third = sched.schedule()
+    clock[0] = 0.021
+    sched.update_from_output(second, None)
+    clock[0] = 0.030
+    sched.update_from_output(third, None)
+    assert [s.step_s for s in rec.steps] == pytest.approx([0.010, 0.011, 0.009])
+    assert [s.shape.decode_context_tokens for s in rec.steps] == [10, 11, 12]
 
 
 def _req(i: int, prompt: int, times: list[float], arrival: float = 0.0) -> Request:
