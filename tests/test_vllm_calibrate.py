@@ -242,6 +242,9 @@ def test_profile_from_engine_records_the_engine_and_round_trips(tmp_path):
     save_profile(profile, tmp_path / "p.json")
     again = load_profile(tmp_path / "p.json")
     assert again.engine == ENGINE_INFO and again.source == "vllm:in-process"
+    shown = CliRunner().invoke(main, ["profile", "show", str(tmp_path / "p.json")])
+    assert shown.exit_code == 0
+    assert "vllm 0.32.0 (in-process): max_num_batched_tokens 2048, max_num_seqs 128" in shown.output
 
 
 def test_find_vllm_python_names_the_ways_to_give_one(monkeypatch, tmp_path):

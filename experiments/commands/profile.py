@@ -48,6 +48,10 @@ def show(path: Path, plot: Path | None) -> None:
         value = data[key]
         click.echo(f"{key:<24}{value:.4g}" if isinstance(value, float) else f"{key:<24}{value}")
     click.echo(f"{'samples':<24}{len(prof.samples)}")
+    if prof.engine:
+        settings = ", ".join(f"{k} {v}" for k, v in (prof.engine.get("settings") or {}).items())
+        click.echo(f"{'engine':<24}{prof.engine.get('engine')} {prof.engine.get('vllm_version')} "
+                   f"({prof.engine.get('mode')}): {settings}")
     if prof.phases_s:
         click.echo(f"{'phases_s':<24}" + ", ".join(f"{k} {v:.1f}" for k, v in prof.phases_s.items() if v is not None))
     if prof.fit_check:
