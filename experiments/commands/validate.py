@@ -10,7 +10,10 @@ every live step's predicted time against its measured time.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,8 +61,24 @@ def _profile_model(path: Path) -> str | None:
 @click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Calibrated profile JSON [default for --model tiny on CPU: the shipped profiles/tiny-cpu.json; "
                    "for small: make one with servesim calibrate --model small --quick].")
-@click.option("--model", default=None, type=click.Choice(list(MODELS)),
-              help="Architecture preset (random weights); must be the profile's [default: the profile's, else tiny].")
+@click.option("--model", default=None, metavar="PRESET|DIR",
+              help=f"Architecture preset (random weights; {', '.join(MODELS)}), must be the profile's [default: the "
+                   "profile's, else tiny]; with --engine vllm, the checkpoint directory vLLM serves.")
+@click.option("--engine", default="servesim", show_default=True, type=click.Choice(["servesim", "vllm"]),
+              help="servesim: its live engine in process; vllm: start a vLLM server (--model DIR) and validate "
+                   "against it over HTTP with the vllm policy.")
+@click.option("--url", default=None, metavar="URL",
+              help="Validate against a server already running (its settings read from /metrics and /v1/models; "
+                   "nothing started or stopped), with the vllm policy.")
+@click.option("--vllm-python", default=None, metavar="PATH",
+              help="--engine vllm: the python of an environment with vLLM [default: this one if it has vllm, "
+                   "else $SERVESIM_VLLM_PYTHON].")
+@click.option("--kv-cache-gib", default=2, show_default=True, type=click.IntRange(min=1),
+              help="--engine vllm: KV cache memory (VLLM_CPU_KVCACHE_SPACE and kv_cache_memory_bytes).")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=2),
+              help="--engine vllm: the server's max_model_len [default: the profile's engine's, else 2048].")
+@click.option("--startup-timeout", "startup_timeout_s", default=600.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="--engine vllm: seconds to wait for the server.")
 @click.option("--device", default=None, help="cpu | cuda[:N] [default: the profile's kind of device].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="[default: the profile's]")
@@ -80,7 +99,8 @@ def _profile_model(path: Path) -> str | None:
 @click.option("--policy", default="continuous", show_default=True, type=policy_choice(), help=policy_help())
 @click.option("--order", default="fcfs", show_default=True, type=click.Choice(list(ORDERS)))
 @click.option("--preempt", default=None, type=click.Choice(list(PREEMPT_MODES)), help=preempt_help())
-@click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
+              help="[default: 256; vLLM engines: the profile's engine's, else vLLM's CPU default 128]")
 @click.option("--token-budget", default=None, type=click.IntRange(min=1), help=token_budget_help())
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Static batching.")
 @click.option("--max-wait-s", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Static batching.")
@@ -104,10 +124,13 @@ def _profile_model(path: Path) -> str | None:
 @progress_option
 @click.option("-o", "--output", default="servesim-validate", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
-def validate(profile_path: Path | None, model: str | None, device: str | None, dtype: str | None,
+def validate(profile_path: Path | None, model: str | None, engine: str, url: str | None, vllm_python: str | None,
+             kv_cache_gib: int, max_model_len: int | None, startup_timeout_s: float, device: str | None,
+             dtype: str | None,
              threads: int | None, trace: str, start: int, num_requests: int, max_prompt_tokens: int | None,
              max_output_tokens: int | None, arrival: str, burstiness: float, policy: str, order: str,
-             preempt: str | None, max_num_seqs: int, token_budget: int | None, batch_size: int, max_wait_s: float,
+             preempt: str | None, max_num_seqs: int | None, token_budget: int | None, batch_size: int,
+             max_wait_s: float,
              kv_blocks: int | None, load: float | None, time_scale: float | None, seed: int, repeats: int,
              tolerances: tuple[str, ...], strict: bool, progress: bool | None, output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice, with a verdict.
@@ -121,6 +144,8 @@ def validate(profile_path: Path | None, model: str | None, device: str | None, d
       servesim validate                                  # tiny, 200 azure-conv requests, 70% load
       servesim calibrate --model small --quick -o small.json
       servesim validate --profile small.json --policy chunked --load 0.5 --strict -o out/
+      servesim validate --engine vllm --model ckpt-small --profile vllm-cpu.json -n 30 -o out/
+      servesim validate --url http://127.0.0.1:8000 --profile vllm-cpu.json -n 30 -o out/
     """
     if load is not None and time_scale is not None:
         raise click.UsageError("give --load or --time-scale, not both")
@@ -130,6 +155,22 @@ def validate(profile_path: Path | None, model: str | None, device: str | None, d
         tol = Tolerances.parse(tolerances)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--tolerance") from None
+    if url is not None or engine == "vllm":
+        if url is not None and engine == "vllm":
+            raise click.UsageError("give --engine vllm (servesim starts the server) or --url (one you run), not both")
+        if policy != "continuous" and policy != "vllm":
+            raise click.BadParameter("an external engine is simulated with the vllm policy", param_hint="--policy")
+        external = ExternalArgs(url, model, vllm_python, kv_cache_gib, max_model_len, startup_timeout_s, dtype,
+                                max_num_seqs, token_budget, order, seed)
+        workload_args = dict(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
+                             arrival=arrival, burstiness=burstiness, seed=seed)
+        _validate_external(external, profile_path, workload_args, max_prompt_tokens, max_output_tokens, load,
+                           repeats, tol, strict, progress, output)
+        return
+    if model is not None and model not in MODELS:
+        raise click.BadParameter(f"{model!r} is not a preset (known: {', '.join(MODELS)}); a checkpoint directory "
+                                 "is for --engine vllm", param_hint="--model")
+    max_num_seqs = max_num_seqs or 256
     if model is None:
         model = (_profile_model(profile_path) if profile_path is not None and profile_path.is_file() else None) \
             or "tiny"
@@ -163,5 +204,96 @@ def validate(profile_path: Path | None, model: str | None, device: str | None, d
 
     click.echo(f"profile {profile_path} ({plan.profile.model} on {plan.profile.device}, {plan.profile.dtype})")
     _, verdict = execute(plan, output, resolve_progress(progress), echo=click.echo, repeats=repeats, tolerances=tol)
+    if strict and not verdict.passed:
+        raise SystemExit(1)
+
+
+@dataclass(frozen=True)
+class ExternalArgs:
+    """The options of an external-engine validation (``--engine vllm`` or ``--url``)."""
+
+    url: str | None
+    model: str | None
+    vllm_python: str | None
+    kv_cache_gib: int
+    max_model_len: int | None
+    startup_timeout_s: float
+    dtype: str | None
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+    order: str
+    seed: int
+
+
+def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_args: dict[str, Any],
+                       max_prompt_tokens: int | None, max_output_tokens: int | None, load: float | None,
+                       repeats: int, tol: Tolerances, strict: bool, progress: bool | None, output: Path) -> None:
+    """``validate --engine vllm`` / ``--url``: the engine over HTTP, the simulator with the vllm
+    policy and the engine's settings (:mod:`experiments.validation.external`)."""
+    from calibrate.errors import CalibrationError
+    from calibrate.profile import ProfileError, load_profile
+    from calibrate.vllm_calibration import find_vllm_python
+    from experiments.loadgen import BenchConfig
+    from experiments.validation.external import (
+        ExternalError,
+        VllmLaunch,
+        engine_settings,
+        execute_external,
+        lengths_for,
+        make_external_plan,
+        vllm_server,
+    )
+
+    if profile_path is None:
+        raise click.UsageError("--profile is required against an external engine; make one with: servesim calibrate "
+                               "--engine vllm --model CHECKPOINT_DIR -o PROFILE (or --url URL)")
+    try:
+        profile = load_profile(profile_path)
+    except (ProfileError, OSError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--profile") from None
+    settings_launched = profile.engine.get("settings", {}) if isinstance(profile.engine, dict) else {}
+    mp, mo = lengths_for(profile, max_prompt_tokens, max_output_tokens)
+    try:
+        workload = TraceReplay(**workload_args, max_prompt_tokens=mp, max_output_tokens=mo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    max_num_seqs, max_tokens = args.max_num_seqs, args.max_num_batched_tokens
+    launch = None
+    if args.url is None:
+        if args.model is None or not (Path(args.model) / "config.json").is_file():
+            raise click.BadParameter(f"{args.model!r}: --engine vllm needs the checkpoint directory vLLM serves "
+                                     "(write one with servesim checkpoint write --model small -o DIR)",
+                                     param_hint="--model")
+        # The server runs as the profile's engine was calibrated, unless told otherwise.
+        max_num_seqs = max_num_seqs or settings_launched.get("max_num_seqs")
+        max_tokens = max_tokens or settings_launched.get("max_num_batched_tokens")
+        try:
+            launch = VllmLaunch(python=find_vllm_python(args.vllm_python), checkpoint=Path(args.model),
+                                dtype=args.dtype or profile.dtype,
+                                max_model_len=args.max_model_len or settings_launched.get("max_model_len") or 2048,
+                                max_num_batched_tokens=max_tokens, max_num_seqs=max_num_seqs,
+                                kv_cache_gib=args.kv_cache_gib, startup_timeout_s=args.startup_timeout_s)
+        except (CalibrationError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+    show = resolve_progress(progress)
+    click.echo(f"profile {profile_path} ({profile.model} on {profile.device}, {profile.dtype})")
+    try:
+        with contextlib.ExitStack() as stack:
+            if launch is not None:
+                click.echo(f"starting vLLM ({launch.python}) on {launch.checkpoint} ...")
+                url = stack.enter_context(vllm_server(launch, output / "vllm-server.log", echo=click.echo))
+            else:
+                assert args.url is not None
+                url = args.url.rstrip("/").removesuffix("/v1")
+            settings = engine_settings(url)
+            try:
+                plan = make_external_plan(url, profile_path, workload, settings, max_num_seqs, max_tokens,
+                                          args.order, load, launch.describe() if launch else None)
+                config = BenchConfig(url=url, seed=args.seed, progress=show)
+            except ValueError as e:
+                raise ExternalError(str(e)) from None
+            _, verdict = execute_external(plan, config, output, repeats, tol, echo=click.echo)
+    except ExternalError as e:
+        raise click.ClickException(str(e)) from None
     if strict and not verdict.passed:
         raise SystemExit(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from experiments.output import write_json, write_run, write_steps
 from experiments.plots import cdf_plot, step_scatter
@@ -19,10 +20,15 @@ from sim.engine import SimResult
 from sim.metrics import request_latencies, summarize
 from sim.request import Status
 
+if TYPE_CHECKING:
+    from experiments.validation.external import ExternalPlan
 
-def write_outputs(out: Path, plan: Plan, v: Validation, verdict: Verdict | None = None) -> list[Path]:
-    """validation.json (with the verdict, when given), live/ and sim/ run directories, and the
-    plots; returns the plots."""
+
+def write_outputs(out: Path, plan: Plan | ExternalPlan, v: Validation, verdict: Verdict | None = None,
+                  extra: dict[str, Any] | None = None) -> list[Path]:
+    """validation.json (with the verdict, when given, and ``extra`` keys), live/ and sim/ run
+    directories, and the plots; returns the plots. Without live steps (an external engine)
+    there is no steps.csv and no step scatter."""
     out.mkdir(parents=True, exist_ok=True)
     config = {"command": "validate", **plan.describe()}
     for k, live in enumerate(v.live_runs):
@@ -30,10 +36,12 @@ def write_outputs(out: Path, plan: Plan, v: Validation, verdict: Verdict | None 
         summary = summarize(live.requests, live.itl(), PERCENTILES, None, live.num_preemptions)
         write_run(directory, config | {"executor": "live", "live_run": k + 1}, live.requests, summary,
                   [s.timeseries for s in live.replicas])
-        write_steps(directory / "steps.csv", live.step_log)
+        if v.steps.measured_s.size:
+            write_steps(directory / "steps.csv", live.step_log)
     write_run(out / "sim", config | {"executor": "sim"}, v.sim.requests, v.sim_summary,
               [s.timeseries for s in v.sim.replicas])
-    write_json(out / "validation.json", v.to_json({"setup": config, **(verdict.to_json() if verdict else {})}))
+    write_json(out / "validation.json", v.to_json({"setup": config, **(verdict.to_json() if verdict else {}),
+                                                   **(extra or {})}))
 
     def latencies(result: SimResult) -> tuple[list[float], list[float]]:
         done = [request_latencies(r) for r in result.requests if r.status is Status.FINISHED]
@@ -46,11 +54,16 @@ def write_outputs(out: Path, plan: Plan, v: Validation, verdict: Verdict | None 
         live_e2el += e2el
     sim_ttft, sim_e2el = latencies(v.sim)
     policy = plan.scheduler.policy
-    return [
+    plots = [
         cdf_plot(out / "ttft-cdf.png", {"live": live_ttft, "simulated": sim_ttft}, "TTFT (ms)",
                  f"TTFT, live vs simulated ({policy})", log_x=True),
         cdf_plot(out / "e2el-cdf.png", {"live": live_e2el, "simulated": sim_e2el}, "E2EL (ms)",
                  f"End-to-end latency, live vs simulated ({policy})", log_x=True),
+    ]
+    if not v.steps.measured_s.size:
+        return plots
+    return [
+        *plots,
         step_scatter(out / "step-scatter.png", v.steps.measured_s, v.steps.predicted_s,
                      v.steps.kinds,
                      f"Every live step: profile's prediction vs measured ({policy})"),

@@ -67,6 +67,12 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     if repeated:
         lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
                      "they were ((max - min) / mean)")
+    if not v.steps.measured_s.size:
+        lines.append("per-step error: not available from a black box (its streams are seen, not its steps); "
+                     "the step-median check is left out of the verdict")
+        if verdict is not None:
+            lines.append(verdict.summary())
+        return "\n".join(lines)
     s = v.steps.summary()
     lines.append(f"per-step error over {v.steps.measured_s.size} live steps: median |err| "
                  f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "

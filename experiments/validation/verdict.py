@@ -142,8 +142,10 @@ class Verdict:
 
     def tolerance_text(self) -> str:
         t = self.tolerances
-        return (f"mean TTFT/TPOT/E2EL and throughput within {t.mean_pct:g}%, p99 TTFT/TPOT/E2EL within "
-                f"{t.p99_pct:g}%, per-step median within {t.step_pct:g}%")
+        text = f"mean TTFT/TPOT/E2EL and throughput within {t.mean_pct:g}%, p99 TTFT/TPOT/E2EL within {t.p99_pct:g}%"
+        if any(c.metric == STEP_METRIC for c in self.checks):  # an external engine's verdict has none
+            return f"{text}, per-step median within {t.step_pct:g}%"
+        return text
 
     def summary(self) -> str:
         """One paragraph: the verdict, what failed, and which live runs did not reproduce."""

