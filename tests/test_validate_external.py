@@ -1,0 +1,192 @@
+"""`servesim validate --url` and `--engine vllm`: an external engine over HTTP against the
+simulator with the vllm policy; the black box's verdict without the step check; the server
+started by validate always stopped, a failed start reported with its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from experiments.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_PROFILE = ROOT / "profiles" / "tiny-cpu.json"
+VLLM_PYTHON = os.environ.get("SERVESIM_VLLM_PYTHON")
+
+
+def _validate(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["validate", "--no-progress", *args])
+    return result.exit_code, result.output
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    return ckpt
+
+
+def _fake_python(tmp_path: Path, body: str) -> Path:
+    """An executable standing in for vLLM's python: it runs ``body`` (sh) whatever it is asked."""
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited: only its entry is left until its parent reaps it.
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split()[2] == "Z")
+
+
+def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, tmp_path):
+    """--url replays the slice against a running server (repeated), reads its KV pool from
+    /metrics, simulates with the vllm policy, and reports a verdict without the step check,
+    saying that a black box gives no step errors; no steps.csv or step plot is written."""
+    pytest.importorskip("torch")
+    from runtime.tokenizer import ByteTokenizer
+    from tests.serve_thread import ServerThread, tiny_engine
+
+    out = tmp_path / "out"
+    with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
+        code, text = _validate("--url", server.url, "--profile", str(TINY_PROFILE), "-n", "8", "--repeats", "2",
+                               "--max-num-seqs", "32", "--token-budget", "2048", "--max-prompt-tokens", "96",
+                               "--max-output-tokens", "12", "-o", str(out))
+    assert code == 0, text
+    assert "per-step error: not available from a black box" in text
+    assert "verdict: " in text and "per-step median" not in text
+    report = json.loads((out / "validation.json").read_text())
+    assert report["verdict"] in ("PASS", "FAIL")
+    assert "median_step_rel_error" not in report["checks"] and "median_step_rel_error" not in report
+    assert set(report["checks"]) >= {"mean_ttft_ms", "mean_tpot_ms", "p99_e2el_ms", "request_throughput"}
+    assert "not available" in report["step_errors"] and report["num_steps"] == 0
+    assert report["completed"] == {"live": 8, "sim": 8} and report["live_runs"] == 2
+    setup = report["setup"]
+    assert setup["kv"] == {"num_blocks": 256, "block_size": 16}
+    assert setup["scheduler"]["policy"] == "vllm" and setup["scheduler"]["max_num_seqs"] == 32
+    assert setup["external"]["url"] == server.url and not setup["external"]["started_by_servesim"]
+    assert len(report["mean_ttft_ms"]["live_runs"]) == 2
+    for run in ("live", "live-2", "sim"):
+        summary = json.loads((out / run / "summary.json").read_text())
+        assert summary["completed"] == 8
+    assert not (out / "live" / "steps.csv").exists() and not (out / "step-scatter.png").exists()
+    assert (out / "ttft-cdf.png").exists() and (out / "e2el-cdf.png").exists()
+
+
+def test_url_without_a_server_is_one_error_line(tmp_path):
+    """A closed port is a clear error naming the URL, no traceback."""
+    code, text = _validate("--url", f"http://127.0.0.1:{_closed_port()}", "--profile", str(TINY_PROFILE),
+                           "-o", str(tmp_path / "out"))
+    assert code == 1
+    assert "cannot read the engine's settings" in text and "cannot connect" in text
+    assert "Traceback" not in text
+
+
+def test_engine_vllm_needs_a_checkpoint_directory(tmp_path):
+    """--engine vllm with a preset name instead of a checkpoint directory names --model."""
+    code, text = _validate("--engine", "vllm", "--model", "small", "--profile", str(TINY_PROFILE),
+                           "-o", str(tmp_path / "out"))
+    assert code == 2 and "--model" in text and "checkpoint directory" in text
+
+
+def test_engine_and_url_are_exclusive_and_the_profile_required(tmp_path):
+    """--engine vllm with --url is a usage error; an external validation needs --profile."""
+    code, text = _validate("--engine", "vllm", "--url", "http://127.0.0.1:1", "--profile", str(TINY_PROFILE))
+    assert code == 2 and "not both" in text
+    code, text = _validate("--url", "http://127.0.0.1:1")
+    assert code == 2 and "--profile is required" in text
+
+
+def test_a_preset_is_still_checked_for_the_live_engine():
+    """Without --engine vllm, --model must be a preset; the error lists them."""
+    code, text = _validate("--model", "no-such-model", "--profile", str(TINY_PROFILE))
+    assert code == 2 and "not a preset" in text and "tiny" in text
+
+
+def test_a_server_that_exits_at_start_prints_its_log(tmp_path):
+    """A vLLM server that exits before it is ready: exit 1 with the end of its log."""
+    fake = _fake_python(tmp_path, 'echo "ValueError: not enough KV cache memory"; exit 3')
+    code, text = _validate("--engine", "vllm", "--model", str(_checkpoint(tmp_path)), "--vllm-python", str(fake),
+                           "--profile", str(TINY_PROFILE), "-o", str(tmp_path / "out"))
+    assert code == 1, text
+    assert "exited with status 3 before it was ready" in text and "not enough KV cache memory" in text
+    assert (tmp_path / "out" / "vllm-server.log").exists()
+
+
+def test_a_server_never_ready_is_stopped_after_the_startup_timeout(tmp_path):
+    """A server that never answers /health is stopped after --startup-timeout; nothing hangs."""
+    fake = _fake_python(tmp_path, 'echo "loading forever"; exec sleep 300')
+    started = time.monotonic()
+    code, text = _validate("--engine", "vllm", "--model", str(_checkpoint(tmp_path)), "--vllm-python", str(fake),
+                           "--startup-timeout", "2", "--profile", str(TINY_PROFILE), "-o", str(tmp_path / "out"))
+    assert code == 1, text
+    assert "not ready within 2 s" in text and "loading forever" in text
+    assert time.monotonic() - started < 60
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
+def _vllm_importable() -> bool:
+    if not VLLM_PYTHON:
+        return False
+    probe = subprocess.run([VLLM_PYTHON, "-c", "import vllm.entrypoints.openai.api_server"], capture_output=True,
+                           timeout=300)
+    return probe.returncode == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not _vllm_importable(), reason="SERVESIM_VLLM_PYTHON with vllm not given")
+def test_engine_vllm_validates_a_tiny_slice_against_a_real_vllm(tmp_path):
+    """validate --engine vllm starts vLLM, replays 10 requests, reads its settings from /metrics
+    (prefix caching off, vLLM's block size), simulates with the vllm policy, and stops the server."""
+    pytest.importorskip("torch")
+    from calibrate.profile import save_profile
+    from calibrate.vllm_calibration import calibrate_inprocess
+    from calibrate.vllm_inproc import InprocPlan, VllmEngineArgs
+    from runtime.checkpoint import write_checkpoint
+    from sim.models import get_model
+
+    ckpt = write_checkpoint(get_model("small"), tmp_path / "ckpt", seed=0)
+    engine = VllmEngineArgs(model=str(ckpt), dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=512,
+                            max_num_seqs=16, kv_cache_gib=1)
+    plan = InprocPlan(quick=True, repeats=1, decode_tokens=3, max_batch_prompt_tokens=1024, live_requests=4,
+                      live_loads=(0.5,), live_time_budget_s=30.0)
+    profile = calibrate_inprocess(engine, vllm_python=VLLM_PYTHON, workdir=tmp_path / "work", plan=plan, folds=2)
+    save_profile(profile, tmp_path / "profile.json")
+    out = tmp_path / "out"
+    code, text = _validate("--engine", "vllm", "--model", str(ckpt), "--vllm-python", str(VLLM_PYTHON),
+                           "--profile", str(tmp_path / "profile.json"), "--kv-cache-gib", "1", "-n", "10",
+                           "--repeats", "1", "--max-prompt-tokens", "256", "--max-output-tokens", "16",
+                           "-o", str(out))
+    assert code == 0, text
+    report = json.loads((out / "validation.json").read_text())
+    setup = report["setup"]
+    assert setup["external"]["started_by_servesim"] and setup["external"]["cache_config"]["enable_prefix_caching"] \
+        == "False"
+    assert setup["scheduler"]["token_budget"] == 512 and setup["scheduler"]["max_num_seqs"] == 16
+    assert setup["kv"]["block_size"] == profile.block_size
+    assert report["completed"]["live"] == 10 and "median_step_rel_error" not in report["checks"]
+    assert "vLLM server ready" in text and (out / "vllm-server.log").exists()
+    url = next(w for w in text.split() if w.startswith("http://127.0.0.1:"))
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:  # stopped: nothing listens on its port any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0
