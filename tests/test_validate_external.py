@@ -144,6 +144,31 @@ def test_a_server_never_ready_is_stopped_after_the_startup_timeout(tmp_path):
     assert not _alive(int((tmp_path / "pid").read_text()))
 
 
+def test_ctrl_c_while_waiting_for_the_server_stops_it(tmp_path):
+    """Ctrl-C (SIGINT) while vLLM starts: validate exits non-zero and the server is stopped."""
+    import signal
+    import sys
+
+    fake = _fake_python(tmp_path, 'echo "loading"; exec sleep 300')
+    proc = subprocess.Popen([sys.executable, "-c", "from experiments.cli import main; main()", "validate",
+                             "--engine", "vllm", "--model", str(_checkpoint(tmp_path)), "--vllm-python", str(fake),
+                             "--profile", str(TINY_PROFILE), "--no-progress", "-o", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
 def _vllm_importable() -> bool:
     if not VLLM_PYTHON:
         return False
