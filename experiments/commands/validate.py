@@ -277,6 +277,10 @@ def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_a
             raise click.ClickException(str(e)) from None
     show = resolve_progress(progress)
     click.echo(f"profile {profile_path} ({profile.model} on {profile.device}, {profile.dtype})")
+    if profile.engine is None:
+        click.echo("note: the profile was not measured on an external engine (calibrate --engine vllm makes one)")
+    elif launch is not None and profile.model and Path(profile.model).resolve() != launch.checkpoint.resolve():
+        click.echo(f"note: the profile was calibrated on {profile.model}, not {launch.checkpoint}")
     try:
         with contextlib.ExitStack() as stack:
             if launch is not None:
