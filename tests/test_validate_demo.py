@@ -253,3 +253,28 @@ def test_demo_skip_calibration_and_profile_conflict(tmp_path, profile_path):
     res = CliRunner().invoke(main, ["demo", "--skip-calibration", "--profile", str(profile_path)])
     assert res.exit_code == 2
     assert "not both" in res.output
+
+
+def test_demo_stops_on_a_poor_calibration_unless_accepted(tmp_path, profile_path, monkeypatch):
+    """A calibration whose held-out error is beyond the limits stops the demo with the numbers and
+    the flag that accepts it; with --accept-poor-fit the demo goes on and the profile records it."""
+    import dataclasses
+
+    import calibrate.calibration as calibration
+    from calibrate.profile import load_profile
+
+    poor = {"row": "live", "values_pct": {"median_ape_pct": 27.0, "p90_ape_pct": 113.0},
+            "limits_pct": {"median_ape_pct": 10.0, "p90_ape_pct": 30.0}, "passed": False, "accepted_poor_fit": False}
+    profile = dataclasses.replace(load_profile(profile_path), fit_check=poor)
+    monkeypatch.setattr(calibration, "run_calibration", lambda *a, **k: profile)
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--model", "tiny", "--quick", "--jobs", "1", "--no-progress",
+                                    "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "median_ape_pct 27.0% > 10%" in res.output and "--accept-poor-fit" in res.output
+    assert not (out / "profile.json").exists() and "[2/4]" not in res.output
+    res = invoke("demo", "--model", "tiny", "--quick", "--jobs", "1", "--no-progress", "--accept-poor-fit",
+                 "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "profile.json").read_text())["fit_check"]["accepted_poor_fit"] is True
+    assert (out / "report.md").is_file()
