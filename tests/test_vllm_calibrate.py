@@ -290,16 +290,18 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     from tests.serve_thread import ServerThread, tiny_engine
 
     tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
-    plan = BlackboxPlan(prefill_lengths=(16, 64), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=4,
+    plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
                         join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
                                      max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2)
     kinds = {s.kind for s in profile.samples}
     assert kinds >= {"prefill", "decode"}
-    assert {s.shape.prefill_tokens for s in profile.samples if s.kind == "prefill"} == {16, 64}
+    # A lone prefill whose TTFT is within the per-request cost's jitter (the tiny model's take a
+    # few ms) is left out, so the lengths measured are some of the planned ones, nothing else.
+    assert {s.shape.prefill_tokens for s in profile.samples if s.kind == "prefill"} <= {64, 256}
     batch3 = [s.shape for s in profile.samples if s.kind == "decode" and s.shape.decode_seqs == 3]
-    assert batch3 and all(3 * 32 < sh.decode_context_tokens < 3 * 36 for sh in batch3)
+    assert batch3 and all(3 * 32 <= sh.decode_context_tokens < 3 * 44 for sh in batch3)
     assert profile.engine["mode"] == "http" and profile.engine["settings"]["block_size"] == 16
     assert profile.num_kv_blocks == 512 and profile.source.startswith("vllm:http://127.0.0.1:")
     written = json.loads((tmp_path / "work" / "engine.json").read_text())
