@@ -93,10 +93,16 @@ def test_quick_calibration_on_cpu_is_fast_and_accurate():
     Wall-clock timing on a shared machine is at the mercy of other processes, so one noisy
     attempt is retried once; a real regression fails both.
     """
+    from calibrate.errors import DriftError
+
     tables = []
     for _ in range(2):
         t0 = time.perf_counter()
-        prof = run_calibration("tiny", device="cpu", quick=True, threads=1, progress=False)
+        try:
+            prof = run_calibration("tiny", device="cpu", quick=True, threads=1, progress=False)
+        except DriftError as e:  # the machine changed speed under the calibration: a noisy attempt
+            tables.append(str(e))
+            continue
         assert time.perf_counter() - t0 < 120
         held = prof.errors["held_out"]
         assert all(held[kind]["n"] >= 10 for kind in ("prefill", "decode", "mixed"))
