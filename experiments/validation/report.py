@@ -55,7 +55,7 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
         head, rule = head + f"  {'live spread':>11}", rule + f"  {'-' * 11}"
     if verdict is not None:
         head, rule = head + f"  {'check':<10}", rule + f"  {'-' * 10}"
-    lines = [head, rule]
+    lines = [head.rstrip(), rule]
     for key, label in metric_names():
         m = v.metrics[key]
         row = f"{label:<{label_w}}  {_fmt(m['live']):>10}  {_fmt(m['sim']):>10}  {_fmt(m['rel_error'], pct=True):>8}"
