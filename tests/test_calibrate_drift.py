@@ -174,8 +174,12 @@ def test_max_model_len_bounds_the_grid_and_is_recorded():
         run_calibration("tiny", device="cpu", max_model_len=4096, progress=False)
 
 
-def _hog(seconds: float) -> None:
-    """Spin for ``seconds`` (a process, so that it takes a core whatever the GIL does)."""
+def _hog(seconds: float, started=None) -> None:
+    """Spin for ``seconds`` (a process, so that it takes a core whatever the GIL does); count
+    itself in ``started`` once it spins."""
+    if started is not None:
+        with started.get_lock():
+            started.value += 1
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
@@ -199,9 +203,17 @@ def test_cpu_hog_half_way_through_calibration_is_caught():
         if first:  # the reference is taken on a quiet machine; the hog starts right after it
             first = False
             ctx = multiprocessing.get_context("spawn")
-            hogs.extend(ctx.Process(target=_hog, args=(HOG_S,), daemon=True) for _ in range(os.cpu_count() or 2))
+            started = ctx.Value("i", 0)
+            cores = os.cpu_count() or 2
+            hogs.extend(ctx.Process(target=_hog, args=(HOG_S, started), daemon=True) for _ in range(cores))
             for h in hogs:
                 h.start()
+            # A spawned hog first imports this module (torch included): wait until every one
+            # spins, so that the rest of the calibration runs on a busy machine.
+            deadline = time.monotonic() + 60
+            while started.value < cores and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert started.value == cores, "the hogs did not start within 60 s"
         return ms
 
     try:
