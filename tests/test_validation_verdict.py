@@ -1,4 +1,5 @@
-"""The validation verdict on hand-made numbers: tolerances, pass/fail per check, noisy live runs."""
+"""Validation's pure parts on hand-made numbers: the verdict (tolerances, pass/fail per check, noisy
+live runs) and the speed check's choice of steps."""
 
 from __future__ import annotations
 
@@ -103,3 +104,17 @@ def test_to_json_lists_every_check():
     e2el = data["checks"]["mean_e2el_ms"]
     assert e2el["passed"] is False and e2el["error"] == 0.5 and e2el["tolerance"] == pytest.approx(0.1)
     assert data["checks"]["median_step_rel_error"]["passed"] is True
+
+
+def test_speed_check_points_short_steps_or_the_cheapest_within_budget():
+    """Steps under the limit are spread over their range; when every step is longer (a model
+    whose steps cost compute) the cheapest are taken up to the budget, at least two."""
+    from experiments.validation.runs import cheapest_points
+
+    short = [(f"p{i}", float(i)) for i in range(1, 31)]
+    picked = cheapest_points(short, 4, 20.0, 500.0)
+    assert [ms for _, ms in picked] == [1.0, 7.0, 14.0, 20.0]
+    long = [("a", 150.0), ("b", 200.0), ("c", 260.0), ("d", 900.0)]
+    assert [p for p, _ in cheapest_points(long, 8, 20.0, 500.0)] == ["a", "b"]
+    assert [p for p, _ in cheapest_points(long, 8, 20.0, 700.0)] == ["a", "b", "c"]
+    assert [p for p, _ in cheapest_points([("x", 5000.0), ("y", 6000.0)], 8, 20.0, 500.0)] == ["x", "y"]

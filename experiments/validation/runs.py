@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 SPEED_CHECK_POINTS = 8
 """Profile steps re-timed before and after a live run to see whether the device changed."""
+SPEED_CHECK_MS = 20.0
+"""Steps up to this long are re-timed (tiny's are a few ms); a model whose cheapest steps are
+longer (small's take 0.1 s and more on a CPU) gets its cheapest few instead, up to
+:data:`SPEED_CHECK_BUDGET_MS` of calibrated time per pass (at least two)."""
+SPEED_CHECK_BUDGET_MS = 500.0
 
 
 def sim_pool(live: LiveConfig) -> BlockManager:
@@ -71,11 +76,12 @@ def live_run(requests: Sequence[Request], live: LiveConfig, progress: bool = Tru
 
 
 def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_points: int = SPEED_CHECK_POINTS,
-                max_step_ms: float = 20.0) -> float | None:
+                max_step_ms: float = SPEED_CHECK_MS, budget_ms: float = SPEED_CHECK_BUDGET_MS) -> float | None:
     """How much slower the device is now than when it was calibrated: a few of the profile's
-    own grid steps (at most ``max_points``, each under ``max_step_ms``) timed again on
-    ``runner`` the way calibration timed them; the median of now / then (1.1: 10% slower now).
-    None when no sample can be rebuilt (a profile fitted from a CSV has mixed shapes)."""
+    own grid steps (at most ``max_points``, each under ``max_step_ms``, else the cheapest within
+    ``budget_ms``) timed again on ``runner`` the way calibration timed them; the median of now /
+    then (1.1: 10% slower now). None when no sample can be rebuilt (a profile fitted from a CSV
+    has mixed shapes)."""
     if not samples:
         return None
     from calibrate.measure import measure_grid
@@ -83,16 +89,32 @@ def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_p
     then: dict[StepShape, tuple[Any, float]] = {}  # shape -> (grid point, step_ms at calibration)
     for s in sorted(samples, key=lambda s: s.step_ms):
         point = _grid_point(s)
-        if (point is not None and s.step_ms <= max_step_ms and point.fits(max_len, runner.blocks.num_free,
-                                                                          runner.blocks.block_size)):
+        if point is not None and point.fits(max_len, runner.blocks.num_free, runner.blocks.block_size):
             then[_shape_key(s)] = (point, s.step_ms)
     if not then:
         return None
-    chosen = list(then.values())
-    chosen = [chosen[i] for i in sorted({round(i) for i in np.linspace(0, len(chosen) - 1, max_points)})]
+    chosen = cheapest_points(list(then.values()), max_points, max_step_ms, budget_ms)
     measured = measure_grid(runner, [p for p, _ in chosen], repeats=3, warmup=2, progress=False).samples
     ratios = [m.step_ms / then[_shape_key(m)][1] for m in measured if _shape_key(m) in then]
     return float(np.median(ratios)) if ratios else None
+
+
+def cheapest_points(candidates: Sequence[tuple[Any, float]], max_points: int, max_step_ms: float,
+                    budget_ms: float) -> list[tuple[Any, float]]:
+    """From ``(point, step_ms)`` sorted by time: those under ``max_step_ms`` spread over their
+    range (at most ``max_points``); when none is, the cheapest ones whose summed time stays
+    within ``budget_ms`` (at least two, at most ``max_points``)."""
+    short = [c for c in candidates if c[1] <= max_step_ms]
+    if short:
+        return [short[i] for i in sorted({round(i) for i in np.linspace(0, len(short) - 1, max_points)})]
+    chosen: list[tuple[Any, float]] = []
+    total_ms = 0.0
+    for c in candidates[:max_points]:
+        if len(chosen) >= 2 and total_ms + c[1] > budget_ms:
+            break
+        chosen.append(c)
+        total_ms += c[1]
+    return chosen
 
 
 def _shape_key(s: Any) -> StepShape:
