@@ -12,10 +12,12 @@ Calibration's live phase serves a synthetic workload (Poisson arrivals, uniform 
   Gamma arrivals (shape :data:`GAMMA_BURSTINESS`, ``-gamma``);
 
 each at 50% and 85% of its simulated saturation throughput, under continuous batching and
-chunked prefill. Lengths are scaled proportionally so the longest request of a slice fits
-(``--max-prompt-tokens`` / ``--max-output-tokens``; the model's defaults keep a CPU live run to
-tens of seconds). Each cell is ``servesim validate``'s job (:mod:`experiments.validation`):
-served live ``--repeats`` times and simulated once, then judged against the tolerances.
+chunked prefill. A cell replays the requests that arrive within ``--live-s`` seconds at its
+load (:data:`SIZES`), so cheap and costly workloads get live runs of about the same length.
+Lengths are scaled proportionally so the longest request of a slice fits
+(``--max-prompt-tokens`` / ``--max-output-tokens``; the model's defaults keep a CPU step short).
+Each cell is ``servesim validate``'s job (:mod:`experiments.validation`): served live
+``--repeats`` times and simulated once, then judged against the tolerances.
 
 Every cell writes its own directory under ``OUT/cells/``; a rerun with the same arguments
 skips the cells whose ``validation.json`` is there (resumable), and the table is rebuilt from
@@ -23,7 +25,7 @@ those files. ``--dry-run`` prints the plan and its estimated runtime (the simula
 every live run, plus the speed checks) without serving anything.
 
     python experiments/fidelity.py --profile small.json -o runs/fidelity          # every cell
-    python experiments/fidelity.py --profile small.json --quick -o runs/fidelity-q  # minutes
+    python experiments/fidelity.py --profile small.json --quick -o runs/fidelity-q  # ~15 min
     python experiments/fidelity.py --profile small.json --dry-run                   # the estimate
 
 Without ``--profile`` it first calibrates the model (``servesim calibrate --quick``'s grid)
@@ -51,8 +53,15 @@ GAMMA_BURSTINESS = 0.25
 """Gamma shape of the bursty arrivals: inter-arrival CV 2 (Poisson is 1)."""
 LOADS = (0.5, 0.85)
 POLICIES = ("continuous", "chunked")
-SIZES = {"full": (100, 3), "quick": (24, 1)}
-"""(requests per cell, live runs per cell) of a full run and of ``--quick``."""
+SIZES = {"full": (40.0, 3), "quick": (10.0, 1)}
+"""(seconds of arrivals per live run, live runs per cell) of a full run and of ``--quick``. A
+cell's requests are those arriving within that time at its load (``load`` x saturation x
+seconds, within :data:`REQUESTS_RANGE`), so every cell's live runs last about as long whatever
+its workload costs: long enough for the engine to settle into its load, not so long that
+32 cells take all day on a CPU."""
+REQUESTS_RANGE = (20, 400)
+PROBE_REQUESTS = 100
+"""Requests of the slice whose simulated saturation sizes a cell."""
 SPEED_CHECK_S = 4.0
 """About what the speed checks around the live runs and the engine build take per cell."""
 
@@ -118,6 +127,7 @@ def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
 
     verdict = judge(data, data["median_step_rel_error"], tolerances)
     out: dict[str, Any] = {"workload": cell.workload.name, "load": cell.load, "policy": cell.policy,
+                           "requests": (data.get("setup") or {}).get("workload", {}).get("num_requests"),
                            "live_runs": data.get("live_runs", 1)}
     for _, key in ERROR_COLUMNS:
         out[key] = {"error": data[key]["rel_error"], "live_spread": metric_spread(data[key])}
@@ -146,20 +156,22 @@ def _cell(entry: dict[str, Any]) -> str:
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["workload", "load", "policy", *(label for label, _ in ERROR_COLUMNS), "step median", "device",
+    head = ["workload", "load", "policy", "n", *(label for label, _ in ERROR_COLUMNS), "step median", "device",
             "verdict"]
     body = []
     for r in rows:
         verdict = r["verdict"] + ("*" if r["noisy"] else "")
         speed = r["device_speed_vs_profile"]
-        body.append([r["workload"], f"{r['load']:.0%}", r["policy"], *(_cell(r[key]) for _, key in ERROR_COLUMNS),
+        body.append([r["workload"], f"{r['load']:.0%}", r["policy"], str(r["requests"] or "-"),
+                     *(_cell(r[key]) for _, key in ERROR_COLUMNS),
                      _pct(r["median_step_rel_error"], signed=False), "-" if speed is None else f"x{speed:.2f}",
                      verdict])
     return head, body
 
 
-LEGEND = ("Errors are (sim - live) / live against the mean of the live runs; in brackets, the live runs' "
-          "spread (max - min) / mean. step median: median |error| of the profile's price of every live step. "
+LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean of the live runs; in brackets, "
+          "the live runs' spread (max - min) / mean. step median: median |error| of the profile's price of every "
+          "live step. "
           "device: the profile's own steps re-timed around the live runs, time now / at calibration (x1.00: "
           "as fast; the one furthest from 1). "
           "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "
@@ -190,19 +202,33 @@ def totals(rows: Sequence[dict[str, Any]]) -> str:
 # -- running -------------------------------------------------------------------------------------
 
 
-def plan_cell(cell: Cell, profile: Path, model: str, traces: Path, num_requests: int, max_prompt_tokens: int | None,
-              max_output_tokens: int | None, threads: int | None, seed: int) -> Any:
-    """The cell's resolved :class:`~experiments.validation.Plan` (nothing served yet)."""
+def plan_cell(cell: Cell, profile: Path, model: str, traces: Path, num_requests: int | None, live_s: float,
+              max_prompt_tokens: int | None, max_output_tokens: int | None, threads: int | None, seed: int) -> Any:
+    """The cell's resolved :class:`~experiments.validation.Plan` (nothing served yet): its
+    ``num_requests``, or (None) the requests arriving within ``live_s`` at its load."""
     from experiments.validation.plan import default_lengths, make_plan
     from sim.policies.base import SchedulerConfig
     from sim.workload import TraceReplay
 
     mp, mo = default_lengths(model, max_prompt_tokens, max_output_tokens)
     w = cell.workload
-    workload = TraceReplay(trace=w.path(traces), start=w.start, num_requests=num_requests, arrival=w.arrival,
-                           burstiness=w.burstiness, seed=seed, max_prompt_tokens=mp, max_output_tokens=mo)
-    return make_plan(profile, model, "cpu", None, threads, workload, SchedulerConfig(policy=cell.policy), None,
-                     cell.load, seed)
+
+    def plan(n: int) -> Any:
+        workload = TraceReplay(trace=w.path(traces), start=w.start, num_requests=n, arrival=w.arrival,
+                               burstiness=w.burstiness, seed=seed, max_prompt_tokens=mp, max_output_tokens=mo)
+        return make_plan(profile, model, "cpu", None, threads, workload, SchedulerConfig(policy=cell.policy), None,
+                         cell.load, seed)
+
+    if num_requests is not None:
+        return plan(num_requests)
+    probe = plan(PROBE_REQUESTS)
+    return plan(requests_for(live_s, cell.load, probe.capacity_rps))
+
+
+def requests_for(live_s: float, load: float, saturation_rps: float) -> int:
+    """Requests arriving within ``live_s`` at ``load`` x ``saturation_rps``, within :data:`REQUESTS_RANGE`."""
+    lo, hi = REQUESTS_RANGE
+    return max(lo, min(hi, round(live_s * load * saturation_rps)))
 
 
 def estimate_s(plan: Any, repeats: int) -> float:
@@ -218,7 +244,8 @@ def estimate_s(plan: Any, repeats: int) -> float:
 
 def cell_key(cell: Cell, args: argparse.Namespace, profile: Path) -> dict[str, Any]:
     """What a cell's result depends on; a stored cell is reused only when it matches."""
-    return {"cell": cell.name, "profile": str(profile.resolve()), "requests": args.requests, "repeats": args.repeats,
+    return {"cell": cell.name, "profile": str(profile.resolve()), "requests": args.requests, "live_s": args.live_s,
+            "repeats": args.repeats,
             "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
             "threads": args.threads, "seed": args.seed}
 
@@ -271,8 +298,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of saturation")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
-    p.add_argument("--requests", type=int, default=None, help=f"requests per cell [full {SIZES['full'][0]}, "
-                   f"--quick {SIZES['quick'][0]}]")
+    p.add_argument("--live-s", type=float, default=None, help=f"seconds of arrivals per live run, which sizes each "
+                   f"cell [full {SIZES['full'][0]:g}, --quick {SIZES['quick'][0]:g}]")
+    p.add_argument("--requests", type=int, default=None, help="requests per cell instead of --live-s")
     p.add_argument("--repeats", type=int, default=None, help=f"live runs per cell [full {SIZES['full'][1]}, "
                    f"--quick {SIZES['quick'][1]}]")
     p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
@@ -288,11 +316,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--output", type=Path, default=Path("runs/fidelity"))
     args = p.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
-    args.requests = args.requests or size[0]
-    args.repeats = args.repeats or size[1]
-    for name in ("requests", "repeats"):
-        if getattr(args, name) < (2 if name == "requests" else 1):
-            p.error(f"--{name}: too small ({getattr(args, name)})")
+    args.live_s = size[0] if args.live_s is None else args.live_s
+    args.repeats = size[1] if args.repeats is None else args.repeats
+    if args.requests is not None and args.requests < 2:
+        p.error(f"--requests: at least 2, got {args.requests}")
+    if args.repeats < 1:
+        p.error(f"--repeats: at least 1, got {args.repeats}")
+    if not (math.isfinite(args.live_s) and args.live_s > 0):
+        p.error(f"--live-s: seconds > 0 expected, got {args.live_s}")
     try:
         args.load_list = [float(x) for x in args.loads.split(",") if x]
     except ValueError:
@@ -343,7 +374,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     plans, estimates = {}, {}
     for cell in todo:
         try:
-            plans[cell.name] = plan_cell(cell, profile, args.model, args.traces, args.requests,
+            plans[cell.name] = plan_cell(cell, profile, args.model, args.traces, args.requests, args.live_s,
                                          args.max_prompt_tokens, args.max_output_tokens, args.threads, args.seed)
         except ValueError as e:
             raise SystemExit(f"{cell.name}: {e}") from None
@@ -352,13 +383,14 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     done = {c.name: stored(out / "cells" / c.name, keys[c.name]) for c in todo}
     left_s = sum(estimates[c.name] for c in todo if done[c.name] is None)
     echo(f"{len(todo)} cells ({len(args.workload_list)} workloads x {len(args.load_list)} loads x "
-         f"{len(args.policy_list)} policies), {args.requests} requests each, {args.repeats} live run(s); profile "
+         f"{len(args.policy_list)} policies), {sizing(args)}, {args.repeats} live run(s); profile "
          f"{profile}; {sum(d is not None for d in done.values())} already done; estimated {left_s / 60:.0f} min "
          "to go (simulated durations; a busy machine takes longer)")
     if args.dry_run:
         for cell in todo:
             plan = plans[cell.name]
-            echo(f"  {cell.name}: saturation {plan.capacity_rps:.2f} req/s, prompts x {plan.prompt_scale:.3f}, "
+            echo(f"  {cell.name}: {plan.workload.num_requests} requests, saturation {plan.capacity_rps:.2f} req/s, "
+                 f"prompts x {plan.prompt_scale:.3f}, "
                  f"outputs x {plan.output_scale:.3f}, ~{estimates[cell.name]:.0f} s"
                  + (" (done)" if done[cell.name] is not None else ""))
         return 0
@@ -396,14 +428,22 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.md").write_text(
         f"# One calibration, workloads it never saw\n\n`{command}`\n\nProfile `{profile}` (model {args.model}); "
-        f"{args.requests} requests per cell, {args.repeats} live run(s).\n\n{format_markdown(rows)}\n\n{legend}\n\n"
+        f"{sizing(args)}, {args.repeats} live run(s).\n\n{format_markdown(rows)}\n\n{legend}\n\n"
         f"{totals(rows)}.\n")
     (out / "fidelity.json").write_text(json.dumps(
         {"command": command, "profile": str(profile), "model": args.model, "requests": args.requests,
+         "live_s": args.live_s,
          "repeats": args.repeats, "tolerances_pct": args.tolerances.to_dict(), "rows": rows,
          "wall_s": time.perf_counter() - started}, indent=2) + "\n")
     echo(f"wrote {out}/fidelity.md, fidelity.json and cells/ ({time.perf_counter() - started:.0f} s)")
     return 1 if args.strict and any(r["verdict"] != "PASS" for r in rows) else 0
+
+
+def sizing(args: argparse.Namespace) -> str:
+    if args.requests is not None:
+        return f"{args.requests} requests per cell"
+    lo, hi = REQUESTS_RANGE
+    return f"each cell the requests arriving in {args.live_s:g} s at its load ({lo}-{hi})"
 
 
 def judge_text(tolerances: Any) -> str:

@@ -62,7 +62,7 @@ def test_tables_show_errors_with_spreads_and_verdicts():
     rows = [fidelity.row(cells[0], _validation_json({"mean_e2el_ms": -0.05}), Tolerances()),
             fidelity.row(cells[1], noisy, Tolerances())]
     md = fidelity.format_markdown(rows).splitlines()
-    assert len(md) == 4 and md[0].startswith("| workload | load | policy | mean TTFT |")
+    assert len(md) == 4 and md[0].startswith("| workload | load | policy | n | mean TTFT |")
     assert "| -5.0% |" in md[2] and md[2].endswith("| PASS |")
     assert "+0.0% (100%)" in md[3] and md[3].endswith("| PASS* |")
     text = fidelity.format_text(rows).splitlines()
@@ -76,6 +76,7 @@ def test_tables_show_errors_with_spreads_and_verdicts():
     (["--policies", "fifo"], "--policies: unknown fifo"),
     (["--tolerance", "p50:3"], "--tolerance"),
     (["--requests", "1"], "--requests"),
+    (["--live-s", "0"], "--live-s"),
 ])
 def test_bad_arguments(args, message, capsys):
     """Bad arguments stop the script with a message naming the option."""
