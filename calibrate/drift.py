@@ -21,15 +21,17 @@ from typing import TypeVar
 from calibrate.errors import DriftError
 from calibrate.grid import GridPoint
 
-DRIFT_THRESHOLD = 0.10
+DRIFT_THRESHOLD = 0.30
 """Largest accepted |drift| of a checkpoint. Back-to-back checkpoints of the tiny model's
 control steps (one thread, each step the median of >= 5 runs and >= 200 ms;
-``experiments/calibration_drift.py --parts noise``) drifted by a median of 2.9% on this
-project's 2-core CPU even while other jobs kept its load average near 4, while a busy loop
-on every core slows a one-thread engine by half or more (issue 15 reported 7.4% held-out
-error for a good quick calibration): 10% sits above the first and well below the second.
-The same runs also saw single checkpoints 18% off and, when the load shifted, 50-100%:
-a machine shared like that fails calibration, which is the point."""
+``experiments/calibration_drift.py --parts noise``) drifted by a median of 2.9% (single ones
+18%) on this project's 2-core CPU while other jobs kept its load near 4; but a quick tiny
+calibration on the same machine with nothing else running saw its mid-grid checkpoint 20-27%
+off the start in four of four attempts (the step times of a model this small move with the
+process's own state, not only with the machine), so 10% stopped good calibrations. A busy loop
+on every core slows the one-thread engine by 100-250% (``--parts hog``, and the slow test in
+``tests/test_calibrate_drift.py``): 30% sits above what an idle machine does to tiny and well
+below what a second workload does."""
 CONTROL_KINDS = ("prefill", "decode", "mixed")
 CONTROL_QUANTILE = 0.25
 """Control steps sit a quarter of the way up their kind's sizes: cheap to re-time many times,

@@ -9,8 +9,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from experiments.cli import main
 from experiments.capacity import RateSearch, parse_slo, slo_percentiles, violations
+from experiments.cli import main
 from experiments.sweep import RateScaler, RunSpec, mean_rate, requests_of, run_sweep
 from sim.config import SimConfig
 from sim.policies.base import SchedulerConfig
