@@ -1,10 +1,27 @@
-"""A policy wrapper that checks the scheduler's invariants at every step."""
+"""The policy test matrix, and a policy wrapper that checks the scheduler's invariants at every step."""
 
 from __future__ import annotations
 
+import itertools
+
 from sim.batch import Batch
-from sim.policies.base import Policy
+from sim.policies import POLICIES, SchedulerConfig
+from sim.policies.base import PREEMPT_MODES, Policy
+from sim.queues import ORDERS
 from sim.request import Request
+
+
+def policy_matrix() -> list[tuple[str, str, str]]:
+    """Every registered policy x queue order x preemption mode that the scheduler config accepts:
+    the matrix of the invariant, fast-path and seam tests, read from the registries."""
+    combos = []
+    for policy, order, preempt in itertools.product(sorted(POLICIES), ORDERS, PREEMPT_MODES):
+        try:
+            SchedulerConfig(policy=policy, order=order, preempt=preempt)
+        except ValueError:
+            continue
+        combos.append((policy, order, preempt))
+    return combos
 
 
 class CheckedPolicy:

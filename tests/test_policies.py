@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 
 import numpy as np
 import pytest
@@ -20,15 +19,9 @@ from sim.models import get_model
 from sim.policies import SchedulerConfig, make_policy
 from sim.request import Request, Status
 from sim.roofline import RooflineCost
-from tests.checks import CheckedPolicy
+from tests.checks import CheckedPolicy, policy_matrix
 
-COMBOS = [
-    (policy, order, preempt)
-    for policy, order, preempt in itertools.product(
-        ["static", "continuous", "chunked"], ["fcfs", "sjf", "priority"], ["recompute", "swap", "off"]
-    )
-    if not (policy == "static" and preempt != "off")
-]
+COMBOS = policy_matrix()
 
 
 def run(requests, config, num_blocks, block_size=4, host_blocks=0, cost=None, replicas=1, router="round_robin"):
@@ -79,7 +72,8 @@ def test_every_request_finishes_or_is_rejected(policy, order, preempt, rows, num
             assert r.arrival_s <= r.first_scheduled_s <= r.first_token_s <= r.finish_s
         else:
             assert r.status is Status.REJECTED and r.reject_reason
-            assert r.max_tokens > num_blocks * 4
+            # It cannot fit the pool (a policy may keep one block for itself: vLLM's null block).
+            assert r.max_tokens > (num_blocks - 1) * 4
     for p in checked:
         assert p.kv.num_used == 0
         assert p.kv.num_host_used == 0

@@ -12,7 +12,6 @@ that the preempting modes really preempt.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from sim.kv import BlockManager
 from sim.metrics import summarize
 from sim.models import get_model
 from sim.policies import POLICIES, SchedulerConfig, make_policy
-from sim.policies.base import PREEMPT_MODES
 from sim.queues import ORDERS
 from sim.request import Request
 from sim.roofline import RooflineCost
+from tests.checks import policy_matrix
 
 pytest.importorskip("torch", reason="the live engine (runtime/) needs the runtime extra")
 from runtime.engine import LiveEngine
@@ -46,19 +45,7 @@ GOODPUT_MS = {"ttft": 400.0, "tpot": 30.0}
 PERCENTILES = (50.0, 90.0, 99.0)
 
 
-def allowed_combos() -> list[tuple[str, str, str]]:
-    """Every registered policy x order x preemption mode that the scheduler config accepts."""
-    combos = []
-    for policy, order, preempt in itertools.product(sorted(POLICIES), ORDERS, PREEMPT_MODES):
-        try:
-            SchedulerConfig(policy=policy, order=order, preempt=preempt)
-        except ValueError:
-            continue
-        combos.append((policy, order, preempt))
-    return combos
-
-
-COMBOS = allowed_combos()
+COMBOS = policy_matrix()
 COSTS = {
     # A 7B model on an H100: step times differ with every batch, as in a real run.
     "roofline": lambda: RooflineCost(get_model("qwen2.5-7b"), get_hardware("h100-sxm"), "bfloat16"),
