@@ -235,6 +235,7 @@ def write_report(out: Path, info: DemoRun) -> Path:
         "",
         verdict_markdown(info.verdict),
         "",
+        *([f"**Warning:** {warning}", ""] if warning else []),
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))

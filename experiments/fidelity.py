@@ -357,7 +357,11 @@ def _profile_model(path: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
+def _echo(line: str) -> None:
+    print(line, flush=True)  # progress shows in a log file as it happens
+
+
+def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo) -> int:
     args = parse_args(argv)
     out: Path = args.output
     if not args.traces.is_dir() and any(WORKLOADS[w].relative for w in args.workload_list):
