@@ -272,7 +272,7 @@ def test_cli_refuses_a_poor_fit_unless_accepted(tmp_path, monkeypatch, steady_pr
     assert shown.exit_code == 0, shown.output
     assert "fit_check" in shown.output and "FAILED" in shown.output and "accepted with --accept-poor-fit" in (
         shown.output)
-    assert "grid middle" in shown.output and "largest drift 0.0% (threshold 10%)" in shown.output
+    assert "grid middle" in shown.output and "largest drift 0.0% (threshold 30%)" in shown.output
 
 
 def test_cli_reports_drift_and_time_of_a_good_calibration(tmp_path, monkeypatch, steady_profile):
