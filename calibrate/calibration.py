@@ -36,11 +36,14 @@ __all__ = ["CalibrationError", "DriftError", "FitCheck", "check_fit", "poor_fit_
 
 CPU_KV_MEMORY_BYTES = 2**30
 """The largest KV pool calibration allocates on CPU (1 GiB); the grid is bounded by it."""
-FIT_LIMITS_PCT = {"median_ape_pct": 10.0, "p90_ape_pct": 30.0}
+FIT_LIMITS_PCT = {"median_ape_pct": 20.0, "p90_ape_pct": 60.0}
 """Held-out error (on the live engine's steps when there are any, else on all) beyond which a
-profile is poor: the shipped tiny CPU profile has a live median of 4.4% and p90 of 14%, and a
-quick calibration on a busy machine gave 27% and 113% (issue 15); the limits are about twice
-the good one's, so run-to-run variation of a good calibration passes and a bad one does not."""
+profile is poor. A quick calibration on a busy machine gave 27% and 113% (issue 15), and that
+must fail. The shipped tiny CPU profile has a live median of 4.4% and p90 of 14%, but on this
+project's 2-core VM with nothing else running, good quick tiny calibrations gave medians of
+11-16% and p90s of 27-49% (five runs on 2026-12-01, both at this commit and at the one before
+the check existed), so limits of 10% / 30% refused most of them: 20% / 60% passes those and
+still refuses the bad one."""
 
 
 def utc_now() -> str:
