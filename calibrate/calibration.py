@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +22,7 @@ from calibrate.drift import DRIFT_THRESHOLD, Checkpoint, DriftMonitor, control_p
 from calibrate.errors import CalibrationError, DriftError
 from calibrate.fit import fit, fit_step_model
 from calibrate.grid import GridPoint, make_grid
+from calibrate.host import cpu_device
 from calibrate.profile import DEFAULT_HOST_LINK_BYTES_PER_S, Profile
 from calibrate.samples import Sample
 from sim.models import get_model
@@ -57,17 +56,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -84,7 +72,7 @@ def device_provenance(device) -> dict:
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "driver_version": _nvidia_driver(),
                 "cuda_version": torch.version.cuda, "torch_threads": None}
-    return {"device": f"cpu: {_cpu_name()} ({os.cpu_count()} logical cores)", "driver_version": None,
+    return {"device": cpu_device(), "driver_version": None,
             "cuda_version": None, "torch_threads": torch.get_num_threads()}
 
 

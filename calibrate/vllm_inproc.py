@@ -29,13 +29,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from calibrate.host import cpu_device
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -308,17 +309,6 @@ def _live(d: _Driver, plan: InprocPlan) -> list[dict]:
     return runs
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 MODEL_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                      "max_position_embeddings", "tie_word_embeddings", "torch_dtype")
@@ -335,7 +325,7 @@ def provenance(d: _Driver) -> dict:
     config = d.engine.vllm_config
     sched, cache, model = config.scheduler_config, config.cache_config, config.model_config
     if current_platform.is_cpu():
-        device = f"cpu: {_cpu_name()} ({os.cpu_count()} logical cores)"
+        device = cpu_device()
         threads: int | None = torch.get_num_threads()
     else:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else str(current_platform.device_name)
