@@ -58,6 +58,8 @@ class RooflineCost:
         # 2 FLOPs per multiply-add; an integer on one GPU, as the single-GPU price always was
         self._flops_per_token: float = 2 * model.matmul_params if tp == 1 else 2 * model.matmul_params / tp
         self._dense_weight_bytes = None if model.moe else weight_read_bytes_per_gpu(model, self.parallel, dtype, 0)
+        self._scalar = self._formula(max, min)
+        self._vector = self._formula(np.maximum, np.minimum)
 
     def _weight_bytes(self, tokens: int) -> float:
         """Weight bytes this GPU reads in a step of ``tokens`` tokens (an MoE: experts touched)."""
@@ -65,44 +67,43 @@ class RooflineCost:
             return self._dense_weight_bytes
         return weight_read_bytes_per_gpu(self.model, self.parallel, self.dtype, tokens)
 
-    def _formula(self, shape: StepShape, vector: bool) -> Callable[[Context], Context]:
-        """The price of ``shape`` as a function of its decode context: a float, or (``vector``)
-        a numpy array of the contexts of a decode run. Everything else is fixed here, once."""
-        tokens = shape.num_tokens
-        prefill_pairs, prefill_read = shape.attention_work, shape.prefill_context_tokens
-        window = self.model.sliding_window
-        if window is not None:
-            prefill_pairs = min(prefill_pairs, shape.prefill_tokens * window)
-            prefill_read = min(prefill_read, shape.prefill_seqs * window)
-        window_read = None if window is None else shape.decode_seqs * window  # the most decodes may read
-        swap_bytes = self.kv_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens)
-        extra_s = swap_bytes / self.hardware.host_link_bytes_per_s
-        if self.parallel.gpus > 1:
-            extra_s += comm_s(self.model, self.hardware, self.parallel, self.dtype, tokens)
-        decode_seqs, kv_write = shape.decode_seqs, tokens
-        token_flops, weight_bytes = self._flops_per_token * tokens, self._weight_bytes(tokens)
-        pair_flops, kv_bytes = self.flops_per_attention_pair, self.kv_bytes_per_token_gpu
+    def _formula(self, maximum: Callable, minimum: Callable) -> Callable[[StepShape, Context], Context]:
+        """The price of a step of ``shape`` as a function of its decode context: a float (with
+        ``max`` and ``min``) or a numpy array of the contexts of a decode run (``np.maximum``,
+        ``np.minimum``). Built once per cost model: the model's and hardware's rates are bound here."""
+        window, kv_bytes = self.model.sliding_window, self.kv_bytes_per_token_gpu
+        flops_per_token, pair_flops = self._flops_per_token, self.flops_per_attention_pair
         compute_rate, memory_rate, overhead_s = self.compute_rate, self.memory_rate, self.hardware.step_overhead_s
-        maximum: Callable = np.maximum if vector else max
-        minimum: Callable = np.minimum if vector else min
+        swap_bytes_per_token, host_link_bytes_per_s = self.kv_bytes_per_token, self.hardware.host_link_bytes_per_s
+        multi_gpu, dense_weight_bytes = self.parallel.gpus > 1, self._dense_weight_bytes
 
-        def seconds(decode_context: Context) -> Context:
-            decode_read = decode_context if window_read is None else minimum(decode_context, window_read)
-            pairs = prefill_pairs + decode_read + decode_seqs
-            flops = token_flops + pair_flops * pairs
-            memory_bytes = weight_bytes + kv_bytes * (decode_read + prefill_read + kv_write)
+        def seconds(shape: StepShape, decode_context: Context) -> Context:
+            tokens = shape.num_tokens
+            prefill_pairs, prefill_read = shape.attention_work, shape.prefill_context_tokens
+            decode_read = decode_context
+            if window is not None:
+                prefill_pairs = min(prefill_pairs, shape.prefill_tokens * window)
+                prefill_read = min(prefill_read, shape.prefill_seqs * window)
+                decode_read = minimum(decode_context, shape.decode_seqs * window)  # the most decodes may read
+            extra_s = swap_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens) / host_link_bytes_per_s
+            if multi_gpu:
+                extra_s += comm_s(self.model, self.hardware, self.parallel, self.dtype, tokens)
+            pairs = prefill_pairs + decode_read + shape.decode_seqs
+            flops = flops_per_token * tokens + pair_flops * pairs
+            weight_bytes = self._weight_bytes(tokens) if dense_weight_bytes is None else dense_weight_bytes
+            memory_bytes = weight_bytes + kv_bytes * (decode_read + prefill_read + tokens)
             return overhead_s + maximum(flops / compute_rate, memory_bytes / memory_rate) + extra_s
 
         return seconds
 
     def step_time(self, shape: StepShape) -> float:
-        return self._formula(shape, False)(float(shape.decode_context_tokens))
+        return self._scalar(shape, float(shape.decode_context_tokens))
 
     def decode_run_times(self, shape: StepShape, n: int) -> list[float] | np.ndarray:
         """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
         same formula on every context, so the values are identical."""
         context, seqs = float(shape.decode_context_tokens), float(shape.decode_seqs)
         if n <= SHORT_RUN:
-            seconds = self._formula(shape, False)
-            return [seconds(context + j * seqs) for j in range(n)]
-        return self._formula(shape, True)(context + np.arange(n, dtype=np.float64) * seqs)
+            seconds = self._scalar
+            return [seconds(shape, context + j * seqs) for j in range(n)]
+        return self._vector(shape, context + np.arange(n, dtype=np.float64) * seqs)

@@ -22,19 +22,6 @@ from sim.policies.continuous import ContinuousPolicy, StepDraft
 from sim.request import Request, Status
 
 
-class GroupStepDraft(StepDraft):
-    """A step being built whose ``unlisted`` decodes are the group's (in the step, not in ``seqs``)."""
-
-    def __init__(self, budget: int | None, unlisted: int) -> None:
-        super().__init__(budget)
-        self.unlisted = unlisted
-        self.budget_left -= unlisted
-
-    @property
-    def empty(self) -> bool:
-        return not self.seqs and not self.unlisted
-
-
 class FastContinuous(ContinuousPolicy):
     """``continuous`` for the simulator's fast path; answers equal to stepping the plain policy."""
 
@@ -50,17 +37,10 @@ class FastContinuous(ContinuousPolicy):
         return config.token_budget is None or config.token_budget >= config.max_num_seqs
 
     # -- building a step -----------------------------------------------------------------------
-    def _new_step(self) -> GroupStepDraft:
-        # Every member decodes (unless preempted while the step is built).
-        return GroupStepDraft(self.config.token_budget, len(self.group))
-
-    def _batch(self, step: StepDraft) -> Batch:
-        batch = super()._batch(step)
-        assert isinstance(step, GroupStepDraft)
-        if step.unlisted:
-            batch.group_decodes = step.unlisted
-            batch.group_context_tokens = self.group.context_tokens
-        return batch
+    def _new_step(self) -> StepDraft:
+        # Every member decodes (unless preempted while the step is built), unlisted.
+        group = self.group
+        return StepDraft(self.config.token_budget, len(group), group.context_tokens)
 
     def _schedule_running(self, step: StepDraft) -> None:
         """Phase 2 with the group: every member decodes; only those whose cache outgrows its
@@ -82,8 +62,8 @@ class FastContinuous(ContinuousPolicy):
         if victim in self.group:
             # Bring the victim's counts up to date before the plain policy drops or swaps its cache.
             self.group.leave(victim)
-            assert isinstance(step, GroupStepDraft)
             step.unlisted -= 1
+            step.unlisted_context_tokens = self.group.context_tokens
             step.budget_left += 1
         else:
             self.prefilling.remove(victim)

@@ -115,13 +115,14 @@ class ContinuousPolicy:
             self.running = [r for r in self.running if r.status is Status.RUNNING]
         return finished
 
-    # -- building a step (the simulator's fast path, sim.fastpath, overrides these) ----------
+    # -- building a step (the simulator's fast path, sim.fastpath, overrides _new_step) -----
     def _new_step(self) -> StepDraft:
         return StepDraft(self.config.token_budget)
 
     def _batch(self, step: StepDraft) -> Batch:
         return Batch(seqs=step.seqs, swap_out_blocks=step.swap_out, swap_in_blocks=step.swap_in,
-                     preempted=step.preempted, block_size=self.kv.block_size)
+                     preempted=step.preempted, block_size=self.kv.block_size, group_decodes=step.unlisted,
+                     group_context_tokens=step.unlisted_context_tokens)
 
     # -- phases ------------------------------------------------------------------------------
     def _chunk(self, request: Request, step: StepDraft) -> int:
@@ -276,10 +277,17 @@ class ContinuousPolicy:
 
 
 class StepDraft:
-    """The batch being built in one ``schedule`` call."""
+    """The batch being built in one ``schedule`` call.
 
-    def __init__(self, budget: int | None) -> None:
-        self.budget_left: float = math.inf if budget is None else budget
+    ``unlisted`` decodes are in the step but not in ``seqs``: the simulator's fast path keeps its
+    running decodes as a group (:mod:`sim.fastpath`) and gives only their number and summed
+    context (``unlisted_context_tokens``), which the batch carries as ``group_decodes`` and
+    ``group_context_tokens``. They take their tokens from the budget like listed decodes."""
+
+    def __init__(self, budget: int | None, unlisted: int = 0, unlisted_context_tokens: int = 0) -> None:
+        self.budget_left: float = (math.inf if budget is None else budget) - unlisted
+        self.unlisted = unlisted
+        self.unlisted_context_tokens = unlisted_context_tokens
         self.seqs: list[ScheduledSeq] = []
         self.swap_out: list[tuple[int, int]] = []
         self.swap_in: list[tuple[int, int]] = []
@@ -289,7 +297,7 @@ class StepDraft:
 
     @property
     def empty(self) -> bool:
-        return not self.seqs
+        return not self.seqs and not self.unlisted
 
     def add(self, seq: ScheduledSeq) -> None:
         self.seqs.append(seq)
