@@ -77,6 +77,7 @@ decode) and within a group in proportion to each step's time (see :func:`sample_
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,22 @@ LIVE_WEIGHT = 4.0
 """Total weight of the live samples relative to the grid samples' total: the live steps are
 the engine's real operating points, the grid gives coverage (shapes a short synthetic run
 never reaches) and separates features that move together in live steps."""
+REPEAT_WEIGHT_POWER = 0.5
+"""Each of ``n`` non-live prefill samples of one shape weighs ``n ** -0.5``: the shape weighs
+``sqrt(n)``, between counting every run (``n``, what a held-out median over the rows sees) and
+every shape once (``1``, what calibrate's grid does with its repeats). The repeats share the
+model's misfit at that shape, so ``n`` of them are not ``n`` shapes' evidence about how a step's
+cost grows. A file of sweeps re-measures its centre prefill in every run of its decode sweep
+(splitwise-sim's A100 steps: a 512-token prompt 45 times, every other prefill 5): counted in
+full, that one shape set the price per token of BLOOM-176B and left a convex model's misfit to
+its neighbours (256 tokens +12% when fitted on every row; held-out p90 10.8%); at ``sqrt(n)``
+the misfit is shared (512 tokens -3.4%, 256 +9.6%; held-out p90 9.3%, median 2.2% -> 3.5%, by
+``experiments/fit_transfer.py``). No convex cost follows those three points (256, 512, 1024
+tokens: 99, 174, 289 ms put 512 above the chord), nor the 8192-token steps (a batch of 16 x 512
+takes as long as one 8192 prompt, 0.43 ms a token against 0.33 at 4096 and 0.35 at 16384): both
+stay misfits, the second the fit's largest (-19%).
+Decode samples keep weight 1: their fit is within its noise (the decode misfit the repeats
+share is small), and discounting them moved Llama-2-70B TP2's decode p90 8.0% -> 8.4%."""
 LIGHT_DECODE_SEQS = 3
 LIVE_GROUPS = ("prefill", "mixed", "light decode", "batched decode")
 
@@ -267,11 +284,19 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     minimises relative error per unit of engine time, not per step. A loaded run spends most
     of its time, and its requests most of their decode, in a minority of long steps (large
     decode batches); weighing every step alike lets the many short steps of quiet periods
-    decide the fit and under-predict exactly the steps that set TPOT under load."""
+    decide the fit and under-predict exactly the steps that set TPOT under load.
+
+    A prefill shape measured ``n`` times outside the live engine (rows of a CSV, a grid point
+    re-timed) weighs ``sqrt(n)`` in all, each repeat ``n ** -``:data:`REPEAT_WEIGHT_POWER`: see
+    that constant."""
     live = np.array([s.origin == "live" for s in samples])
     w = np.ones(len(samples))
+    repeats = Counter(s.shape for s in samples if s.origin != "live" and s.kind == "prefill")
+    for i, s in enumerate(samples):
+        if s.origin != "live" and s.kind == "prefill":
+            w[i] = repeats[s.shape] ** -REPEAT_WEIGHT_POWER
     if live.any():
-        total = LIVE_WEIGHT * (~live).sum() if not live.all() else float(live.sum())
+        total = LIVE_WEIGHT * w[~live].sum() if not live.all() else float(live.sum())
         kinds = np.array([_live_group(s) for s in samples])
         step_ms = np.array([s.step_ms for s in samples], dtype=float)
         present = [k for k in LIVE_GROUPS if (live & (kinds == k)).any()]
