@@ -147,21 +147,28 @@ LIVE_WEIGHT = 4.0
 the engine's real operating points, the grid gives coverage (shapes a short synthetic run
 never reaches) and separates features that move together in live steps."""
 REPEAT_WEIGHT_POWER = 0.5
-"""Each of ``n`` non-live prefill samples of one shape weighs ``n ** -0.5``: the shape weighs
-``sqrt(n)``, between counting every run (``n``, what a held-out median over the rows sees) and
-every shape once (``1``, what calibrate's grid does with its repeats). The repeats share the
-model's misfit at that shape, so ``n`` of them are not ``n`` shapes' evidence about how a step's
-cost grows. A file of sweeps re-measures its centre prefill in every run of its decode sweep
-(splitwise-sim's A100 steps: a 512-token prompt 45 times, every other prefill 5): counted in
-full, that one shape set the price per token of BLOOM-176B and left a convex model's misfit to
-its neighbours (256 tokens +12% when fitted on every row; held-out p90 10.8%); at ``sqrt(n)``
-the misfit is shared (512 tokens -3.4%, 256 +9.6%; held-out p90 9.3%, median 2.2% -> 3.5%, by
+"""Each of ``n`` non-live prefill samples of one shape weighs in proportion to ``n ** -0.5``
+(the total of those samples kept at their count): the shape weighs ``sqrt(n)``, between
+counting every run (``n``, what a held-out median over the rows sees) and every shape once
+(``1``, what calibrate's grid does with its repeats). The repeats share the model's misfit at
+that shape, so ``n`` of them are not ``n`` shapes' evidence about how a step's cost grows.
+
+A file of sweeps re-measures its centre prefill in every run of its decode sweep
+(splitwise-sim's A100 steps: a 512-token prompt 45 times, every other prefill 5). Counted in
+full, that one shape set BLOOM-176B's price per token and left the misfit to its neighbours
+(256 tokens +12% when fitted on every row; held-out p90 10.8%); at ``sqrt(n)`` it is shared
+(512 tokens -3.4%, 256 +9.6%; held-out p90 9.3%, median 2.2% -> 3.5%, by
 ``experiments/fit_transfer.py``). No convex cost follows those three points (256, 512, 1024
-tokens: 99, 174, 289 ms put 512 above the chord), nor the 8192-token steps (a batch of 16 x 512
-takes as long as one 8192 prompt, 0.43 ms a token against 0.33 at 4096 and 0.35 at 16384): both
+tokens: 99, 174, 289 ms put 512 above the chord), nor the 8192-token steps (16 prompts of 512
+take as long as one of 8192, 0.43 ms a token against 0.33 at 4096 and 0.35 at 16384): both
 stay misfits, the second the fit's largest (-19%).
-Decode samples keep weight 1: their fit is within its noise (the decode misfit the repeats
-share is small), and discounting them moved Llama-2-70B TP2's decode p90 8.0% -> 8.4%."""
+
+Decode samples keep weight 1: their fit is within its noise, and discounting them too moved
+Llama-2-70B TP2's held-out decode error from 4.6% median / 8.0% p90 to 4.7% / 8.4%. The
+prefill total is kept so that prefill and decode weigh against each other as before: without
+that, the lighter prefill loss let a decode-context knee fitted by one shape pass
+:data:`KNEE_MIN_GAIN` (Llama-2-70B TP8 fitted on small steps: decodes of 32 and 64 sequences
+47% high)."""
 LIGHT_DECODE_SEQS = 3
 LIVE_GROUPS = ("prefill", "mixed", "light decode", "batched decode")
 
@@ -286,17 +293,20 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     decode batches); weighing every step alike lets the many short steps of quiet periods
     decide the fit and under-predict exactly the steps that set TPOT under load.
 
-    A prefill shape measured ``n`` times outside the live engine (rows of a CSV, a grid point
-    re-timed) weighs ``sqrt(n)`` in all, each repeat ``n ** -``:data:`REPEAT_WEIGHT_POWER`: see
-    that constant."""
+    Among the prefill samples not from the live engine (rows of a CSV, grid points), a shape
+    measured ``n`` times weighs in proportion to ``sqrt(n)``, each repeat to ``n ** -0.5`` (see
+    :data:`REPEAT_WEIGHT_POWER`), scaled so that those samples still weigh their count in all."""
     live = np.array([s.origin == "live" for s in samples])
     w = np.ones(len(samples))
-    repeats = Counter(s.shape for s in samples if s.origin != "live" and s.kind == "prefill")
-    for i, s in enumerate(samples):
-        if s.origin != "live" and s.kind == "prefill":
-            w[i] = repeats[s.shape] ** -REPEAT_WEIGHT_POWER
+    repeated = np.array([s.origin != "live" and s.kind == "prefill" for s in samples])
+    if repeated.any():
+        count = Counter(s.shape for s, r in zip(samples, repeated, strict=True) if r)
+        discount = np.array([count[s.shape] ** -REPEAT_WEIGHT_POWER
+                             for s, r in zip(samples, repeated, strict=True) if r])
+        # shared among the prefill shapes, the total kept: prefill against decode (and live) as before
+        w[repeated] = discount * repeated.sum() / discount.sum()
     if live.any():
-        total = LIVE_WEIGHT * w[~live].sum() if not live.all() else float(live.sum())
+        total = LIVE_WEIGHT * (~live).sum() if not live.all() else float(live.sum())
         kinds = np.array([_live_group(s) for s in samples])
         step_ms = np.array([s.step_ms for s in samples], dtype=float)
         present = [k for k in LIVE_GROUPS if (live & (kinds == k)).any()]

@@ -19,6 +19,7 @@ counted in ``odd`` and kept: a fit cannot and should not follow them.
 
     python experiments/fit_transfer.py
     python experiments/fit_transfer.py --base 6ec3845 --seeds 20
+    python experiments/fit_transfer.py --base c820d9a --seeds 30 --first-seed 100
 """
 
 from __future__ import annotations
@@ -68,15 +69,16 @@ def load_base_fit(rev: str) -> ModuleType:
     return module
 
 
-def splits(samples: list[Sample], how: str, seeds: int) -> Iterator[tuple[list[Sample], list[Sample]]]:
+def splits(samples: list[Sample], how: str, seeds: int, first: int = 0) -> Iterator[tuple[list[Sample], list[Sample]]]:
+    """Fitted and scored parts of ``samples``, one pair per draw (seeds ``first`` on)."""
     if how == "random":
-        for seed in range(seeds):
+        for seed in range(first, first + seeds):
             order = np.random.default_rng(seed).permutation(len(samples))
             cut = int(0.7 * len(samples))
             yield [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
     elif how == "shapes":
         shapes = sorted({s.shape for s in samples}, key=shape_values)
-        for seed in range(seeds):
+        for seed in range(first, first + seeds):
             order = np.random.default_rng(seed).permutation(len(shapes))
             fitted = {shapes[i] for i in order[: int(0.7 * len(shapes))]}
             yield [s for s in samples if s.shape in fitted], [s for s in samples if s.shape not in fitted]
@@ -107,7 +109,7 @@ def cell(values: list[float]) -> str:
     return f"{np.median(v):5.1f} [{v.min():4.1f}-{v.max():5.1f}]"
 
 
-def gpu_table(fitters: dict[str, Fitter], steps: Path, seeds: int) -> None:
+def gpu_table(fitters: dict[str, Fitter], steps: Path, seeds: int, first: int = 0) -> None:
     print(f"real A100 steps: {steps.name}; median over draws [range] of each draw's absolute % error\n")
     head = f"{'set':<15}{'odd':>4} {'split':<7}{'fit':<6}"
     print(head + "".join(f"{k + ' ' + q:>21}" for k in ("prefill", "decode") for q in ("median", "p90")))
@@ -117,7 +119,7 @@ def gpu_table(fitters: dict[str, Fitter], steps: Path, seeds: int) -> None:
         for how in ("random", "shapes", "extrap"):
             for label, fitter in fitters.items():
                 stats: dict[tuple[str, str], list[float]] = {}
-                for fitted, scored in splits(samples, how, seeds):
+                for fitted, scored in splits(samples, how, seeds, first):
                     model = fitter(fitted)
                     for kind in ("prefill", "decode"):
                         e = ape_pct(model, scored, kind)
@@ -127,7 +129,7 @@ def gpu_table(fitters: dict[str, Fitter], steps: Path, seeds: int) -> None:
                       + "".join(f"{cell(stats[key]):>21}" for key in stats), flush=True)
 
 
-def ablation_table(steps: Path, seeds: int) -> None:
+def ablation_table(steps: Path, seeds: int, first: int = 0) -> None:
     """What each feature earns on shapes the fit never saw: the ``shapes`` split's median
     prefill and decode p90 with the feature held at 0."""
     data = {(m, tp): [Sample(shape, ms) for shape, ms in read_splitwise(steps, m, tp).steps] for m, tp in SETS}
@@ -139,7 +141,7 @@ def ablation_table(steps: Path, seeds: int) -> None:
         cells = []
         for samples in data.values():
             p90: dict[str, list[float]] = {"prefill": [], "decode": []}
-            for fitted, scored in splits(samples, "shapes", seeds):
+            for fitted, scored in splits(samples, "shapes", seeds, first):
                 model = this_fit.fit_step_model(fitted, exclude=exclude)
                 for kind, values in p90.items():
                     values.append(float(np.percentile(ape_pct(model, scored, kind), 90)))
@@ -166,12 +168,18 @@ def main() -> None:
     parser.add_argument("--steps", type=Path, default=STEPS, help="A splitwise-sim step CSV.")
     parser.add_argument("--profile", type=Path, default=PROFILE, help="A profile whose samples are refitted.")
     parser.add_argument("--seeds", type=int, default=10, help="Random draws per split.")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Seed of the first draw (another set of draws: a check that a change holds beyond the "
+                        "default ten).")
     opts = parser.parse_args()
     if opts.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if opts.first_seed < 0:
+        parser.error("--first-seed must be >= 0")
     fits = {"before": load_base_fit(opts.base), "after": this_fit}
-    gpu_table({label: module.fit_step_model for label, module in fits.items()}, opts.steps, opts.seeds)
-    ablation_table(opts.steps, max(1, opts.seeds // 2))
+    gpu_table({label: module.fit_step_model for label, module in fits.items()}, opts.steps, opts.seeds,
+              opts.first_seed)
+    ablation_table(opts.steps, max(1, opts.seeds // 2), opts.first_seed)
     profile_table(fits, opts.profile)
 
 
