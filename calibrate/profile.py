@@ -48,6 +48,9 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     phases_s              (optional, nullable) wall seconds of the phases: {"grid", "live"}
     max_model_len         (optional, nullable) longest sequence calibrated, when below the
                           model's positions (calibrate --max-model-len)
+    request_overhead_s    (optional, default 0) seconds from a request's arrival to its reaching
+                          the scheduler, the same for every request (a served engine's frontend,
+                          measured by calibrate --url); the simulator delays each admission by it
     engine                (optional, nullable) the external engine the steps were measured on
                           (calibrate --engine vllm): engine, vllm_version, mode (in-process |
                           http), settings {max_num_batched_tokens, max_num_seqs, block_size,
@@ -135,6 +138,9 @@ class Profile:
     """The longest sequence calibrated when below the model's positions; None: all of them."""
     engine: dict | None = None
     """The external engine measured (:mod:`calibrate.vllm_calibration`); None: servesim's runtime."""
+    request_overhead_s: float = 0.0
+    """A served engine's per-request cost before its scheduler (:func:`sim.cost.request_overhead_s`);
+    0 for an engine stepped in process."""
 
     def to_dict(self) -> dict:
         return {
@@ -170,6 +176,7 @@ class Profile:
             "phases_s": self.phases_s,
             "max_model_len": self.max_model_len,
             "engine": self.engine,
+            "request_overhead_s": self.request_overhead_s,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -259,8 +266,12 @@ def profile_from_dict(data: object, path: Path) -> Profile:
             raise ProfileError(f"{path}: field {name!r} must be an object or null, got {type(value).__name__}")
     max_model_len = data.get("max_model_len")
     _check(path, "max_model_len", max_model_len, _INT, True)
+    overhead_s = data.get("request_overhead_s", 0.0)
+    _check(path, "request_overhead_s", overhead_s, _NUM, False)
+    if not (math.isfinite(overhead_s) and overhead_s >= 0):
+        raise ProfileError(f"{path}: field 'request_overhead_s' must be >= 0, got {overhead_s}")
     return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp,
-                   max_model_len=max_model_len, **optional, **values)
+                   max_model_len=max_model_len, request_overhead_s=float(overhead_s), **optional, **values)
 
 
 def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
@@ -349,6 +360,7 @@ class CalibratedCost:
         self.model = profile.model_fit
         self.kv_bytes_per_token = profile.kv_bytes_per_token
         self.host_link_bytes_per_s = profile.host_link_bytes_per_s
+        self.request_overhead_s = profile.request_overhead_s
 
     @classmethod
     def from_file(cls, path: str | Path) -> CalibratedCost:

@@ -273,10 +273,11 @@ def _joins(client: _Client, plan: BlackboxPlan, decode_gap: dict[int, float], sa
 def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = None, quick: bool = True, seed: int = 0,
                        max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                        workdir: Path | None = None, echo: Callable[[str], None] | None = None,
-                       folds: int = 5, plan: BlackboxPlan | None = None):
+                       folds: int = 5, plan: BlackboxPlan | None = None, device: str | None = None):
     """``servesim calibrate --engine vllm --url URL``: read the server's settings, send the
     patterns, fit. ``model`` (a preset, config.json or checkpoint directory) and ``dtype``
-    give the KV bytes per token; the served model is the first the server lists."""
+    give the KV bytes per token; the served model is the first the server lists. ``device`` is
+    what the user says the server runs on (None: recorded as unknown)."""
     from calibrate.vllm_calibration import profile_from_engine
     from experiments.engine_settings import DEFAULT_MAX_NUM_SEQS, read_engine_settings
     from sim.models import get_model
@@ -299,7 +300,7 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     version = _version(url)
     info = {
         "engine": "vllm", "vllm_version": version, "mode": "http", "url": url_text(url), "served_model": client.model,
-        "device": None, "dtype": dtype or "bfloat16", "model": model,
+        "device": device, "dtype": dtype or "bfloat16", "model": model,
         "model_config": None if spec is None else {"name": spec.name, "num_params": spec.num_params},
         "settings": {"max_num_batched_tokens": budget, "max_num_seqs": seqs, "max_model_len": settings.max_model_len,
                      "block_size": settings.block_size, "num_gpu_blocks": settings.num_gpu_blocks,

@@ -168,7 +168,15 @@ def profile_from_engine(samples: Sequence[Sample], info: dict, source: str, grid
         phases_s=info.get("phases_s"),
         max_model_len=settings.get("max_model_len"),
         engine=info,
+        request_overhead_s=_request_overhead_s(info),
     )
+
+
+def _request_overhead_s(info: dict) -> float:
+    """The server's per-request cost a black-box run measured (``measured.overhead_ms``); 0 in
+    process, where requests reach the engine's scheduler directly."""
+    overhead_ms = (info.get("measured") or {}).get("overhead_ms")
+    return 0.0 if overhead_ms is None else overhead_ms / 1000
 
 
 def calibrate_inprocess(engine: VllmEngineArgs, quick: bool = True, seed: int = 0, vllm_python: str | None = None,

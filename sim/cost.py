@@ -6,6 +6,7 @@ Implementations: :class:`sim.roofline.RooflineCost` (from a model and a hardware
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -18,6 +19,17 @@ class CostModel(Protocol):
     def step_time(self, shape: StepShape) -> float:
         """Seconds the whole engine step takes (scheduling, input preparation, forward pass,
         sampling, and any swap copies it carries). Never negative."""
+
+
+def request_overhead_s(cost: CostModel) -> float:
+    """Seconds a request spends between arriving and reaching the scheduler, the same for every
+    request: a served engine's frontend (HTTP, input processing, the hand-off to the engine core),
+    as a black-box calibration measures it. A cost model may carry ``request_overhead_s``; an
+    engine stepped in process has none (0)."""
+    overhead_s = float(getattr(cost, "request_overhead_s", 0.0))
+    if not (math.isfinite(overhead_s) and overhead_s >= 0):
+        raise ValueError(f"request_overhead_s must be finite and >= 0, got {overhead_s}")
+    return overhead_s
 
 
 def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> list[float]:

@@ -26,7 +26,7 @@ from simpy.core import URGENT
 
 from sim.batch import StepShape
 from sim.cluster import Router
-from sim.cost import CostModel, decode_run_times
+from sim.cost import CostModel, decode_run_times, request_overhead_s
 from sim.fastpath import FastPolicy, fast_variant
 from sim.metrics import GapRecorder, TimeSeries, record_gaps
 from sim.policies.base import Policy
@@ -48,13 +48,19 @@ class ReplicaStats:
 class ArrivalFeed:
     """The time of the next request not yet handed to a replica (inf when none is left)."""
 
-    def __init__(self, requests: Sequence[Request]) -> None:
+    def __init__(self, requests: Sequence[Request], admission_delay_s: float = 0.0) -> None:
         self.requests = requests
         self.index = 0
+        self.admission_delay_s = admission_delay_s
+        """Seconds from a request's arrival to its reaching the scheduler (the cost model's
+        per-request cost, :func:`sim.cost.request_overhead_s`); the same for every request."""
 
     @property
     def next_s(self) -> float:
-        return self.requests[self.index].arrival_s if self.index < len(self.requests) else math.inf
+        return self.admission_s(self.requests[self.index]) if self.index < len(self.requests) else math.inf
+
+    def admission_s(self, request: Request) -> float:
+        return request.arrival_s + self.admission_delay_s if self.admission_delay_s else request.arrival_s
 
 
 class Replica:
@@ -177,8 +183,9 @@ def _delay_until(now: float, t: float) -> float:
 def arrivals(env: simpy.Environment, feed: ArrivalFeed, replicas: Sequence[Replica], router: Router):
     policies = [r.policy for r in replicas]
     for request in feed.requests:
-        if request.arrival_s > env.now:
-            yield _urgent_timeout(env, _delay_until(env.now, request.arrival_s))
+        admission_s = feed.admission_s(request)
+        if admission_s > env.now:
+            yield _urgent_timeout(env, _delay_until(env.now, admission_s))
         feed.index += 1
         replicas[router.route(request, policies)].admit(request, env.now)
 
@@ -210,7 +217,7 @@ def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cos
         for r in requests:
             r.token_times_s = []
     env = simpy.Environment(initial_time=0.0)  # SimPy starts at int 0, which requests.csv would write as "0"
-    feed = ArrivalFeed(requests)
+    feed = ArrivalFeed(requests, request_overhead_s(cost))
     watch = num_replicas > 1 and router.reads_kv
     replicas = [Replica(i, make_policy(), cost, None if exact_steps else feed, watch) for i in range(num_replicas)]
     env.process(arrivals(env, feed, replicas, router))

@@ -269,6 +269,8 @@ def test_find_vllm_python_names_the_ways_to_give_one(monkeypatch, tmp_path):
     (["--engine", "vllm", "--url", "http://127.0.0.1:9", "--kv-cache-gib", "2", "-o", "p.json"],
      "--kv-cache-gib cannot be used with --url"),
     (["--model", "tiny", "--url", "http://127.0.0.1:9", "-o", "p.json"], "--url apply to --engine vllm"),
+    (["--engine", "vllm", "--model", "ckpt", "--device", "cpu", "-o", "p.json"],
+     "--device applies to --engine vllm only with --url"),
     (["--engine", "vllm", "--model", "nowhere", "-o", "p.json"], "not a checkpoint directory"),
     (["--engine", "vllm", "--url", "http://127.0.0.1:9", "-o", "p.json"], "cannot read the engine's settings"),
 ])
@@ -304,5 +306,7 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     assert batch3 and all(3 * 32 <= sh.decode_context_tokens < 3 * 44 for sh in batch3)
     assert profile.engine["mode"] == "http" and profile.engine["settings"]["block_size"] == 16
     assert profile.num_kv_blocks == 512 and profile.source.startswith("vllm:http://127.0.0.1:")
+    # The server's per-request cost, measured from the one-token prompts, is what the simulator will add.
+    assert profile.request_overhead_s == profile.engine["measured"]["overhead_ms"] / 1000 >= 0
     written = json.loads((tmp_path / "work" / "engine.json").read_text())
     assert written["settings_assumed"] == []

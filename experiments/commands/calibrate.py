@@ -30,7 +30,9 @@ def _print_errors(errors: dict) -> None:
 @click.option("--model", default=None, help=f"Architecture preset: {', '.join(MODELS)}.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="Hugging Face checkpoint (safetensors); default: random weights (timing does not depend on them).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto | cpu | cuda[:N]; with --url, the device the server runs on (recorded in the profile; "
+                   "a black box does not say).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Default: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV block size in tokens.")
@@ -118,7 +120,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
                         block_size=block_size, max_model_len=max_model_len, quick=quick, seed=seed,
                         vllm_python=vllm_python, max_num_batched_tokens=max_num_batched_tokens,
                         max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching,
-                        workdir=workdir)
+                        workdir=workdir, device=device)
         return
     given_vllm = _given(ctx, _VLLM_ONLY)
     if given_vllm:
@@ -168,7 +170,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
 
 _VLLM_ONLY = ("url", "vllm_python", "max_num_batched_tokens", "max_num_seqs", "kv_cache_gib", "prefix_caching",
               "workdir")
-_SERVESIM_ONLY = ("weights", "device", "repeats", "warmup", "passes", "threads", "memory_utilization", "live",
+_SERVESIM_ONLY = ("weights", "repeats", "warmup", "passes", "threads", "memory_utilization", "live",
                   "drift_pct", "no_drift_check")
 _SERVER_SETS = ("vllm_python", "kv_cache_gib", "prefix_caching", "block_size", "max_model_len")
 """What a running server was started with and --url cannot change (it reads them, or the fit does not need them)."""
@@ -184,7 +186,7 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
                     url: str | None, model: str | None, dtype: str | None, block_size: int,
                     max_model_len: int | None, quick: bool, seed: int, vllm_python: str | None,
                     max_num_batched_tokens: int | None, max_num_seqs: int | None, kv_cache_gib: int | None,
-                    prefix_caching: bool | None, workdir: Path | None) -> None:
+                    prefix_caching: bool | None, workdir: Path | None, device: str = "auto") -> None:
     """``--engine vllm``: in process (``--model CHECKPOINT_DIR``) or black-box (``--url``)."""
     from calibrate.errors import CalibrationError
     from calibrate.profile import save_profile
@@ -195,6 +197,9 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
         raise click.UsageError(f"option(s) {', '.join(wrong)} apply to --engine servesim (vLLM sets its own)")
     if output is None:
         raise click.UsageError("-o/--output is required")
+    if url is None and _given(ctx, ("device",)):
+        raise click.UsageError("option --device applies to --engine vllm only with --url (vLLM in process reports "
+                               "its own device)")
     if url is not None and _given(ctx, _SERVER_SETS):
         raise click.UsageError(f"option(s) {', '.join(_given(ctx, _SERVER_SETS))} cannot be used with --url: the "
                                "server was started with its own (they are read from its /metrics)")
@@ -222,7 +227,8 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
 
             profile = calibrate_blackbox(url, model=model, dtype=dtype, quick=quick, seed=seed,
                                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                         workdir=workdir, echo=echo)
+                                         workdir=workdir, echo=echo,
+                                         device=None if device == "auto" else device)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None
     from calibrate.live import count_origins

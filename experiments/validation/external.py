@@ -376,6 +376,9 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
             if plan.assumed else ""))
     for note in plan.settings.caveats():
         echo(f"note: {note}")
+    if plan.profile.request_overhead_s:
+        echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
+             f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
     times = f"{repeats} times" if repeats > 1 else "once"
     echo(f"serving {n} requests on the engine {times}, then simulating them ...")
     runs = bench_runs(plan, config, repeats, echo)
