@@ -27,6 +27,13 @@ every live run, plus the speed checks) without serving anything.
     python experiments/fidelity.py --profile small.json -o runs/fidelity          # every cell
     python experiments/fidelity.py --profile small.json --quick -o runs/fidelity-q  # ~15 min
     python experiments/fidelity.py --profile small.json --dry-run                   # the estimate
+    python experiments/fidelity.py --url http://127.0.0.1:8000 --profile vllm-http.json \
+        --workloads azure-conv,mooncake,sharegpt-poisson -o runs/fidelity-vllm          # a vLLM server
+
+With ``--url`` every cell is ``servesim validate --url``'s job instead: the slice is replayed
+against a server the user runs (vLLM, or anything with its API and ``/metrics``) with ``servesim
+bench``'s client and simulated with the ``vllm`` policy under the settings read from the server;
+a black box shows no steps, so there is no step-median check and no device-speed column.
 
 Without ``--profile`` it first calibrates the model (``servesim calibrate --quick``'s grid)
 into ``OUT/profile.json``, or reuses the one there. Writes ``OUT/fidelity.md`` and
@@ -125,13 +132,13 @@ def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
     from experiments.validation.errors import metric_spread
     from experiments.validation.verdict import judge
 
-    verdict = judge(data, data["median_step_rel_error"], tolerances)
+    verdict = judge(data, data.get("median_step_rel_error"), tolerances)
     out: dict[str, Any] = {"workload": cell.workload.name, "load": cell.load, "policy": cell.policy,
                            "requests": (data.get("setup") or {}).get("workload", {}).get("num_requests"),
                            "live_runs": data.get("live_runs", 1)}
     for _, key in ERROR_COLUMNS:
         out[key] = {"error": data[key]["rel_error"], "live_spread": metric_spread(data[key])}
-    out["median_step_rel_error"] = data["median_step_rel_error"]
+    out["median_step_rel_error"] = data.get("median_step_rel_error")  # None: a black box
     spreads = [s for s in (metric_spread(data[k]) for k in ("mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms"))
                if s is not None]
     out["max_mean_live_spread"] = max(spreads) if spreads else None
@@ -202,20 +209,41 @@ def totals(rows: Sequence[dict[str, Any]]) -> str:
 # -- running -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Server:
+    """``--url``: the server every cell is validated against, and what it does not publish."""
+
+    url: str
+    settings: Any
+    """Its :class:`~experiments.engine_settings.EngineSettings`, read once."""
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+
+
 def plan_cell(cell: Cell, profile: Path, model: str, traces: Path, num_requests: int | None, live_s: float,
-              max_prompt_tokens: int | None, max_output_tokens: int | None, threads: int | None, seed: int) -> Any:
-    """The cell's resolved :class:`~experiments.validation.Plan` (nothing served yet): its
-    ``num_requests``, or (None) the requests arriving within ``live_s`` at its load."""
+              max_prompt_tokens: int | None, max_output_tokens: int | None, threads: int | None, seed: int,
+              server: Server | None = None) -> Any:
+    """The cell's resolved :class:`~experiments.validation.Plan` (an
+    :class:`~experiments.validation.external.ExternalPlan` with ``server``; nothing served yet):
+    its ``num_requests``, or (None) the requests arriving within ``live_s`` at its load."""
+    from calibrate.profile import load_profile
+    from experiments.validation.external import lengths_for, make_external_plan
     from experiments.validation.plan import default_lengths, make_plan
     from sim.policies.base import SchedulerConfig
     from sim.workload import TraceReplay
 
-    mp, mo = default_lengths(model, max_prompt_tokens, max_output_tokens)
+    if server is None:
+        mp, mo = default_lengths(model, max_prompt_tokens, max_output_tokens)
+    else:
+        mp, mo = lengths_for(load_profile(profile), max_prompt_tokens, max_output_tokens)
     w = cell.workload
 
     def plan(n: int) -> Any:
         workload = TraceReplay(trace=w.path(traces), start=w.start, num_requests=n, arrival=w.arrival,
                                burstiness=w.burstiness, seed=seed, max_prompt_tokens=mp, max_output_tokens=mo)
+        if server is not None:
+            return make_external_plan(server.url, profile, workload, server.settings, server.max_num_seqs,
+                                      server.max_num_batched_tokens, "fcfs", cell.load)
         return make_plan(profile, model, "cpu", None, threads, workload, SchedulerConfig(policy=cell.policy), None,
                          cell.load, seed)
 
@@ -235,9 +263,16 @@ def estimate_s(plan: Any, repeats: int) -> float:
     """Seconds a cell will take: the simulated duration of its requests (what the live engine
     takes when the profile is right) per live run, plus the speed checks."""
     from calibrate.profile import CalibratedCost
+    from experiments.validation.external import ExternalPlan
     from experiments.validation.runs import simulate_run
+    from sim.cluster import make_router
+    from sim.engine import simulate
 
-    sim = simulate_run(plan.workload.requests(), plan.live, CalibratedCost(plan.profile))
+    cost = CalibratedCost(plan.profile)
+    if isinstance(plan, ExternalPlan):
+        sim = simulate(plan.workload.requests(), plan.policy, cost, make_router("round_robin"), 1)
+        return repeats * max(r.finish_s for r in sim.requests if r.finish_s is not None)
+    sim = simulate_run(plan.workload.requests(), plan.live, cost)
     finish_s = max(r.finish_s for r in sim.requests if r.finish_s is not None)
     return repeats * (finish_s + SPEED_CHECK_S)
 
@@ -247,7 +282,8 @@ def cell_key(cell: Cell, args: argparse.Namespace, profile: Path) -> dict[str, A
     return {"cell": cell.name, "profile": str(profile.resolve()), "requests": args.requests, "live_s": args.live_s,
             "repeats": args.repeats,
             "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
-            "threads": args.threads, "seed": args.seed}
+            "threads": args.threads, "seed": args.seed, "url": args.url, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens}
 
 
 def stored(directory: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -297,7 +333,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="the profile's model [default: the profile's, else small]")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of saturation")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")
+    p.add_argument("--policies", default=None, help=f"comma-separated policies [default: {','.join(POLICIES)}; "
+                   "with --url: vllm, the only one a vLLM server runs]")
+    p.add_argument("--url", default=None, help="validate against this server (http://HOST:PORT, vLLM's API and "
+                   "/metrics) instead of servesim's live engine; needs --profile (servesim calibrate --engine "
+                   "vllm --url URL --device cpu)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="--url: the server's max_num_seqs, which it "
+                   "does not publish [default: vLLM's, assumed]")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="--url: the server's "
+                   "max_num_batched_tokens [default: vLLM's, assumed]")
     p.add_argument("--live-s", type=float, default=None, help=f"seconds of arrivals per live run, which sizes each "
                    f"cell [full {SIZES['full'][0]:g}, --quick {SIZES['quick'][0]:g}]")
     p.add_argument("--requests", type=int, default=None, help="requests per cell instead of --live-s")
@@ -336,10 +380,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--workloads: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(WORKLOADS)}")
     from sim.policies import POLICIES as REGISTERED
 
-    args.policy_list = [x for x in args.policies.split(",") if x]
+    policies = args.policies or ("vllm" if args.url else ",".join(POLICIES))
+    args.policy_list = [x for x in policies.split(",") if x]
     bad = [x for x in args.policy_list if x not in REGISTERED]
     if bad or not args.policy_list:
         p.error(f"--policies: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(sorted(REGISTERED))}")
+    if args.url is not None:
+        if args.policy_list != ["vllm"]:
+            p.error("--policies: with --url the server schedules, so the simulation runs the vllm policy only")
+        if args.profile is None:
+            p.error("--url needs --profile: a calibration of that server (servesim calibrate --engine vllm --url "
+                    "URL --device cpu -o PROFILE)")
+        if args.threads is not None:
+            p.error("--threads: a server's threads are its own; give them when you start it")
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, name)
+        if value is not None and (args.url is None or value < 1):
+            p.error(f"--{name.replace('_', '-')}: " + ("a positive number expected" if args.url else "only with --url"))
     from experiments.validation.verdict import Tolerances
 
     try:
@@ -372,14 +429,14 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     profile = ensure_profile(args, out, echo) if not args.dry_run or args.profile else None
     if profile is None:
         raise SystemExit("--dry-run needs --profile (the estimate prices the cells with it)")
-    from experiments.validation.output import execute
-
+    server = connect(args) if args.url else None
     todo = cells(args.workload_list, args.load_list, args.policy_list)
     plans, estimates = {}, {}
     for cell in todo:
         try:
             plans[cell.name] = plan_cell(cell, profile, args.model, args.traces, args.requests, args.live_s,
-                                         args.max_prompt_tokens, args.max_output_tokens, args.threads, args.seed)
+                                         args.max_prompt_tokens, args.max_output_tokens, args.threads, args.seed,
+                                         server)
         except ValueError as e:
             raise SystemExit(f"{cell.name}: {e}") from None
         estimates[cell.name] = estimate_s(plans[cell.name], args.repeats)
@@ -409,8 +466,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
             ratio = spent_s / estimated_done_s if estimated_done_s else 1.0
             echo(f"[{k}/{len(todo)}] {cell.name}: ~{estimates[cell.name]:.0f} s; ~{left * ratio / 60:.0f} min left")
             t0 = time.perf_counter()
-            execute(plans[cell.name], directory, progress=False, echo=lambda _: None, repeats=args.repeats,
-                    tolerances=args.tolerances)
+            run_cell(plans[cell.name], directory, args, server)
             data = json.loads((directory / "validation.json").read_text())
             data["fidelity_cell"] = keys[cell.name]
             (directory / "validation.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -422,7 +478,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
         rows.append(r)
         names = ", ".join(r["failed"][:3]) + (", ..." if len(r["failed"]) > 3 else "")
         echo(f"      {r['verdict']}" + (f" ({len(r['failed'])} checks failed: {names})" if r["failed"] else ""))
-    legend = LEGEND.format(tolerances=judge_text(args.tolerances))
+    legend = LEGEND.format(tolerances=judge_text(args.tolerances, steps=server is None))
     text = format_text(rows)
     echo("")
     echo(text)
@@ -431,7 +487,8 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     command = "python experiments/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.md").write_text(
-        f"# One calibration, workloads it never saw\n\n`{command}`\n\nProfile `{profile}` (model {args.model}); "
+        f"# One calibration, workloads it never saw\n\n`{command}`\n\nProfile `{profile}` (model {args.model}"
+        f"{'' if server is None else f'; server {server.url}'}); "
         f"{sizing(args)}, {args.repeats} live run(s).\n\n{format_markdown(rows)}\n\n{legend}\n\n"
         f"{totals(rows)}.\n")
     (out / "fidelity.json").write_text(json.dumps(
@@ -443,6 +500,34 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     return 1 if args.strict and any(r["verdict"] != "PASS" for r in rows) else 0
 
 
+def connect(args: argparse.Namespace) -> Server:
+    """``--url``: the server's settings, read once for every cell."""
+    from experiments.validation.external import ExternalError, engine_settings
+
+    try:
+        settings = engine_settings(args.url)
+    except ExternalError as e:
+        raise SystemExit(f"--url {args.url}: {e}") from None
+    return Server(args.url, settings, args.max_num_seqs, args.max_num_batched_tokens)
+
+
+def run_cell(plan: Any, directory: Path, args: argparse.Namespace, server: Server | None) -> None:
+    """One cell: ``servesim validate``'s job (``--url``'s with a server), quietly; writes ``directory``."""
+    from experiments.validation.output import execute
+
+    if server is None:
+        execute(plan, directory, progress=False, echo=lambda _: None, repeats=args.repeats, tolerances=args.tolerances)
+        return
+    from experiments.loadgen import BenchConfig
+    from experiments.validation.external import ExternalError, execute_external
+
+    try:
+        execute_external(plan, BenchConfig(url=server.url, seed=args.seed, progress=False), directory, args.repeats,
+                         args.tolerances, echo=lambda _: None)
+    except ExternalError as e:
+        raise SystemExit(f"{directory.name}: {e}") from None
+
+
 def sizing(args: argparse.Namespace) -> str:
     if args.requests is not None:
         return f"{args.requests} requests per cell"
@@ -450,10 +535,13 @@ def sizing(args: argparse.Namespace) -> str:
     return f"each cell the requests arriving in {args.live_s:g} s at its load ({lo}-{hi})"
 
 
-def judge_text(tolerances: Any) -> str:
+def judge_text(tolerances: Any, steps: bool = True) -> str:
+    """The verdict's rule; ``steps`` False for a black box (no step-median check)."""
     t = tolerances
-    return (f"PASS when mean TTFT/TPOT/E2EL and throughput are within {t.mean_pct:g}%, p99 TTFT/TPOT/E2EL within "
-            f"{t.p99_pct:g}% and the step median within {t.step_pct:g}%")
+    text = (f"PASS when mean TTFT/TPOT/E2EL and throughput are within {t.mean_pct:g}%, p99 TTFT/TPOT/E2EL within "
+            f"{t.p99_pct:g}%")
+    return text + (f" and the step median within {t.step_pct:g}%" if steps else
+                   " (a server's steps are not seen: no step-median check)")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,43 @@ def test_end_to_end_and_resume(tmp_path, tiny_profile):
     assert fidelity.main(args, echo=again.append) == 0
     assert sum("stored" in line for line in again) == 2 and cell.stat().st_mtime_ns == before
     assert json.loads((out / "fidelity.json").read_text())["rows"] == data["rows"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--url", "http://127.0.0.1:9", "--profile", "p.json", "--policies", "chunked"], "vllm policy only"),
+    (["--url", "http://127.0.0.1:9"], "--url needs --profile"),
+    (["--url", "http://127.0.0.1:9", "--profile", "p.json", "--threads", "2"], "--threads"),
+    (["--max-num-seqs", "8"], "--max-num-seqs: only with --url"),
+])
+def test_bad_url_arguments(args, message, capsys):
+    """--url takes the vllm policy only and a profile of that server; its settings need --url."""
+    with pytest.raises(SystemExit) as e:
+        fidelity.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_url_cells_against_a_running_server(net, one_torch_thread, tmp_path):
+    """With --url every cell replays its slice against the server (servesim serve with the vllm
+    policy here) and is judged without a step check; the table says the steps are not seen."""
+    from pathlib import Path
+
+    from runtime.tokenizer import ByteTokenizer
+    from tests.serve_thread import ServerThread, tiny_engine
+
+    traces = _traces(tmp_path / "traces")
+    out = tmp_path / "fid"
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "tiny-cpu.json"
+    lines: list[str] = []
+    with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
+        args = ["--url", server.url, "--profile", str(profile), "--workloads", "sharegpt-poisson", "--loads", "0.5",
+                "--requests", "6", "--repeats", "1", "--max-prompt-tokens", "64", "--max-output-tokens", "8",
+                "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--traces", str(traces), "-o", str(out)]
+        assert fidelity.main(args, echo=lines.append) == 0
+    data = json.loads((out / "fidelity.json").read_text())
+    [r] = data["rows"]
+    assert (r["workload"], r["policy"], r["requests"]) == ("sharegpt-poisson", "vllm", 6)
+    assert r["verdict"] in ("PASS", "FAIL") and r["median_step_rel_error"] is None
+    assert "median_step_rel_error" not in r["failed"]
+    stored = json.loads((out / "cells" / "sharegpt-poisson-load50-vllm" / "validation.json").read_text())
+    assert stored["setup"]["external"]["url"] == server.url and stored["completed"]["live"] == 6
+    assert "no step-median check" in (out / "fidelity.md").read_text()

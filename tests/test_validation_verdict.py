@@ -53,6 +53,12 @@ def test_step_median_beyond_tolerance_fails():
     assert "per-step median |error| 6.1% > 5%" in v.summary()
 
 
+def test_black_box_has_no_step_check():
+    """Without a step median (a black box's streams show no steps) the verdict leaves the step check out."""
+    v = judge(metrics(), None)
+    assert v.passed and "median_step_rel_error" not in {c.metric for c in v.checks}
+
+
 def test_undefined_error_fails():
     """An error that cannot be computed (live 0, simulated not) is no pass."""
     v = judge(metrics({"p99_tpot_ms": None}), 0.0)

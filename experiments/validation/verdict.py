@@ -164,10 +164,11 @@ class Verdict:
                 "checks": {c.metric: c.to_dict() for c in self.checks}}
 
 
-def judge(metrics: Mapping[str, Any], median_step_rel_error: float, tolerances: Tolerances | None = None) -> Verdict:
+def judge(metrics: Mapping[str, Any], median_step_rel_error: float | None,
+          tolerances: Tolerances | None = None) -> Verdict:
     """The verdict of a validation's compared ``metrics`` (``{key: {"rel_error", "live_runs"?}}``,
     as :func:`~experiments.validation.errors.compare_summaries` gives) and its per-step median
-    |error|."""
+    |error| (None: a black box, whose steps are not seen; no step check)."""
     tol = tolerances or Tolerances()
     labels = dict(metric_names())
     checks = []
@@ -175,7 +176,8 @@ def judge(metrics: Mapping[str, Any], median_step_rel_error: float, tolerances: 
         m = metrics[key]
         checks.append(Check(key, labels[key].replace(" (ms)", ""), group, m["rel_error"], tol.fraction(group),
                             metric_spread(m)))
-    checks.append(Check(STEP_METRIC, STEP_LABEL, "step", float(median_step_rel_error), tol.fraction("step")))
+    if median_step_rel_error is not None:
+        checks.append(Check(STEP_METRIC, STEP_LABEL, "step", float(median_step_rel_error), tol.fraction("step")))
     return Verdict(tuple(checks), tol)
 
 
