@@ -205,6 +205,23 @@ def test_live_samples_weighted_per_kind_and_origin_round_trips(tmp_path):
     assert table["live"]["n"] == 9 and table["all"]["n"] == 11 and table["decode"]["n"] == 1
 
 
+def test_repeated_prefill_shapes_weigh_sqrt_n_together():
+    """Non-live prefill samples of one shape measured n times weigh sqrt(n) together, relative to
+    a shape measured once, with the prefill samples' total weight kept at their count; decode
+    and live samples are untouched."""
+    from calibrate.fit import LIVE_WEIGHT, sample_weights
+
+    prefill = ([Sample(StepShape(512, 1, 0, 0, 0), 170.0 + i) for i in range(9)]
+               + [Sample(StepShape(256, 1, 0, 0, 0), 99.0)])
+    decodes = [Sample(StepShape(0, 0, 0, 1, 576), 48.0)] * 4
+    live = [Sample(StepShape(64, 1, 0, 0, 0), 5.0, origin="live")] * 3
+    w = sample_weights(prefill + decodes + live)
+    assert w[:9].sum() == pytest.approx(3 * w[9])  # sqrt(9) : 1
+    assert w[:10].sum() == pytest.approx(10)
+    assert list(w[10:14]) == [1, 1, 1, 1]
+    assert w[14:].sum() == pytest.approx(LIVE_WEIGHT * 14) and w[14] == w[16]
+
+
 def test_batched_prefill_cost_recovered():
     """Prefills that share a step cost more each than a lone one (as on real A100 steps):
     ``prefill_batch_seqs`` recovers the extra 20 ms per sequence beyond the first."""
