@@ -39,9 +39,10 @@ class StepShape:
     """KV token slots copied host -> device / device -> host before the step (whole blocks)."""
 
     def __post_init__(self) -> None:
-        # A shape is built every step: check the common case at once. The instance dict holds
-        # exactly the fields (set by the dataclass __init__), so every new field is checked too.
-        if min(self.__dict__.values()) >= 0:
+        # A shape is built every step: check the common case at once, every field in one call.
+        # (Not through self.__dict__: reading it makes CPython build the instance's dict, and
+        # every later attribute read of the shape slower.)
+        if min(shape_values(self)) >= 0:
             return
         for name in STEP_FIELDS:
             if getattr(self, name) < 0:
