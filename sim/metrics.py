@@ -9,7 +9,7 @@ arrival to the last finish. A request counts towards goodput when it meets every
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,17 +120,26 @@ class TimeSeries:
 def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     """The q-th percentile of ``values`` each repeated ``weights`` times, interpolated as numpy's
     default ('linear') would on the expanded array."""
+    return _weighted_percentiles(values, weights)(q)
+
+
+def _weighted_percentiles(values: np.ndarray, weights: np.ndarray) -> Callable[[float], float]:
+    """:func:`weighted_percentile` of ``values`` as a function of q, sorting them once."""
     if values.size == 0 or weights.sum() == 0:
-        return 0.0
+        return lambda q: 0.0
     order = np.argsort(values, kind="stable")
-    v, w = values[order], weights[order]
-    n = int(w.sum())
-    pos = (n - 1) * q / 100.0
-    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-    ends = np.cumsum(w)  # element i occupies expanded positions [ends[i]-w[i], ends[i])
-    v_lo = v[np.searchsorted(ends, lo, side="right")]
-    v_hi = v[np.searchsorted(ends, hi, side="right")]
-    return float(v_lo + (v_hi - v_lo) * (pos - lo))
+    v = values[order]
+    ends = np.cumsum(weights[order])  # element i occupies expanded positions [ends[i]-w[i], ends[i])
+    n = int(ends[-1])
+
+    def percentile(q: float) -> float:
+        pos = (n - 1) * q / 100.0
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        v_lo = v[np.searchsorted(ends, lo, side="right")]
+        v_hi = v[np.searchsorted(ends, hi, side="right")]
+        return float(v_lo + (v_hi - v_lo) * (pos - lo))
+
+    return percentile
 
 
 def _weighted_stats(prefix: str, values_s: np.ndarray, weights: np.ndarray,
@@ -142,11 +151,12 @@ def _weighted_stats(prefix: str, values_s: np.ndarray, weights: np.ndarray,
         var = float((weights * (values_s - mean) ** 2).sum() / total)
     else:
         mean = var = 0.0
+    percentile = _weighted_percentiles(values_s, weights)
     out[f"mean_{prefix}_ms"] = mean * 1000
-    out[f"median_{prefix}_ms"] = weighted_percentile(values_s, weights, 50) * 1000
+    out[f"median_{prefix}_ms"] = percentile(50) * 1000
     out[f"std_{prefix}_ms"] = float(np.sqrt(max(var, 0.0))) * 1000
     for p in percentiles:
-        out[f"p{_pword(p)}_{prefix}_ms"] = weighted_percentile(values_s, weights, p) * 1000
+        out[f"p{_pword(p)}_{prefix}_ms"] = percentile(p) * 1000
     return out
 
 
@@ -251,15 +261,23 @@ def summarize(requests: Sequence[Request], itl: GapRecorder,
     for name, values in (("ttft", ttft), ("tpot", tpot)):
         arr = np.asarray(values, dtype=np.float64)
         out.update(_weighted_stats(name, arr, np.ones(arr.size, dtype=np.int64), percentiles))
-    gaps, counts = itl.arrays()
-    # The same gaps may come as many (gap, 1) pairs or fewer pairs with counts (the fast path);
-    # merged into one pair per distinct gap, sums run in one order and both give the same bytes.
-    gaps, inverse = np.unique(gaps, return_inverse=True)
-    counts = np.bincount(inverse.ravel(), weights=counts, minlength=gaps.size).astype(np.int64)
+    gaps, counts = _merge_equal(*itl.arrays())
     out.update(_weighted_stats("itl", gaps, counts, percentiles))
     arr = np.asarray(e2el, dtype=np.float64)
     out.update(_weighted_stats("e2el", arr, np.ones(arr.size, dtype=np.int64), percentiles))
     return out
+
+
+def _merge_equal(gaps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One (gap, summed count) pair per distinct gap, in ascending order. The same gaps may come
+    as many (gap, 1) pairs or fewer pairs with counts (the fast path); merged, the statistics'
+    sums run in one order and both give the same bytes."""
+    order = np.argsort(gaps)
+    gaps, counts = gaps[order], counts[order]
+    if gaps.size == 0:
+        return gaps, counts
+    starts = np.flatnonzero(np.concatenate(([True], gaps[1:] != gaps[:-1])))
+    return gaps[starts], np.add.reduceat(counts, starts)
 
 
 def _meets(slos: dict[str, float], ttft: float, tpot: float | None, e2el: float) -> bool:
