@@ -24,8 +24,9 @@ class StepShape:
     ``decode_context_tokens`` are the cached tokens each decoding sequence attends to, summed.
 
     A new step quantity is one field here (every field is a sum over the step's sequences,
-    >= 0) plus its sum in :meth:`Batch.shape`; adding shapes, validation, the columns of
-    measured samples and their CSV and profile files follow from :data:`STEP_FIELDS`.
+    >= 0) plus its sum in :meth:`Batch.shape` (the padding's part included); adding shapes,
+    validation, the columns of measured samples and their CSV and profile files follow from
+    :data:`STEP_FIELDS`.
     """
 
     prefill_tokens: int = 0
@@ -144,6 +145,8 @@ class Batch:
         return len(self.seqs) + self.group_decodes
 
     def shape(self) -> StepShape:
+        """The step's sums: its sequences', the group's, the swaps' and the padding's (one
+        shape built per step; the padding is added last, as ``own + padding`` would)."""
         prefill_tokens = prefill_seqs = prefill_context = 0
         decode_seqs, decode_context = self.group_decodes, self.group_context_tokens
         attention = 0.0
@@ -156,17 +159,17 @@ class Batch:
                 prefill_seqs += 1
                 prefill_context += s.start
                 attention += chunk_attention(s.num_new_tokens, s.start)
-        own = StepShape(
-            prefill_tokens=prefill_tokens,
-            prefill_seqs=prefill_seqs,
-            prefill_context_tokens=prefill_context,
-            decode_seqs=decode_seqs,
-            decode_context_tokens=decode_context,
-            prefill_attention_tokens=attention,
-            swap_in_tokens=len(self.swap_in_blocks) * self.block_size,
-            swap_out_tokens=len(self.swap_out_blocks) * self.block_size,
+        pad = self.padding
+        return StepShape(
+            prefill_tokens=prefill_tokens + pad.prefill_tokens,
+            prefill_seqs=prefill_seqs + pad.prefill_seqs,
+            prefill_context_tokens=prefill_context + pad.prefill_context_tokens,
+            decode_seqs=decode_seqs + pad.decode_seqs,
+            decode_context_tokens=decode_context + pad.decode_context_tokens,
+            prefill_attention_tokens=attention + pad.prefill_attention_tokens,
+            swap_in_tokens=len(self.swap_in_blocks) * self.block_size + pad.swap_in_tokens,
+            swap_out_tokens=len(self.swap_out_blocks) * self.block_size + pad.swap_out_tokens,
         )
-        return own if self.padding is NO_PADDING else own + self.padding
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -17,8 +17,9 @@ from calibrate.calibration import profile_from_samples
 from calibrate.fit import FEATURES, KNEES, StepModel
 from calibrate.profile import CalibratedCost, load_profile, save_profile
 from calibrate.samples import CSV_COLUMNS, SWAP_COLUMNS, Sample, read_samples, write_samples
-from sim.batch import STEP_FIELDS, StepShape
+from sim.batch import STEP_FIELDS, Batch, ScheduledSeq, StepShape
 from sim.cost import DecodeRun, decode_run_step, decode_run_times
+from sim.request import Request
 
 SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "tiny-cpu.json"
 
@@ -108,6 +109,19 @@ def test_add_sums_every_field(a, b):
     """``+`` is the field-wise sum of every StepShape field."""
     total = a + b
     assert all(getattr(total, name) == getattr(a, name) + getattr(b, name) for name in STEP_FIELDS)
+
+
+@given(padding=shapes())
+def test_batch_shape_adds_its_padding_to_every_field(padding):
+    """A batch's shape is its sequences' and swaps' sums plus its padding, in every field (a
+    field whose padding Batch.shape leaves out fails here)."""
+    decoding = Request(id=0, arrival_s=0.0, prompt_tokens=40, output_tokens=5, num_generated=2,
+                       num_computed_tokens=41)
+    prefilling = Request(id=1, arrival_s=0.0, prompt_tokens=64, output_tokens=5, num_computed_tokens=10)
+    seqs = [ScheduledSeq(decoding, 41, 1), ScheduledSeq(prefilling, 10, 20)]
+    unpadded = Batch(seqs, swap_in_blocks=[(0, 1)], swap_out_blocks=[(2, 3), (4, 5)], block_size=16)
+    padded = Batch(seqs, swap_in_blocks=[(0, 1)], swap_out_blocks=[(2, 3), (4, 5)], block_size=16, padding=padding)
+    assert padded.shape() == unpadded.shape() + padding
 
 
 @pytest.mark.parametrize("name", STEP_FIELDS)
