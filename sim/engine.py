@@ -16,8 +16,11 @@ modes give the same timestamps.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -125,8 +128,7 @@ class Replica:
             else:
                 ends_s, steps_s = self._run_ends(now, shape, step_s, repeats)
                 yield env.timeout(_delay_until(now, ends_s[-1]))
-                for d in steps_s:
-                    stats.busy_s += d
+                stats.busy_s = functools.reduce(operator.add, steps_s, stats.busy_s)  # in step order, as stepping adds
                 if len(ends_s) > 1:
                     stats.run_steps += len(ends_s)
             fast.on_steps_done(batch, ends_s, stats.itl)
@@ -150,15 +152,11 @@ class Replica:
             # price only the steps that could fit before the arrival if none got slower.
             repeats = min(repeats, int((limit_s - now) / first_s) + 2)
         steps_s = [first_s, *decode_run_times(self.cost, shape.then_decode(), repeats - 1)]
-        # Sequential sums from ``now``, exactly as stepping one at a time adds them.
-        ends_s: list[float] = []
-        t = now
-        for d in steps_s:
-            t += d
-            if t >= limit_s and ends_s:
-                break
-            ends_s.append(t)
-        return ends_s, steps_s[:len(ends_s)]
+        # Sequential sums from ``now``, exactly as stepping one at a time adds them; they only
+        # grow (no step takes negative time), so the first end at or after the limit is bisected.
+        ends_s = list(itertools.accumulate(steps_s, initial=now))[1:]
+        keep = max(1, bisect.bisect_left(ends_s, limit_s))
+        return ends_s[:keep], steps_s[:keep]
 
 
 def _urgent_timeout(env: simpy.Environment, delay: float) -> simpy.Event:
