@@ -119,14 +119,16 @@ class Replica:
                 record_gaps(stats.itl, batch.seqs, last, env.now)
                 continue
             repeats = fast.repeat_limit(batch)
-            if repeats > 1 and now + step_s >= self._arrival_limit_s():
-                repeats = 1  # an arrival that matters comes during or at the end of the first step
+            if repeats > 1:
+                limit_s = self._arrival_limit_s()
+                if now + step_s >= limit_s:
+                    repeats = 1  # an arrival that matters comes during or at the end of the first step
             if repeats == 1:
                 yield env.timeout(step_s)
                 ends_s = [env.now]
                 stats.busy_s += step_s
             else:
-                ends_s, steps_s = self._run_ends(now, shape, step_s, repeats)
+                ends_s, steps_s = self._run_ends(now, shape, step_s, repeats, limit_s)
                 yield env.timeout(_delay_until(now, ends_s[-1]))
                 stats.busy_s = functools.reduce(operator.add, steps_s, stats.busy_s)  # in step order, as stepping adds
                 if len(ends_s) > 1:
@@ -141,12 +143,13 @@ class Replica:
             return self.feed.next_s
         return math.inf
 
-    def _run_ends(self, now: float, shape: StepShape, first_s: float, repeats: int) -> tuple[list[float], list[float]]:
+    def _run_ends(self, now: float, shape: StepShape, first_s: float, repeats: int,
+                  limit_s: float) -> tuple[list[float], list[float]]:
         """End times of up to ``repeats`` steps from ``now``, the first of ``shape`` and each next
-        one decoding every sequence once more. Only the first step may end at or after the next
-        arrival that matters: the arrival then finds the replica inside (or at the end of) a
-        step that was scheduled on its own, with its KV blocks given, as in step mode."""
-        limit_s = self._arrival_limit_s()
+        one decoding every sequence once more. Only the first step may end at or after
+        ``limit_s``, the next arrival that matters: the arrival then finds the replica inside (or
+        at the end of) a step that was scheduled on its own, with its KV blocks given, as in
+        step mode."""
         if limit_s < math.inf and first_s > 0:
             # Cutting a run short is always exact (the scheduler is simply asked again), so
             # price only the steps that could fit before the arrival if none got slower.

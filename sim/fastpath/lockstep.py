@@ -122,13 +122,15 @@ class LockstepDecodes:
         heap = self._blocks
         if not heap or heap[0][0] > step:
             return []
-        out, members = [], self.members
-        while heap and heap[0][0] <= step:
-            m = heap[0][3]
+        out, members, block_size = [], self.members, self.block_size
+        while heap:
+            next_block, key, serial, m = heap[0]
+            if next_block > step:
+                break
             if members.get(m.request.id) is m:
                 out.append(m)
-                m.next_block += self.block_size
-                heapq.heapreplace(heap, (m.next_block, m.key, m.serial, m))
+                m.next_block = next_block + block_size
+                heapq.heapreplace(heap, (m.next_block, key, serial, m))
             else:
                 heapq.heappop(heap)
         return out
