@@ -8,6 +8,7 @@ both modes agree on every request's token count and on the summary.
 
     python experiments/bench_sim.py                       # the full benchmark
     python experiments/bench_sim.py --synthetic-requests 100000 --skip-step-above 200000
+    python experiments/bench_sim.py --synthetic-requests 20000 --profile profiles/tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -31,17 +32,24 @@ def _workload(name: str, num_requests: int, seed: int):
                              prompt_dist="uniform:128:1024", output_dist="uniform:16:256", seed=seed).generate()
 
 
-def _run(args: tuple[str, int, str, bool, int]) -> dict:
-    workload, num_requests, policy, exact, seed = args
+def _run(args: tuple) -> dict:
+    """One simulation job: (workload, requests, policy, exact steps, seed[, profile path]); the
+    cost model is the roofline of the default model and GPU, or the profile's fit."""
+    workload, num_requests, policy, exact, seed, *rest = args
     from sim.config import SimConfig
     from sim.policies import SchedulerConfig
     from sim.simulation import run_simulation
 
+    profile = None
+    if rest and rest[0] is not None:
+        from calibrate.profile import load_profile
+
+        profile = load_profile(rest[0])
     requests = _workload(workload, num_requests, seed)
     config = SimConfig(scheduler=SchedulerConfig(policy=policy),
                        exact_steps=exact)
     t0 = time.perf_counter()
-    run = run_simulation(config, requests)
+    run = run_simulation(config, requests, profile)
     summary = run.summary()
     wall_s = time.perf_counter() - t0
     peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -63,6 +71,9 @@ def main() -> None:
                         help="Skip step mode for workloads larger than this (it is the slow reference).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Also write the rows (without token lists) to this file.")
+    parser.add_argument("--profile", default=None,
+                        help="Price steps with this calibrated profile (e.g. profiles/tiny-cpu.json) instead of "
+                             "the roofline.")
     opts = parser.parse_args()
     jobs = []
     for workload, n in (("azure-conv", 0), ("poisson", opts.synthetic_requests)):
@@ -70,7 +81,7 @@ def main() -> None:
             for exact in (False, True):
                 if exact and opts.skip_step_above is not None and n > opts.skip_step_above:
                     continue
-                jobs.append((workload, n, policy, exact, opts.seed))
+                jobs.append((workload, n, policy, exact, opts.seed, opts.profile))
     ctx = mp.get_context("spawn")
     rows = []
     print(f"{'workload':<11}{'requests':>10} {'policy':<11}{'mode':<5}{'wall s':>9}{'req/s':>11}{'peak GiB':>9}"

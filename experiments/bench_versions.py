@@ -8,6 +8,7 @@ and checks that both trees give the same tokens and summary.
 
     python experiments/bench_versions.py --base db25674
     python experiments/bench_versions.py --base HEAD~3 --synthetic-requests 20000 --repeats 5
+    python experiments/bench_versions.py --base db25674 --synthetic-requests 20000 --profile profiles/tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("static", "continuous", "chunked")
 _CHILD = ("import json, sys; from experiments.bench_sim import _run; "
           "print(json.dumps(_run(tuple(json.loads(sys.argv[1])))))")
+# With --profile: each tree's _run prices steps with its own copy of the profile (an older
+# tree's bench_sim takes no profile, so its run_simulation is handed one).
+_CHILD_PROFILE = ("import json, sys, sim.simulation as s; from calibrate.profile import load_profile; "
+                  "profile = load_profile(sys.argv[2]); plain = s.run_simulation; "
+                  "s.run_simulation = lambda config, requests, *_: plain(config, requests, profile); "
+                  "from experiments.bench_sim import _run; "
+                  "print(json.dumps(_run(tuple(json.loads(sys.argv[1])))))")
 
 
-def _run_in(tree: Path, job: tuple) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(job)], cwd=tree, capture_output=True, text=True,
+def _run_in(tree: Path, job: tuple, profile: str | None = None) -> dict:
+    command = [sys.executable, "-c", _CHILD, json.dumps(job)] if profile is None else \
+        [sys.executable, "-c", _CHILD_PROFILE, json.dumps(job), profile]
+    out = subprocess.run(command, cwd=tree, capture_output=True, text=True,
                          env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     if out.returncode != 0:
         raise SystemExit(f"job {job} failed in {tree}:\n{out.stderr[-2000:]}")
@@ -46,6 +56,9 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default=None,
+                        help="Price steps with this profile, a path inside each tree (e.g. profiles/tiny-cpu.json): "
+                             "each tree reads its own copy. Answers differ where the fitted model changed.")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="servesim-base-") as tmp:
         base = Path(tmp) / "tree"
@@ -62,7 +75,7 @@ def main() -> None:
                         rows: dict[str, dict] = {}
                         for _ in range(opts.repeats):
                             for name, tree in (("base", base), ("this", ROOT)):
-                                rows[name] = _run_in(tree, job)
+                                rows[name] = _run_in(tree, job, opts.profile)
                                 walls[name].append(rows[name]["wall_s"])
                         b, t = statistics.median(walls["base"]), statistics.median(walls["this"])
                         print(f"{workload:<11}{rows['this']['requests']:>9} {policy:<11}"
