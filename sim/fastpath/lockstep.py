@@ -149,11 +149,18 @@ class LockstepDecodes:
         first, last = self.steps + 2, self.steps + n
         starts = [m.next_block for m in self.members.values()]
         starts += [held * bs - cached + first for cached, held in joining]
-        events = np.sort(np.concatenate([np.arange(max(s, first), last + 1, bs) for s in starts]
-                                        or [np.empty(0, dtype=np.int64)]))
+        # Each sequence needs a block at its first boundary in [first, last] and every bs steps
+        # after: (sequences, boundaries) steps, the ones past ``last`` dropped.
+        begin = np.maximum(np.array(starts, dtype=np.int64), first)
+        begin = begin[begin <= last]
+        if begin.size == 0:
+            return n
+        events = (begin[:, None] + bs * np.arange((last - int(begin.min())) // bs + 1)).ravel()
+        events = events[events <= last]
         if events.size <= free_blocks:
             return n
-        return max(1, int(events[free_blocks]) - self.steps - 1)
+        # The step of the (free_blocks + 1)-th block asked for is the first the pool cannot supply.
+        return max(1, int(np.partition(events, free_blocks)[free_blocks]) - self.steps - 1)
 
     # -- steps ---------------------------------------------------------------------------------
     def advance(self, ends_s: list[float], itl: GapRecorder) -> list[Request]:
