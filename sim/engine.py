@@ -60,10 +60,13 @@ class ArrivalFeed:
 
     @property
     def next_s(self) -> float:
-        return self.admission_s(self.requests[self.index]) if self.index < len(self.requests) else math.inf
+        if self.index == len(self.requests):
+            return math.inf
+        # Inlined (read at every run of steps); t + 0.0 is exactly t for arrival times (>= 0).
+        return self.requests[self.index].arrival_s + self.admission_delay_s
 
     def admission_s(self, request: Request) -> float:
-        return request.arrival_s + self.admission_delay_s if self.admission_delay_s else request.arrival_s
+        return request.arrival_s + self.admission_delay_s
 
 
 class Replica:
