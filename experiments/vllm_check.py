@@ -120,6 +120,9 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     except (ExternalError, CalibrationError, ValueError) as e:
         echo(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        echo("interrupted (Ctrl-C); the server was stopped, nothing judged")
+        return 130
     echo(f"{verdict.label} in {time.perf_counter() - started:.0f} s (profile {profile_path}, validation "
          f"{out / 'validation'})")
     return 0 if verdict.passed else 1

@@ -33,3 +33,24 @@ def test_a_server_that_cannot_start_is_an_error_with_its_log(tmp_path):
                             "-o", str(tmp_path / "out")], echo=lines.append)
     assert code == 2
     assert any("the vLLM server exited" in line for line in lines)
+
+
+def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    """Ctrl-C while the server starts ends the check with a line and status 130."""
+    import contextlib
+
+    import experiments.validation.external as external
+
+    @contextlib.contextmanager
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(external, "vllm_server", interrupted)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    lines: list[str] = []
+    code = vllm_check.main(["--vllm-python", "/bin/false", "--checkpoint", str(ckpt), "-o", str(tmp_path / "out")],
+                           echo=lines.append)
+    assert code == 130 and any("interrupted" in line for line in lines)
