@@ -7,6 +7,16 @@ and prefill chunks at any cache offset, as laid out by :class:`ForwardInputs`.
 
 Parameters are stored fused (q|k|v in one matrix, gate|up in one) to keep the number of kernel
 launches per step low; :meth:`Transformer.load_hf_state_dict` maps Hugging Face names onto them.
+
+Every projection is a :class:`Linear`, which can pad a step of a few rows up to
+``min_rows``: on a CPU in float32, torch's matrix product (MKL) runs 2 or 3 rows as that many
+matrix-vector products, each reading the whole weight, and switches to a blocked kernel at 4.
+Measured on this project's 2-core AVX-512 VM (torch 2.13.0+cpu, ``experiments/bench_gemm_rows.py``):
+the small model's 32000 x 768 head takes 7.8, 16.1, 24.5 and 15.0 ms for 1, 2, 3 and 4 rows,
+so a decode step of 3 sequences cost more than one of 4 (88 against 70 ms) and the step's
+cost was not monotone in its batch. Padded to 4, 2 and 3 rows cost what 4 do (a serving
+engine pads the same way for its CUDA graphs' batch sizes). :func:`default_min_rows` says
+where it applies; elsewhere ``min_rows`` is 1 and the layer is ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -96,6 +106,28 @@ class ForwardInputs:
     sample_rows: Tensor  # (S,) int64: rows whose output predicts the next token
 
 
+def default_min_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """The rows a :class:`Linear` pads 2..n-1 rows up to: 4 for float32 on a CPU (see the module
+    docstring), 1 (no padding) elsewhere: bfloat16 on the CPU and CUDA's kernels run 2 or 3
+    rows at about the cost of one."""
+    return 4 if device.type == "cpu" and dtype == torch.float32 else 1
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose input of 2 to ``min_rows - 1`` rows is padded with zero rows to
+    ``min_rows`` (the extra outputs dropped): each row's output is its own product, so only
+    the kernel changes."""
+
+    min_rows = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        if 1 < rows < self.min_rows:
+            padded = torch.cat([x, x.new_zeros(self.min_rows - rows, *x.shape[1:])])
+            return F.linear(padded, self.weight, self.bias)[:rows]
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -117,9 +149,9 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.qkv_proj = nn.Linear(spec.hidden_size, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim,
+        self.qkv_proj = Linear(spec.hidden_size, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim,
                                   bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+        self.o_proj = Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: ForwardInputs) -> Tensor:
         """``x`` (T, hidden); ``kv`` this layer's cache (2, kv_heads, num_blocks, block_size, head_dim)."""
@@ -174,8 +206,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.intermediate = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -209,9 +241,17 @@ class Transformer(nn.Module):
                                          _weight=torch.empty(spec.vocab_size, spec.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq: Tensor | None = None  # float32 always, so not a buffer that .to(dtype) would cast
+
+    def pad_small_products(self, min_rows: int) -> None:
+        """Set every projection's :attr:`Linear.min_rows` (1: no padding)."""
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.min_rows = min_rows
 
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings:

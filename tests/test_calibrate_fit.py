@@ -73,6 +73,26 @@ def test_batch_context_cost_recovered():
     assert model.predict_ms(many) - model.predict_ms(one) == pytest.approx(2.45 + 0.196, rel=0.02)
 
 
+def test_multi_row_jump_recovered_and_gated():
+    """A step of two rows or more paying a fixed 25 ms more than a lone decode (a CPU's switch
+    from matrix-vector to blocked matrix products) is recovered by ``multi_row``; on the plain
+    formula the gated feature is not fitted at all."""
+    def jump_ms(s: StepShape) -> float:
+        return formula_ms(s) + (25.0 if s.num_tokens >= 2 else 0.0)
+
+    grid = make_grid(4096, 100_000, 16, quick=True)
+    model = fit_step_model([point_sample(p, jump_ms) for p in grid])
+    assert model.coefficients_ms["multi_row"] == pytest.approx(25.0, rel=0.02)
+    one, two = StepShape(decode_seqs=1, decode_context_tokens=500), StepShape(decode_seqs=2, decode_context_tokens=500)
+    assert model.predict_ms(one) == pytest.approx(jump_ms(one), rel=0.01)
+    assert model.predict_ms(two) == pytest.approx(jump_ms(two), rel=0.01)
+    plain = fit_step_model([point_sample(p, formula_ms) for p in grid])
+    assert plain.coefficients_ms["multi_row"] == 0.0
+    without = fit_step_model([point_sample(p, jump_ms) for p in grid], exclude=("multi_row",))
+    assert without.coefficients_ms["multi_row"] == 0.0
+    assert abs(without.predict_ms(one) / jump_ms(one) - 1) > 0.2  # a line cannot follow the jump
+
+
 def test_roofline_knee_found():
     """Steps bound by a floor then by compute (max(5 ms, 0.02 ms/token)) are fitted within a few %."""
     def knee_ms(s: StepShape) -> float:
