@@ -3,13 +3,14 @@
 Two tables, measured side by side in one run (interleaved rounds, median per cell):
 
 1. each projection of the model (its weight shapes) on 1..16 input rows, ``F.linear`` as is
-   and with 2..``min_rows - 1`` rows padded to ``min_rows``;
+   and with every count from 2 to ``--pad-to`` - 1 padded to ``--pad-to``;
 2. whole decode steps of 1..16 sequences through the model runner (contexts spread as the
-   calibration grid spreads them), the network's padding off (``min_rows`` 1) and on.
+   calibration grid spreads them), unpadded and padded the same way.
 
-The ratio columns are padded / unpadded. On a CPU in float32, torch's product (MKL) runs 2 and
-3 rows as matrix-vector products and 4 rows as a blocked product, so unpadded 3 rows can cost
-more than 4; that is why the runtime pads there (see :mod:`runtime.model`). Run::
+The ratio columns are padded / unpadded: where a ratio is below 1, padding pays. On a CPU in
+float32, torch's product (MKL) runs 2 and 3 rows as matrix-vector products and 4 rows as a
+blocked product, so unpadded 3 rows cost more than 4; that is why the runtime pads 3 rows to 4
+there (:func:`runtime.model.default_pad_rows`). Run::
 
     python experiments/bench_gemm_rows.py --model small --dtype float32
 """
@@ -35,13 +36,13 @@ def _median_ms(layer, x, runs: int) -> float:
 @click.command(help=__doc__)
 @click.option("--model", default="small", show_default=True, help="A model preset (servesim models).")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
-@click.option("--min-rows", default=4, show_default=True, type=click.IntRange(2, 64),
-              help="The padding to compare with none.")
+@click.option("--pad-to", default=4, show_default=True, type=click.IntRange(3, 64),
+              help="Rows 2..N-1 padded to N, compared with no padding.")
 @click.option("--rows", default="1,2,3,4,6,8,16", show_default=True, help="Row counts (and decode batch sizes).")
 @click.option("--context", default=512, show_default=True, type=click.IntRange(8), help="Longest decode context.")
 @click.option("--rounds", default=6, show_default=True, type=click.IntRange(1), help="Interleaved rounds.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default torch's).")
-def main(model: str, dtype: str, min_rows: int, rows: str, context: int, rounds: int, threads: int | None) -> None:
+def main(model: str, dtype: str, pad_to: int, rows: str, context: int, rounds: int, threads: int | None) -> None:
     import torch
 
     from calibrate.grid import GridPoint, spread_contexts
@@ -51,6 +52,7 @@ def main(model: str, dtype: str, min_rows: int, rows: str, context: int, rounds:
     from runtime.model import Linear
 
     counts = [int(r) for r in rows.split(",")]
+    padding = {r: pad_to for r in range(2, pad_to)}
     if threads is not None:
         torch.set_num_threads(threads)
     runner = build_runner(LiveConfig(model=model, device="cpu", dtype=dtype, kv_blocks=64 * max(counts) + 64))
@@ -67,15 +69,15 @@ def main(model: str, dtype: str, min_rows: int, rows: str, context: int, rounds:
         for shape, layer in layers.items():
             for n in counts:
                 x = torch.randn(n, shape[1], dtype=net.dtype)
-                for pad in (1, min_rows):
-                    layer.min_rows = pad
+                for pad in (False, True):
+                    layer.pad_rows = padding if pad else {}
                     cells.setdefault((shapes[shape], n, pad), []).append(_median_ms(layer, x, 5))
-    click.echo(f"\nprojection ms by rows: unpadded / padded to {min_rows} (ratio)")
+    click.echo(f"\nprojection ms by rows: unpadded / 2..{pad_to - 1} rows padded to {pad_to} (ratio)")
     click.echo(f"{'projection':<14}" + "".join(f"{n:>20}" for n in counts))
     for shape, label in shapes.items():
         line = f"{label:<14}"
         for n in counts:
-            a, b = (statistics.median(cells[label, n, pad]) for pad in (1, min_rows))
+            a, b = (statistics.median(cells[label, n, pad]) for pad in (False, True))
             line += f"{f'{a:.3f}/{b:.3f} ({b / a:.2f})':>20}"
         click.echo(f"{line}   {shape[0]}x{shape[1]}")
 
@@ -85,13 +87,13 @@ def main(model: str, dtype: str, min_rows: int, rows: str, context: int, rounds:
         for _ in range(rounds):
             for n in counts:
                 seqs = fakes.seqs(GridPoint(decode=spread_contexts(context, n)))
-                for pad in (1, min_rows):
-                    net.pad_small_products(pad)
+                for pad in (False, True):
+                    net.pad_small_products(padding if pad else {})
                     time_step(runner, seqs)
                     steps.setdefault((n, pad), []).extend(time_step(runner, seqs)[0] for _ in range(3))
     click.echo(f"\ndecode step ms by sequences (contexts up to {context}): unpadded, padded, ratio")
     for n in counts:
-        a, b = (statistics.median(steps[n, pad]) for pad in (1, min_rows))
+        a, b = (statistics.median(steps[n, pad]) for pad in (False, True))
         click.echo(f"{n:>4} seqs  {a:8.2f}  {b:8.2f}  {b / a:5.2f}")
 
 

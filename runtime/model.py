@@ -8,15 +8,18 @@ and prefill chunks at any cache offset, as laid out by :class:`ForwardInputs`.
 Parameters are stored fused (q|k|v in one matrix, gate|up in one) to keep the number of kernel
 launches per step low; :meth:`Transformer.load_hf_state_dict` maps Hugging Face names onto them.
 
-Every projection is a :class:`Linear`, which can pad a step of a few rows up to
-``min_rows``: on a CPU in float32, torch's matrix product (MKL) runs 2 or 3 rows as that many
+Every projection is a :class:`Linear`, which can pad a step's rows to a count whose kernel is
+faster: on a CPU in float32, torch's matrix product (MKL) runs a few rows as that many
 matrix-vector products, each reading the whole weight, and switches to a blocked kernel at 4.
-Measured on this project's 2-core AVX-512 VM (torch 2.13.0+cpu, ``experiments/bench_gemm_rows.py``):
-the small model's 32000 x 768 head takes 7.8, 16.1, 24.5 and 15.0 ms for 1, 2, 3 and 4 rows,
-so a decode step of 3 sequences cost more than one of 4 (88 against 70 ms) and the step's
-cost was not monotone in its batch. Padded to 4, 2 and 3 rows cost what 4 do (a serving
-engine pads the same way for its CUDA graphs' batch sizes). :func:`default_min_rows` says
-where it applies; elsewhere ``min_rows`` is 1 and the layer is ``nn.Linear``.
+Measured on this project's 2-core AVX-512 VM (torch 2.13.0+cpu, ``python
+experiments/bench_gemm_rows.py --model small``): the small model's 32000 x 768 head takes 8.5,
+18.6, 25.9 and 17.3 ms for 1, 2, 3 and 4 rows, so a decode step of 3 sequences cost more than
+one of 4 (96 against 75 ms) and a step's cost was not monotone in its batch. Padded to 4, the
+3-row step takes 73 ms (two runs of the benchmark: 0.76 and 0.73 of unpadded). Two rows stay
+as they are: the layers' own products are cheaper with 2 rows than with 4 and the head's
+dearer, and padded 2-sequence steps came out 6% slower in one run and 6% faster in the other.
+A serving engine pads in the same spirit for its CUDA graphs' batch sizes.
+:func:`default_pad_rows` says where it applies; elsewhere nothing is padded.
 """
 
 from __future__ import annotations
@@ -106,24 +109,27 @@ class ForwardInputs:
     sample_rows: Tensor  # (S,) int64: rows whose output predicts the next token
 
 
-def default_min_rows(device: torch.device, dtype: torch.dtype) -> int:
-    """The rows a :class:`Linear` pads 2..n-1 rows up to: 4 for float32 on a CPU (see the module
-    docstring), 1 (no padding) elsewhere: bfloat16 on the CPU and CUDA's kernels run 2 or 3
+def default_pad_rows(device: torch.device, dtype: torch.dtype) -> dict[int, int]:
+    """Row counts a :class:`Linear` pads, and to what: 3 rows to 4 for float32 on a CPU (see
+    the module docstring), none elsewhere: bfloat16 on the CPU and CUDA's kernels run a few
     rows at about the cost of one."""
-    return 4 if device.type == "cpu" and dtype == torch.float32 else 1
+    return {3: 4} if device.type == "cpu" and dtype == torch.float32 else {}
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose input of 2 to ``min_rows - 1`` rows is padded with zero rows to
-    ``min_rows`` (the extra outputs dropped): each row's output is its own product, so only
+    """``nn.Linear`` whose input of a row count in ``pad_rows`` is padded with zero rows to the
+    count it maps to (the extra outputs dropped): each row's output is its own product, so only
     the kernel changes."""
 
-    min_rows = 1
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.pad_rows: dict[int, int] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
-        if 1 < rows < self.min_rows:
-            padded = torch.cat([x, x.new_zeros(self.min_rows - rows, *x.shape[1:])])
+        padded_rows = self.pad_rows.get(rows)
+        if padded_rows is not None:
+            padded = torch.cat([x, x.new_zeros(padded_rows - rows, *x.shape[1:])])
             return F.linear(padded, self.weight, self.bias)[:rows]
         return F.linear(x, self.weight, self.bias)
 
@@ -245,13 +251,14 @@ class Transformer(nn.Module):
         self.tie_weights()
         self._inv_freq: Tensor | None = None  # float32 always, so not a buffer that .to(dtype) would cast
 
-    def pad_small_products(self, min_rows: int) -> None:
-        """Set every projection's :attr:`Linear.min_rows` (1: no padding)."""
-        if min_rows < 1:
-            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+    def pad_small_products(self, pad_rows: dict[int, int]) -> None:
+        """Set every projection's :attr:`Linear.pad_rows` (``{}``: no padding)."""
+        for rows, padded_rows in pad_rows.items():
+            if not 1 <= rows < padded_rows:
+                raise ValueError(f"pad_rows must map a row count to a larger one, got {rows} -> {padded_rows}")
         for module in self.modules():
             if isinstance(module, Linear):
-                module.min_rows = min_rows
+                module.pad_rows = dict(pad_rows)
 
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings:

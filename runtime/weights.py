@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runtime.model import Transformer, default_min_rows, hf_config
+from runtime.model import Transformer, default_pad_rows, hf_config
 from sim.models import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +131,7 @@ def load_model(spec: ModelSpec, weights: str | Path | dict[str, Tensor] | None =
     else:
         state = load_checkpoint(weights, device)
     model.load_hf_state_dict(state)
-    model.pad_small_products(default_min_rows(device, dtype))
+    model.pad_small_products(default_pad_rows(device, dtype))
     return model.eval().requires_grad_(False)
 
 

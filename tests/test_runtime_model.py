@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from runtime.model import Linear, default_min_rows, hf_config  # noqa: E402
+from runtime.model import Linear, default_pad_rows, hf_config  # noqa: E402
 from runtime.runner import ModelRunner  # noqa: E402
 from runtime.weights import build_hf_model, hf_param_shapes, load_model, random_state_dict  # noqa: E402
 from sim.batch import Batch, ScheduledSeq  # noqa: E402
@@ -147,13 +147,13 @@ def test_hf_config_matches_every_preset(name):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
 def test_padded_linear_gives_each_row_its_own_product(rows):
-    """A Linear padding 2-3 rows to 4 returns the same rows (within float rounding of another
-    kernel) as without padding, for row counts around the padding."""
+    """A Linear padding 2 and 3 rows to 4 returns the same rows (within float rounding of
+    another kernel) as without padding, for row counts around the padding."""
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=True).requires_grad_(False)
     x = torch.randn(rows, 48)
     plain = layer(x)
-    layer.min_rows = 4
+    layer.pad_rows = {2: 4, 3: 4}
     padded = layer(x)
     assert padded.shape == (rows, 80)
     torch.testing.assert_close(padded, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
@@ -161,16 +161,16 @@ def test_padded_linear_gives_each_row_its_own_product(rows):
 
 
 def test_padding_set_where_it_pays_and_for_every_projection():
-    """float32 on a CPU pads to 4 rows; bfloat16 and CUDA do not; load_model sets it on every
-    projection, the tied head included, and a bad value is refused."""
-    assert default_min_rows(torch.device("cpu"), torch.float32) == 4
-    assert default_min_rows(torch.device("cpu"), torch.bfloat16) == 1
-    assert default_min_rows(torch.device("cuda"), torch.float32) == 1
+    """float32 on a CPU pads 3 rows to 4; bfloat16 and CUDA do not; load_model sets it on every
+    projection, the tied head included, and a mapping that does not pad is refused."""
+    assert default_pad_rows(torch.device("cpu"), torch.float32) == {3: 4}
+    assert default_pad_rows(torch.device("cpu"), torch.bfloat16) == {}
+    assert default_pad_rows(torch.device("cuda"), torch.float32) == {}
     net = load_model(SPECS["qwen2"], dtype=torch.float32)
     projections = [m for m in net.modules() if isinstance(m, Linear)]
     assert len(projections) == 1 + 4 * SPECS["qwen2"].num_layers  # lm_head + qkv, o, gate_up, down per layer
-    assert {m.min_rows for m in projections} == {4}
-    net.pad_small_products(1)
-    assert {m.min_rows for m in projections} == {1}
-    with pytest.raises(ValueError, match="min_rows"):
-        net.pad_small_products(0)
+    assert all(m.pad_rows == {3: 4} for m in projections)
+    net.pad_small_products({})
+    assert all(m.pad_rows == {} for m in projections)
+    with pytest.raises(ValueError, match="pad_rows"):
+        net.pad_small_products({4: 3})
