@@ -9,8 +9,8 @@ Two tables, measured side by side in one run (interleaved rounds, median per cel
 
 The ratio columns are padded / unpadded: where a ratio is below 1, padding pays. On a CPU in
 float32, torch's product (MKL) runs 2 and 3 rows as matrix-vector products and 4 rows as a
-blocked product, so unpadded 3 rows cost more than 4; that is why the runtime pads 3 rows to 4
-there (:func:`runtime.model.default_pad_rows`). Run::
+blocked product, so unpadded 3 rows cost more than 4; that is why the runtime pads 2 and 3
+rows to 4 there (:func:`runtime.model.default_pad_rows`). Run::
 
     python experiments/bench_gemm_rows.py --model small --dtype float32
 """

@@ -15,9 +15,10 @@ Measured on this project's 2-core AVX-512 VM (torch 2.13.0+cpu, ``python
 experiments/bench_gemm_rows.py --model small``): the small model's 32000 x 768 head takes 8.5,
 18.6, 25.9 and 17.3 ms for 1, 2, 3 and 4 rows, so a decode step of 3 sequences cost more than
 one of 4 (96 against 75 ms) and a step's cost was not monotone in its batch. Padded to 4, the
-3-row step takes 73 ms (two runs of the benchmark: 0.76 and 0.73 of unpadded). Two rows stay
-as they are: the layers' own products are cheaper with 2 rows than with 4 and the head's
-dearer, and padded 2-sequence steps came out 6% slower in one run and 6% faster in the other.
+3-row step takes 73 ms (two runs of the benchmark: 0.76 and 0.73 of unpadded). Two rows are
+padded too, a wash: the layers' own products are cheaper with 2 rows than with 4 and the
+head's dearer, and padded 2-sequence steps came out 6% slower in one run, 6% faster in the
+other; it keeps every step of 2 to 4 rows on one kernel.
 A serving engine pads in the same spirit for its CUDA graphs' batch sizes.
 :func:`default_pad_rows` says where it applies; elsewhere nothing is padded.
 """
@@ -110,10 +111,10 @@ class ForwardInputs:
 
 
 def default_pad_rows(device: torch.device, dtype: torch.dtype) -> dict[int, int]:
-    """Row counts a :class:`Linear` pads, and to what: 3 rows to 4 for float32 on a CPU (see
-    the module docstring), none elsewhere: bfloat16 on the CPU and CUDA's kernels run a few
+    """Row counts a :class:`Linear` pads, and to what: 2 and 3 rows to 4 for float32 on a CPU
+    (see the module docstring), none elsewhere: bfloat16 on the CPU and CUDA's kernels run a few
     rows at about the cost of one."""
-    return {3: 4} if device.type == "cpu" and dtype == torch.float32 else {}
+    return {2: 4, 3: 4} if device.type == "cpu" and dtype == torch.float32 else {}
 
 
 class Linear(nn.Linear):
