@@ -20,7 +20,8 @@ padded too, a wash: the layers' own products are cheaper with 2 rows than with 4
 head's dearer, and padded 2-sequence steps came out 6% slower in one run, 6% faster in the
 other; it keeps every step of 2 to 4 rows on one kernel.
 A serving engine pads in the same spirit for its CUDA graphs' batch sizes.
-:func:`default_pad_rows` says where it applies; elsewhere nothing is padded.
+:func:`default_pad_rows` says where it applies (float32 on a CPU, a model whose weights are
+large enough for their reads to matter); elsewhere nothing is padded.
 """
 
 from __future__ import annotations
@@ -110,11 +111,22 @@ class ForwardInputs:
     sample_rows: Tensor  # (S,) int64: rows whose output predicts the next token
 
 
-def default_pad_rows(device: torch.device, dtype: torch.dtype) -> dict[int, int]:
+PAD_MIN_HEAD_ELEMENTS = 1 << 22
+"""A model is padded only when its vocabulary projection holds at least this many weights (4 M,
+16 MiB in float32): then reading the weights once more per row is what a few-row step costs.
+Measured with ``experiments/bench_gemm_rows.py --threads 1`` on the ``tiny`` model (a 4096 x 128
+head, 0.5 M): a 3-sequence decode step took as long padded as not (3.60 / 3.59 ms) and a
+2-sequence one 29% longer padded (3.33 / 2.58 ms); unpadded, its steps rise with the batch
+(2.48, 2.58, 3.59, 3.87 ms for 1 to 4). ``small``'s head (32000 x 768, 24.6 M) is padded."""
+
+
+def default_pad_rows(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict[int, int]:
     """Row counts a :class:`Linear` pads, and to what: 2 and 3 rows to 4 for float32 on a CPU
-    (see the module docstring), none elsewhere: bfloat16 on the CPU and CUDA's kernels run a few
-    rows at about the cost of one."""
-    return {2: 4, 3: 4} if device.type == "cpu" and dtype == torch.float32 else {}
+    when the model's head holds :data:`PAD_MIN_HEAD_ELEMENTS` weights (see the module
+    docstring), none elsewhere: a small model's products cost little per weight read, and
+    bfloat16 on the CPU and CUDA's kernels run a few rows at about the cost of one."""
+    large = spec.vocab_size * spec.hidden_size >= PAD_MIN_HEAD_ELEMENTS
+    return {2: 4, 3: 4} if large and device.type == "cpu" and dtype == torch.float32 else {}
 
 
 class Linear(nn.Linear):

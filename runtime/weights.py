@@ -131,7 +131,7 @@ def load_model(spec: ModelSpec, weights: str | Path | dict[str, Tensor] | None =
     else:
         state = load_checkpoint(weights, device)
     model.load_hf_state_dict(state)
-    model.pad_small_products(default_pad_rows(device, dtype))
+    model.pad_small_products(default_pad_rows(spec, device, dtype))
     return model.eval().requires_grad_(False)
 
 

@@ -160,12 +160,19 @@ def test_padded_linear_gives_each_row_its_own_product(rows):
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_set_where_it_pays_and_for_every_projection():
-    """float32 on a CPU pads 2 and 3 rows to 4; bfloat16 and CUDA do not; load_model sets it on every
-    projection, the tied head included, and a mapping that does not pad is refused."""
-    assert default_pad_rows(torch.device("cpu"), torch.float32) == {2: 4, 3: 4}
-    assert default_pad_rows(torch.device("cpu"), torch.bfloat16) == {}
-    assert default_pad_rows(torch.device("cuda"), torch.float32) == {}
+def test_padding_set_where_it_pays_and_for_every_projection(monkeypatch):
+    """float32 on a CPU pads 2 and 3 rows to 4 for a model with a large head (small), not for
+    tiny, bfloat16 or CUDA; load_model sets it on every projection, the tied head included,
+    and a mapping that does not pad is refused."""
+    import runtime.model
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_pad_rows(MODELS["small"], cpu, torch.float32) == {2: 4, 3: 4}
+    assert default_pad_rows(MODELS["tiny"], cpu, torch.float32) == {}
+    assert default_pad_rows(MODELS["small"], cpu, torch.bfloat16) == {}
+    assert default_pad_rows(MODELS["small"], cuda, torch.float32) == {}
+    assert all(m.pad_rows == {} for m in load_model(SPECS["qwen2"]).modules() if isinstance(m, Linear))
+    monkeypatch.setattr(runtime.model, "PAD_MIN_HEAD_ELEMENTS", 0)  # as if the test model were large
     net = load_model(SPECS["qwen2"], dtype=torch.float32)
     projections = [m for m in net.modules() if isinstance(m, Linear)]
     assert len(projections) == 1 + 4 * SPECS["qwen2"].num_layers  # lm_head + qkv, o, gate_up, down per layer
