@@ -86,7 +86,7 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         chunks = [c for c in (16, 64, 256, 1024, 2048) if c <= step_cap]
         contexts = sorted({0, max_len // 4})
         multi = [(4, 32), (4, 128), (8, 64)]  # (sequences, chunk)
-        batches = [1, 2, 4, 16, 64]  # 1 and 2: a lone decode and the first matrix product
+        batches = [1, 4, 16, 64]
         decode_contexts = sorted({32, max_len // 8, max_len // 2, max_len - 1})
         # (decode batch, decode context, chunk, chunk context)
         mixed = [(b, c, p, pc) for b in (4, 32) for c in (max_len // 8, max_len // 2) for p in (32, 256)
