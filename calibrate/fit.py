@@ -23,10 +23,11 @@ where one row runs as matrix-vector products and more rows as blocked matrix pro
 second row costs a step more than any row after it. Measured on this project's 2-core CPU
 (the small model in float32, with 2 and 3 rows padded to 4, see :mod:`runtime.model`),
 decode steps of 1, 2, 4, 8 and 16 sequences took 40, 67, 70, 77 and 103 ms: a jump of 27 ms,
-then about 2 ms a sequence. Without the feature the fit drew one line through both regimes:
-on held-out live steps a lone decode was over-predicted by 37% and 2-4 decodes
-under-predicted by 26%. The feature is non-decreasing in the tokens, and constant over a
-decode run.
+then about 2 ms a sequence. Before the feature (and the padding) the fit drew one line
+through both regimes: on the live steps of 16 validation cells the calibration never saw, a
+lone decode was priced 37% high and 2-4 decodes 26% low (median signed error); after both,
++8% and +0.7% (README, "Does one calibration generalize?"). The feature is non-decreasing in
+the tokens, and constant over a decode run.
 
 ``num_tokens`` is every token the forward pass computes (prefill tokens plus one per decode);
 ``prefill_attention`` is :attr:`sim.batch.StepShape.attention_work` (query-key pairs);
