@@ -33,16 +33,27 @@ def _median_ms(layer, x, runs: int) -> float:
     return statistics.median(times)
 
 
+def _row_counts(ctx, param, value: str) -> list[int]:
+    try:
+        counts = [int(r) for r in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"comma-separated integers, got {value!r}") from None
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"row counts must be >= 1, got {value!r}")
+    return counts
+
+
 @click.command(help=__doc__)
 @click.option("--model", default="small", show_default=True, help="A model preset (servesim models).")
-@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--pad-to", default=4, show_default=True, type=click.IntRange(3, 64),
               help="Rows 2..N-1 padded to N, compared with no padding.")
-@click.option("--rows", default="1,2,3,4,6,8,16", show_default=True, help="Row counts (and decode batch sizes).")
+@click.option("--rows", default="1,2,3,4,6,8,16", show_default=True, callback=_row_counts,
+              help="Row counts (and decode batch sizes).")
 @click.option("--context", default=512, show_default=True, type=click.IntRange(8), help="Longest decode context.")
 @click.option("--rounds", default=6, show_default=True, type=click.IntRange(1), help="Interleaved rounds.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default torch's).")
-def main(model: str, dtype: str, pad_to: int, rows: str, context: int, rounds: int, threads: int | None) -> None:
+def main(model: str, dtype: str, pad_to: int, rows: list[int], context: int, rounds: int, threads: int | None) -> None:
     import torch
 
     from calibrate.grid import GridPoint, spread_contexts
@@ -50,8 +61,13 @@ def main(model: str, dtype: str, pad_to: int, rows: str, context: int, rounds: i
     from runtime.build import build_runner
     from runtime.config import LiveConfig
     from runtime.model import Linear
+    from sim.models import get_model
 
-    counts = [int(r) for r in rows.split(",")]
+    try:
+        get_model(model)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
+    counts = rows
     padding = {r: pad_to for r in range(2, pad_to)}
     if threads is not None:
         torch.set_num_threads(threads)

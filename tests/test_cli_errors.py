@@ -160,3 +160,20 @@ def test_speed_and_bias_read_plainly():
     assert format_speed(1.2) == "20% slower"
     assert format_bias(1.17) == "the profile predicts 117% more time than the live steps took"
     assert format_bias(-0.2) == "the profile predicts 20% less time than the live steps took"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--rows", "1,x"], "comma-separated integers"),
+    (["--rows", "0"], "row counts must be >= 1"),
+    (["--dtype", "foo"], "'foo' is not one of"),
+    (["--model", "nope"], "unknown model 'nope'"),
+])
+def test_bench_gemm_rows_bad_input_is_one_error_line(args, message):
+    """experiments/bench_gemm_rows.py answers a bad option with click's error, exit 2, no traceback."""
+    pytest.importorskip("torch")
+    from experiments.bench_gemm_rows import main as bench
+
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
