@@ -177,6 +177,7 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     monitor = None
     if drift_threshold is not None:
         monitor = _drift_monitor(runner, control_points(points), drift_threshold, controls or time_controls)
+        monitor.warm_up()
         monitor.check("grid start")
     grid_started = time.perf_counter()
     measured = measure_grid(runner, points, repeats=repeats, warmup=warmup, passes=passes, seed=seed,
@@ -230,6 +231,13 @@ class _TimedMonitor(DriftMonitor):
     """A :class:`DriftMonitor` that also adds up the wall time its control steps took."""
 
     control_s: float = 0.0
+
+    def warm_up(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            super().warm_up()
+        finally:
+            self.control_s += time.perf_counter() - t0
 
     def check(self, name: str) -> Checkpoint:
         t0 = time.perf_counter()

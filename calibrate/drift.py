@@ -94,6 +94,14 @@ class DriftMonitor:
         if not 0 < self.threshold < 1:
             raise ValueError(f"drift threshold must be in (0, 1), got {self.threshold}")
 
+    def warm_up(self) -> None:
+        """Time the control steps once and forget it, before the reference: the first timing
+        after the model is built is the slowest of a calibration (the small model's control
+        steps took 180, 130 and 234 ms then, and 125-167, 80-100 and 159-212 ms for the rest
+        of it, 2026-12-02), and a reference taken then made a quiet machine look 34% faster at
+        the middle checkpoint, so half the grid was measured again."""
+        self.measure()
+
     def check(self, name: str) -> Checkpoint:
         """Time the control steps now; the first checkpoint is the reference."""
         ms = tuple(float(x) for x in self.measure())

@@ -78,7 +78,7 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
               max_step_tokens: int = 8192) -> list[GridPoint]:
     """The calibration grid, every point fitting ``max_len`` and a pool of ``num_blocks`` blocks.
 
-    ``quick`` gives a coarse grid (about 80 points) for CPUs and tests; it is denser around
+    ``quick`` gives a coarse grid (50-65 points) for CPUs and tests; it is denser around
     10-100k tokens of total decode context, where a CPU's caches run out.
     """
     step_cap = min(max_step_tokens, max_len)
@@ -89,8 +89,11 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         batches = [1, 4, 16, 64]
         decode_contexts = sorted({32, max_len // 8, max_len // 2, max_len - 1})
         # (decode batch, decode context, chunk, chunk context)
+        # a chunk with prior context only beside the shorter decodes: the four beside decodes at
+        # half the positions took the small model ~10 s of a quick grid (the prefill family
+        # already moves the chunk's context on its own)
         mixed = [(b, c, p, pc) for b in (4, 32) for c in (max_len // 8, max_len // 2) for p in (32, 256)
-                 for pc in (0, max_len // 4)]
+                 for pc in (0, max_len // 4) if pc == 0 or c == max_len // 8]
         # denser around the cache cliff: more batch sizes at moderate contexts, and mixed steps there
         dense_decode = [(b, c) for b in (8, 32, 48, 96) for c in (256, 512, 1024) if c < max_len]
         mixed += [(b, c, p, 0) for b in (16, 64) for c in (512, 1024) if c < max_len for p in (32, 256)]

@@ -32,10 +32,16 @@ from sim.request import Request
 UNBOUNDED_OUTPUT = 1 << 30
 """Fake requests never finish, so the runner keeps their token ids between repeats."""
 MAX_REPEATS_PER_VISIT = 50
-MAX_VISIT_MS = 2000.0
-"""A visit stops repeating a step once its timed runs took this long (one run at least): a
-step of seconds (the small model's long prefills on a CPU) varies by a few percent between
-runs, and three of them per visit would take most of a quick calibration."""
+MAX_VISIT_MS = 1000.0
+"""A visit stops repeating a step once its timed runs took this long (one run at least): the
+small model's steps of half a second to two seconds on a CPU took 128 of a quick grid's 183 s
+at 2 s a visit (2026-12-02, 2 threads, idle 2-core VM); at 1 s each still gets two runs per
+visit, four in all, and the fit pools 57 points."""
+WARM_STEP_MS = 100.0
+"""A point whose timed runs averaged this long is not warmed up again on later visits: a step
+of a tenth of a second streams far more than the caches a previous step could have left cold,
+and its first visit already paid the one-time costs of a new shape. The small model's grid
+spent 45 s on warm-ups, 20 s of them on such repeat visits."""
 CONTROL_MIN_RUNS = 5
 CONTROL_MIN_MS = 200.0
 CONTROL_MAX_RUNS = 200
@@ -118,8 +124,9 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
                  max_visit_ms: float = MAX_VISIT_MS, drift: DriftMonitor | None = None) -> Measurement:
     """Time every point at least ``repeats x passes`` times and keep the mean, min and max.
 
-    Each visit of a point runs it ``warmup`` times untimed, then times it ``repeats`` times or
-    for ``min_visit_ms``, whichever is more (at most :data:`MAX_REPEATS_PER_VISIT` runs), but
+    Each visit of a point runs it ``warmup`` times untimed (on later visits only when its mean
+    so far is under :data:`WARM_STEP_MS`), then times it ``repeats`` times or for
+    ``min_visit_ms``, whichever is more (at most :data:`MAX_REPEATS_PER_VISIT` runs), but
     stops once ``max_visit_ms`` has been timed: a sub-millisecond step jitters by tens of
     percent, and many runs of it cost little; a step of seconds jitters little. Back
     to back: a serving engine runs similar steps in a row, and timing a small step right after
@@ -155,8 +162,10 @@ def measure_grid(runner: ModelRunner, grid: Sequence[GridPoint], repeats: int = 
         for i in part:
             if i not in out_of_memory:
                 try:
-                    for _ in range(warmup):
-                        time_step(runner, seqs[i])
+                    seen = times_ms[i] + attempt[i]
+                    if not seen or statistics.fmean(seen) < WARM_STEP_MS:
+                        for _ in range(warmup):
+                            time_step(runner, seqs[i])
                     visit_ms: list[float] = []
                     while len(visit_ms) < 1 or (
                             sum(visit_ms) < max_visit_ms

@@ -63,6 +63,15 @@ def test_persistent_drift_stops_with_the_numbers():
     assert len(err.value.checkpoints) == 4
 
 
+def test_warm_up_times_the_controls_and_is_not_the_reference():
+    """A warm-up's slow first timing is forgotten: the reference is the next checkpoint."""
+    monitor = DriftMonitor(scripted(15.0, 10.0, 10.5))
+    monitor.warm_up()
+    assert monitor.checkpoints == []
+    monitor.check("grid start")
+    assert monitor.check("grid middle").drift == pytest.approx(0.05)
+
+
 def test_drift_is_the_mean_ratio_over_control_steps():
     """A checkpoint's drift averages each control step's ratio to its reference, so no step dominates."""
     times = iter([[1.0, 100.0], [1.3, 100.0]])
@@ -134,7 +143,7 @@ GRID = [
 
 def test_calibration_stops_on_injected_drift():
     """run_calibration with a control timer that slows after the reference raises DriftError, no profile."""
-    levels = iter([1.0] + [1.5] * 10)
+    levels = iter([1.0, 1.0] + [1.5] * 10)  # the warm-up and the reference, then slower
 
     def slowing(runner, points):
         return [next(levels)] * len(points)
@@ -196,13 +205,13 @@ def test_cpu_hog_half_way_through_calibration_is_caught():
     from calibrate.measure import time_controls
 
     hogs: list[multiprocessing.Process] = []
-    first = True
+    calls = 0
 
     def controls_then_hog(runner, points):
-        nonlocal first
+        nonlocal calls
         ms = time_controls(runner, points)
-        if first:  # the reference is taken on a quiet machine; the hog starts right after it
-            first = False
+        calls += 1
+        if calls == 2:  # the warm-up and the reference on a quiet machine; the hog starts after them
             ctx = multiprocessing.get_context("spawn")
             started = ctx.Value("i", 0)
             cores = os.cpu_count() or 2

@@ -79,6 +79,30 @@ def test_ctrl_c_keeps_samples_so_far():
     assert runner.blocks.num_free == 64, "an interrupted step leaked KV blocks"
 
 
+def test_long_steps_are_warmed_up_on_their_first_visit_only(monkeypatch):
+    """A point whose runs averaged WARM_STEP_MS or more skips the warm-up on its second visit; a
+    short one is warmed up every visit (times scripted: no timing here)."""
+    import calibrate.measure as measure
+    from sim.batch import Batch, ScheduledSeq
+
+    grid = [GridPoint(decode=(40,)), GridPoint(decode=(200,))]
+    step_ms = {40: 10.0, 200: measure.WARM_STEP_MS * 1.5}
+    calls = {40: 0, 200: 0}
+
+    def scripted(runner, seqs):
+        context = seqs[0][1]
+        calls[context] += 1
+        return step_ms[context], Batch([ScheduledSeq(r, start, n) for r, start, n in seqs], block_size=16)
+
+    monkeypatch.setattr(measure, "time_step", scripted)
+    runner = ModelRunner(load_model(get_model("tiny")), BlockManager(64, 16))
+    measured = measure_grid(runner, grid, repeats=3, warmup=1, passes=2, min_visit_ms=20, progress=False)
+    # the short step: 1 warm-up + 3 timed (30 ms >= min_visit_ms) per visit; the long one:
+    # 1 warm-up + 3 timed, then 3 timed
+    assert calls == {40: 8, 200: 7}
+    assert sorted(s.repeats for s in measured.samples) == [6, 6]
+
+
 def test_host_link_measured():
     """Swap copies through the runner's KV cache give a positive bandwidth."""
     runner = ModelRunner(load_model(get_model("tiny")), BlockManager(64, 16, num_host_blocks=32))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from calibrate.calibration import CPU_KV_MEMORY_BYTES
 from calibrate.grid import make_grid
-from calibrate.live import MIN_RUN_REQUESTS, LivePlan
+from calibrate.live import MIN_RUN_REQUESTS, LivePlan, fit_to_budget, predicted_run_s
 from sim.models import get_model
+from sim.policies.base import SchedulerConfig
+from sim.request import Request
 
 
 def test_live_runs_are_cut_to_half_the_budget_of_arrivals():
@@ -15,7 +17,7 @@ def test_live_runs_are_cut_to_half_the_budget_of_arrivals():
     assert plan.run_requests(4.76) == plan.num_requests  # tiny at half load: unchanged
     assert plan.run_requests(0.5) == int(0.5 * plan.max_arrival_s)
     assert plan.run_requests(0.01) == MIN_RUN_REQUESTS
-    assert LivePlan(num_requests=5, max_arrival_s=1.0).run_requests(0.01) == 5
+    assert LivePlan(num_requests=3, max_arrival_s=1.0).run_requests(0.01) == 3
     assert LivePlan(num_requests=48).run_requests(0.01) == 48  # no bound given: every request
 
 
@@ -27,3 +29,29 @@ def test_small_quick_grid_within_max_model_len_and_cpu_pool():
     grid = make_grid(1024, blocks, 16, quick=True)
     assert {p.kind for p in grid} == {"prefill", "decode", "mixed"}
     assert all(max(p.seq_lengths()) <= 1024 and p.kv_blocks(16) <= blocks for p in grid)
+
+
+def test_a_run_is_cut_to_what_the_time_left_serves():
+    """The longest prefix predicted to finish in time, never under the minimum; none if that does not fit."""
+    reqs = list(range(10))
+    predict = lambda rs: 10.0 * len(rs)  # noqa: E731
+    assert fit_to_budget(reqs, 100.0, predict) == reqs
+    assert fit_to_budget(reqs, 55.0, predict) == reqs[:5]
+    assert fit_to_budget(reqs, 10.0 * MIN_RUN_REQUESTS, predict) == reqs[:MIN_RUN_REQUESTS]
+    assert fit_to_budget(reqs, 10.0 * MIN_RUN_REQUESTS - 1, predict) == []
+    assert fit_to_budget(reqs[:2], 25.0, predict) == reqs[:2]  # fewer than the minimum: all, if they fit
+    assert fit_to_budget(reqs[:2], 15.0, predict) == []
+
+
+class _TenMs:
+    def predict_ms(self, shape) -> float:
+        return 10.0
+
+
+def test_predicted_run_is_the_simulated_last_completion():
+    """One request (a prefill, then two decodes) at 10 ms a step is done 30 ms after it arrives;
+    the requests given are not touched."""
+    reqs = [Request(0, 0.5, 8, 3)]
+    got = predicted_run_s(reqs, SchedulerConfig(policy="continuous"), 64, 16, _TenMs())  # type: ignore[arg-type]
+    assert abs(got - 0.53) < 1e-9
+    assert reqs[0].finish_s is None and reqs[0].num_generated == 0
