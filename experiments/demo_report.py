@@ -112,6 +112,7 @@ def write_report(out: Path, info: DemoRun) -> Path:
     """report.md from what the phases left in ``info``."""
     from calibrate.fit import format_error_table
     from experiments.validation import drift_warning, format_speeds
+    from experiments.validation.report import replaced_lines
 
     v, plan, cmp = info.validation, info.plan, info.compare
     assert cmp.rates is not None and cmp.saturation_rps is not None
@@ -122,6 +123,7 @@ def write_report(out: Path, info: DemoRun) -> Path:
     if len(v.live_runs) > 1:
         served = (f"{len(v.live_runs)} times on the live engine (the live column is their mean: on a shared CPU "
                   "the live engine does not reproduce itself, see the spread)")
+        served += "".join(f"; {line}" for line in replaced_lines(v))
     by_rate, at_top, ratios = comparison_markdown(cmp)
     top_rate = cmp.rates[-1]
     ratio_text = ", ".join(f"{label} {ratios[label]:.2f}x" for label in cmp.labels if ratios.get(label))

@@ -119,6 +119,37 @@ def test_validate_repeats_compares_with_the_live_mean(tmp_path, profile_path):
     assert second["completed"] == 12 and second["mean_ttft_ms"] == pytest.approx(data["mean_ttft_ms"]["live_runs"][1])
 
 
+def test_a_live_run_off_the_others_pace_is_served_again(tmp_path, profile_path, monkeypatch):
+    """Of three live runs, the one whose steps ran 30% slower than the median run's is served once
+    more and replaced; the record and the table say which, with both paces (paces scripted)."""
+    import experiments.validation.result as result
+
+    paces = iter([1.0, 1.3, 1.02, 1.01])
+    monkeypatch.setattr(result, "run_pace", lambda run, cost: next(paces))
+    served = []
+    real = result.live_run
+    monkeypatch.setattr(result, "live_run", lambda *a, **k: served.append(1) or real(*a, **k))
+    out = tmp_path / "val"
+    res = invoke("validate", "--profile", str(profile_path), *SMALL, "--load", "0.5", "--repeats", "3",
+                 "-o", str(out))
+    assert res.exit_code in (0, 1), res.output
+    assert len(served) == 4
+    data = json.loads((out / "validation.json").read_text())
+    assert data["replaced_live_runs"] == [{"run": 2, "pace": 1.3, "median_pace": 1.02, "pace_again": 1.01}]
+    assert data["live_run_paces"] == [1.0, 1.01, 1.02] and data["live_runs"] == 3
+    assert "live run 2 was served again: its steps took +27%" in res.output
+
+
+def test_off_pace_needs_three_runs_and_a_clear_outlier():
+    from experiments.validation.result import RUN_PACE_TOLERANCE, off_pace
+
+    assert off_pace([1.0, 1.3, 1.02]) == [1]
+    assert off_pace([0.8, 1.0, 1.01, 1.02]) == [0]
+    assert off_pace([1.0, 1.0 + RUN_PACE_TOLERANCE / 2, 1.0 - RUN_PACE_TOLERANCE / 2]) == []
+    assert off_pace([1.0, 1.5]) == []  # two runs cannot say which one moved
+    assert off_pace([1.0, float("nan"), 1.3]) == []
+
+
 def test_validate_same_kv_pool_and_policy_in_both_runs(tmp_path, profile_path):
     """The live and simulated runs record the same policy, KV blocks and time scale."""
     out = tmp_path / "val"
@@ -278,3 +309,33 @@ def test_demo_stops_on_a_poor_calibration_unless_accepted(tmp_path, profile_path
     assert res.exit_code == 0, res.output
     assert json.loads((out / "profile.json").read_text())["fit_check"]["accepted_poor_fit"] is True
     assert (out / "report.md").is_file()
+
+
+def test_demo_calibrates_again_once_after_drift(tmp_path, profile_path, monkeypatch):
+    """A calibration stopped by drift is tried once more: the demo goes on when the second one
+    holds still, and stops with the drift message when it drifts again."""
+    import calibrate.calibration as calibration
+    from calibrate.errors import DriftError
+    from calibrate.profile import load_profile
+
+    profile = load_profile(profile_path)
+    outcomes: list = []
+
+    def scripted(*args, **kwargs):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(calibration, "run_calibration", scripted)
+    drift = DriftError("the machine's speed drifted during calibration (the grid's first half)\n  details", [])
+    outcomes[:] = [drift, profile]
+    res = CliRunner().invoke(main, ["demo", "--model", "tiny", "--quick", "--jobs", "1", "--no-progress",
+                                    "-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "calibrating again, once" in res.output and not outcomes
+    outcomes[:] = [drift, drift]
+    res = CliRunner().invoke(main, ["demo", "--model", "tiny", "--quick", "--jobs", "1", "--no-progress",
+                                    "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "drifted during calibration" in res.output and not outcomes
+    assert "[2/4]" not in res.output

@@ -43,6 +43,16 @@ def check_cell(verdict: Verdict | None, key: str) -> str:
     return f"{'ok <=' if c.passed else 'FAIL >'}{c.tolerance * 100:g}%"
 
 
+def replaced_lines(v: Validation) -> list[str]:
+    """A sentence per live run served again because its pace left the others'."""
+    from experiments.validation.result import RUN_PACE_TOLERANCE
+
+    return [f"live run {r['run']} was served again: its steps took {(r['pace'] / r['median_pace'] - 1) * 100:+.0f}% "
+            f"against the median run's (beyond {RUN_PACE_TOLERANCE * 100:g}%: the device changed under it); "
+            f"served again, {(r['pace_again'] / r['median_pace'] - 1) * 100:+.0f}%, and that run is the one kept"
+            for r in v.replaced]
+
+
 def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     """The metrics table (live, sim, relative error; with repeated live runs ``live`` is their
     mean and ``live spread`` their (max - min) / mean; with a verdict, each checked metric's
@@ -67,6 +77,7 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     if repeated:
         lines.append(f"live: the mean of {len(v.live_runs)} runs of the same requests; live spread: how far apart "
                      "they were ((max - min) / mean)")
+    lines += [f"  {line}" for line in replaced_lines(v)]
     if not v.steps.measured_s.size:
         lines.append("per-step error: not available from a black box (its streams are seen, not its steps); "
                      "the step-median check is left out of the verdict")

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from experiments.validation.errors import (
     PERCENTILES,
     StepErrors,
@@ -16,7 +18,7 @@ from experiments.validation.errors import (
     profile_live_error,
     step_errors,
 )
-from experiments.validation.runs import live_run, sim_pool, simulate_run
+from experiments.validation.runs import LiveRun, live_run, sim_pool, simulate_run
 from sim.cost import CostModel
 from sim.engine import SimResult
 from sim.metrics import summarize
@@ -45,6 +47,11 @@ class Validation:
     """:func:`profile_live_error`: the same model on the profile's own live steps."""
     live_runs: tuple[LiveResult, ...] = ()
     """Every live run's result (``live`` is the first)."""
+    paces: tuple[float, ...] = ()
+    """Each kept live run's :func:`run_pace`."""
+    replaced: tuple[dict[str, Any], ...] = ()
+    """Live runs served again because their pace left the others' (:func:`off_pace`): which run,
+    its pace, and the median pace it was compared with."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -57,6 +64,8 @@ class Validation:
         out["device_speed_vs_profile"] = {"before": self.speed_before, "after": self.speed_after}
         out["profile_live_step_error"] = self.profile_live
         out["live_runs"] = max(1, len(self.live_runs))
+        out["live_run_paces"] = list(self.paces)
+        out["replaced_live_runs"] = list(self.replaced)
         return out | (extra or {})
 
     @property
@@ -67,6 +76,30 @@ class Validation:
         return self.steps.summary()["median_step_signed_error"] - own
 
 
+RUN_PACE_TOLERANCE = 0.08
+"""A live run whose steps ran this much faster or slower than the median run's, priced by the
+same profile, ran on a device that changed under it. Three runs of the small model's demo slice
+(2026-12-02, 2-core VM) took their steps at -5.2%, -15.5% and -2.0% of the profile's price: the
+two alike agree on mean TPOT to 0.1 ms, the third was 33% slower on it."""
+
+
+def run_pace(result: LiveResult, cost: CostModel) -> float:
+    """The run's summed step time over the profile's price of the same steps (1.1: the device
+    took 10% longer than the profile says); nan without steps."""
+    measured = sum(s for _, s in result.step_log)
+    predicted = sum(cost.step_time(shape) for shape, _ in result.step_log)
+    return measured / predicted if predicted > 0 else float("nan")
+
+
+def off_pace(paces: Sequence[float], tolerance: float = RUN_PACE_TOLERANCE) -> list[int]:
+    """The runs whose pace is beyond ``tolerance`` of the median run's; none with fewer than 3
+    runs (two cannot say which one moved) or without paces."""
+    if len(paces) < 3 or any(p != p for p in paces):
+        return []
+    median = float(np.median(paces))
+    return [k for k, p in enumerate(paces) if abs(p / median - 1) > tolerance]
+
+
 def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, progress: bool = True,
              profile_samples: Sequence[Any] = (), repeats: int = 1) -> Validation:
     """Run ``requests`` on the live engine of ``live`` ``repeats`` times and in the simulator
@@ -74,12 +107,27 @@ def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, pro
     compare the simulation with the live runs' mean (a live engine on a shared or throttled
     device does not reproduce itself; the simulator is deterministic); the per-step error pools
     every live step. With the profile's samples, also check the device's speed against them
-    before the first run and after the last."""
+    before the first run and after the last.
+
+    A run whose pace left the others' (:func:`off_pace`, three runs or more) is served once more
+    and replaced, whatever the second pace: the record keeps which run it was and both paces."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     sim_pool(live)  # the pool must be given in full, before anything runs
-    runs = [live_run([dataclasses.replace(r) for r in requests], live, progress,
-                     profile_samples if k in (0, repeats - 1) else ()) for k in range(repeats)]
+
+    def serve(k: int) -> LiveRun:
+        samples = profile_samples if k in (0, repeats - 1) else ()
+        return live_run([dataclasses.replace(r) for r in requests], live, progress, samples)
+
+    runs = [serve(k) for k in range(repeats)]
+    paces = [run_pace(run.result, cost) for run in runs]
+    replaced = []
+    median = float(np.median(paces))
+    for k in off_pace(paces):
+        replaced.append({"run": k + 1, "pace": paces[k], "median_pace": median})
+        runs[k] = serve(k)
+        paces[k] = run_pace(runs[k].result, cost)
+        replaced[-1]["pace_again"] = paces[k]
     results = tuple(run.result for run in runs)
     sim = simulate_run([dataclasses.replace(r) for r in requests], live, cost)
     summaries = [summarize(r.requests, r.itl(), PERCENTILES, None, r.num_preemptions) for r in results]
@@ -88,4 +136,5 @@ def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, pro
     steps = step_errors([step for r in results for step in r.step_log], cost)
     metrics = compare_summaries(live_summary, sim_summary, summaries)
     return Validation(results[0], sim, live_summary, sim_summary, metrics, steps, runs[0].speed_before,
-                      runs[-1].speed_after, profile_live_error(profile_samples, cost), results)
+                      runs[-1].speed_after, profile_live_error(profile_samples, cost), results, tuple(paces),
+                      tuple(replaced))
