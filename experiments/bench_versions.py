@@ -6,15 +6,23 @@ alternating the two trees ``--repeats`` times so that the machine's drift falls 
 Prints each job's median wall time per tree and the ratio this tree / base (below 1: faster),
 and checks that both trees give the same tokens and summary.
 
+With ``--instructions`` each job runs once per tree under valgrind's cachegrind instead, with
+Python's hash seed fixed, and the ratio is of instructions executed: on a shared, noisy machine
+a difference of 1% that wall time cannot see (about 0.01% run to run; about 50x slower, so use
+small jobs). The counts include starting Python and the imports (about 0.8G instructions).
+
     python experiments/bench_versions.py --base db25674
     python experiments/bench_versions.py --base HEAD~3 --synthetic-requests 20000 --repeats 5
     python experiments/bench_versions.py --base db25674 --synthetic-requests 20000 --profile profiles/tiny-cpu.json
+    python experiments/bench_versions.py --base db25674 --instructions --synthetic-requests 5000 --modes fast
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,14 +42,27 @@ _CHILD_PROFILE = ("import json, sys, sim.simulation as s; from calibrate.profile
                   "print(json.dumps(_run(tuple(json.loads(sys.argv[1])))))")
 
 
-def _run_in(tree: Path, job: tuple, profile: str | None = None) -> dict:
+VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
+_INSTRUCTIONS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def _run_in(tree: Path, job: tuple, profile: str | None = None, instructions: bool = False) -> dict:
     command = [sys.executable, "-c", _CHILD, json.dumps(job)] if profile is None else \
         [sys.executable, "-c", _CHILD_PROFILE, json.dumps(job), profile]
-    out = subprocess.run(command, cwd=tree, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    if instructions:
+        command = [*VALGRIND, *command]
+        env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in both trees, every run
+    out = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"job {job} failed in {tree}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if instructions:
+        counted = _INSTRUCTIONS.search(out.stderr)
+        if counted is None:
+            raise SystemExit(f"job {job} in {tree}: valgrind printed no instruction count:\n{out.stderr[-2000:]}")
+        row["instructions"] = int(counted.group(1).replace(",", ""))
+    return row
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -59,27 +80,40 @@ def main() -> None:
     parser.add_argument("--profile", default=None,
                         help="Price steps with this profile, a path inside each tree (e.g. profiles/tiny-cpu.json): "
                              "each tree reads its own copy. Answers differ where the fitted model changed.")
+    parser.add_argument("--instructions", action="store_true",
+                        help="Count instructions under valgrind (once per tree and job) instead of timing.")
+    parser.add_argument("--modes", default="fast,step", help="fast (runs of steps at once), step, or both.")
     opts = parser.parse_args()
+    modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("fast", "step") for m in modes):
+        parser.error(f"--modes: give fast, step or fast,step, not {opts.modes!r}")
+    if opts.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind on PATH (Debian: apt install valgrind)")
+    if opts.instructions:
+        opts.repeats = 1  # a count does not vary with the machine's load
+    unit = "G ins" if opts.instructions else "s"
     with tempfile.TemporaryDirectory(prefix="servesim-base-") as tmp:
         base = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), opts.base], check=True,
                        capture_output=True)
         try:
-            print(f"{'workload':<11}{'requests':>9} {'policy':<11}{'mode':<5}{'base s':>9}{'this s':>9}"
-                  f"{'this/base':>10}  same", flush=True)
+            print(f"{'workload':<11}{'requests':>9} {'policy':<11}{'mode':<5}{'base ' + unit:>10}"
+                  f"{'this ' + unit:>10}{'this/base':>10}  same", flush=True)
             for workload, n in (("azure-conv", 0), ("poisson", opts.synthetic_requests)):
                 for policy in opts.policies.split(","):
-                    for exact in (False, True):
+                    for exact in [mode == "step" for mode in modes]:
                         job = (workload, n, policy, exact, opts.seed)
                         walls: dict[str, list[float]] = {"base": [], "this": []}
                         rows: dict[str, dict] = {}
                         for _ in range(opts.repeats):
                             for name, tree in (("base", base), ("this", ROOT)):
-                                rows[name] = _run_in(tree, job, opts.profile)
-                                walls[name].append(rows[name]["wall_s"])
+                                rows[name] = _run_in(tree, job, opts.profile, opts.instructions)
+                                walls[name].append(rows[name]["instructions"] / 1e9 if opts.instructions
+                                                   else rows[name]["wall_s"])
                         b, t = statistics.median(walls["base"]), statistics.median(walls["this"])
                         print(f"{workload:<11}{rows['this']['requests']:>9} {policy:<11}"
-                              f"{'step' if exact else 'fast':<5}{b:>9.3f}{t:>9.3f}{t / b:>10.2f}  "
+                              f"{'step' if exact else 'fast':<5}{b:>10.3f}{t:>10.3f}"
+                              f"{t / b:>10.{4 if opts.instructions else 2}f}  "
                               f"{'yes' if _same(rows['base'], rows['this']) else 'NO'}", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)

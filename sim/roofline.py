@@ -12,8 +12,8 @@ replica, as the simulator's engine loop runs), so a step is every layer's time p
 hand-offs between stages.
 
 There is one formula, :meth:`RooflineCost._formula`, evaluated on a float or on a numpy array
-of decode contexts, so that ``decode_run_times(shape, n)[j]`` is bit for bit ``step_time`` of
-the j-th step (the simulator's fast path relies on it).
+of decode contexts (its shape's part once per shape), so that ``decode_run_times(shape, n)[j]``
+is bit for bit ``step_time`` of the j-th step (the simulator's fast path relies on it).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from sim.parallel import (
 )
 
 Context = TypeVar("Context", float, np.ndarray)
-SHORT_RUN = 12
-"""Runs up to this many steps are priced by a Python loop: cheaper than numpy's call overhead
-(about 1 us a step against about 10 us a call)."""
+SHORT_RUN = 16
+"""Runs up to this many steps are priced by a Python loop, longer ones by numpy: counted by
+valgrind, a looped step is about 5k instructions and a numpy evaluation of the whole run about
+100k (its ~16 calls' overhead), so the loop is cheaper up to about 17 steps."""
 
 
 class RooflineCost:
@@ -68,43 +69,55 @@ class RooflineCost:
             return self._dense_weight_bytes
         return weight_read_bytes_per_gpu(self.model, self.parallel, self.dtype, tokens)
 
-    def _formula(self, maximum: Callable, minimum: Callable) -> Callable[[StepShape, Context], Context]:
-        """The price of a step of ``shape`` as a function of its decode context: a float (with
-        ``max`` and ``min``) or a numpy array of the contexts of a decode run (``np.maximum``,
-        ``np.minimum``). Built once per cost model: the model's and hardware's rates are bound here."""
+    def _formula(self, maximum: Callable, minimum: Callable) -> tuple[Callable[[StepShape], tuple],
+                                                                       Callable[[tuple, Context], Context]]:
+        """The price of a step as two functions: ``of_shape(shape)``, the part that depends on the
+        shape alone, and ``seconds(part, decode_context)``, the rest, on a float (with ``max``
+        and ``min``) or a numpy array of the contexts of a decode run (``np.maximum``,
+        ``np.minimum``). A run of steps does the shape's part once; the operations and their
+        order are the same either way. Built once per cost model: the model's and hardware's
+        rates are bound here."""
         window, kv_bytes = self.model.sliding_window, self.kv_bytes_per_token_gpu
         flops_per_token, pair_flops = self._flops_per_token, self.flops_per_attention_pair
         compute_rate, memory_rate, overhead_s = self.compute_rate, self.memory_rate, self.hardware.step_overhead_s
         swap_bytes_per_token, host_link_bytes_per_s = self.kv_bytes_per_token, self.hardware.host_link_bytes_per_s
         multi_gpu, dense_weight_bytes = self.parallel.gpus > 1, self._dense_weight_bytes
 
-        def seconds(shape: StepShape, decode_context: Context) -> Context:
-            tokens = shape.num_tokens
+        def of_shape(shape: StepShape) -> tuple:
+            tokens, decode_seqs = shape.num_tokens, shape.decode_seqs
             prefill_pairs, prefill_read = shape.attention_work, shape.prefill_context_tokens
-            decode_read = decode_context
+            decode_window = None
             if window is not None:
                 prefill_pairs = min(prefill_pairs, shape.prefill_tokens * window)
                 prefill_read = min(prefill_read, shape.prefill_seqs * window)
-                decode_read = minimum(decode_context, shape.decode_seqs * window)  # the most decodes may read
+                decode_window = decode_seqs * window  # the most decodes may read
             extra_s = swap_bytes_per_token * (shape.swap_in_tokens + shape.swap_out_tokens) / host_link_bytes_per_s
             if multi_gpu:
                 extra_s += comm_s(self.model, self.hardware, self.parallel, self.dtype, tokens)
-            pairs = prefill_pairs + decode_read + shape.decode_seqs
-            flops = flops_per_token * tokens + pair_flops * pairs
             weight_bytes = self._weight_bytes(tokens) if dense_weight_bytes is None else dense_weight_bytes
+            return (tokens, decode_seqs, prefill_pairs, prefill_read, decode_window, extra_s,
+                    flops_per_token * tokens, weight_bytes)
+
+        def seconds(part: tuple, decode_context: Context) -> Context:
+            tokens, decode_seqs, prefill_pairs, prefill_read, decode_window, extra_s, token_flops, weight_bytes = part
+            decode_read = decode_context if decode_window is None else minimum(decode_context, decode_window)
+            flops = token_flops + pair_flops * (prefill_pairs + decode_read + decode_seqs)
             memory_bytes = weight_bytes + kv_bytes * (decode_read + prefill_read + tokens)
             return overhead_s + maximum(flops / compute_rate, memory_bytes / memory_rate) + extra_s
 
-        return seconds
+        return of_shape, seconds
 
     def step_time(self, shape: StepShape) -> float:
-        return self._scalar(shape, float(shape.decode_context_tokens))
+        of_shape, seconds = self._scalar
+        return seconds(of_shape(shape), float(shape.decode_context_tokens))
 
     def decode_run_times(self, shape: StepShape, n: int) -> list[float] | np.ndarray:
         """``step_time`` of ``shape`` repeated ``n`` times, each decode one token further: the
         same formula on every context, so the values are identical."""
         context, seqs = float(shape.decode_context_tokens), float(shape.decode_seqs)
         if n <= SHORT_RUN:
-            seconds = self._scalar
-            return [seconds(shape, context + j * seqs) for j in range(n)]
-        return self._vector(shape, context + np.arange(n, dtype=np.float64) * seqs)
+            of_shape, seconds = self._scalar
+            part = of_shape(shape)
+            return [seconds(part, context + j * seqs) for j in range(n)]
+        of_shape, seconds = self._vector
+        return seconds(of_shape(shape), context + np.arange(n, dtype=np.float64) * seqs)

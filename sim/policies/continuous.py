@@ -93,11 +93,13 @@ class ContinuousPolicy:
             self._schedule_swapped(step, now)
             if not self.swapped:
                 self._schedule_waiting(step, now)
-        if step.empty:
+        if not step.seqs and not step.unlisted:  # step.empty, read at once (once a step)
             if step.swap_out:
                 raise RuntimeError("scheduler preempted requests but scheduled nothing")
             return None
-        return self._batch(step)
+        return Batch(seqs=step.seqs, swap_out_blocks=step.swap_out, swap_in_blocks=step.swap_in,
+                     preempted=step.preempted, block_size=self.kv.block_size, group_decodes=step.unlisted,
+                     group_context_tokens=step.unlisted_context_tokens)
 
     def on_step_done(self, batch: Batch, now: float) -> list[Request]:
         finished: list[Request] = []
@@ -118,11 +120,6 @@ class ContinuousPolicy:
     # -- building a step (the simulator's fast path, sim.fastpath, overrides _new_step) -----
     def _new_step(self) -> StepDraft:
         return StepDraft(self.config.token_budget)
-
-    def _batch(self, step: StepDraft) -> Batch:
-        return Batch(seqs=step.seqs, swap_out_blocks=step.swap_out, swap_in_blocks=step.swap_in,
-                     preempted=step.preempted, block_size=self.kv.block_size, group_decodes=step.unlisted,
-                     group_context_tokens=step.unlisted_context_tokens)
 
     # -- phases ------------------------------------------------------------------------------
     def _chunk(self, request: Request, step: StepDraft) -> int:
