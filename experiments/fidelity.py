@@ -144,6 +144,8 @@ def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
     out["max_mean_live_spread"] = max(spreads) if spreads else None
     speeds = [x for x in (data.get("device_speed_vs_profile") or {}).values() if x is not None]
     out["device_speed_vs_profile"] = max(speeds, key=lambda x: abs(x - 1)) if speeds else None
+    paces = data.get("live_run_paces") or []  # absent: a black box, or a validation from before paces
+    out["step_pace"] = sum(paces) / len(paces) if paces else None
     out["verdict"] = verdict.label
     out["failed"] = [c.metric for c in verdict.failed]
     out["noisy"] = [c.metric for c in verdict.noisy]
@@ -163,22 +165,25 @@ def _cell(entry: dict[str, Any]) -> str:
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["workload", "load", "policy", "n", *(label for label, _ in ERROR_COLUMNS), "step median", "device",
-            "verdict"]
+    head = ["workload", "load", "policy", "n", *(label for label, _ in ERROR_COLUMNS), "step median", "step pace",
+            "device", "verdict"]
     body = []
     for r in rows:
         verdict = r["verdict"] + ("*" if r["noisy"] else "")
-        speed = r["device_speed_vs_profile"]
+        speed, pace = r["device_speed_vs_profile"], r.get("step_pace")
         body.append([r["workload"], f"{r['load']:.0%}", r["policy"], str(r["requests"] or "-"),
                      *(_cell(r[key]) for _, key in ERROR_COLUMNS),
-                     _pct(r["median_step_rel_error"], signed=False), "-" if speed is None else f"x{speed:.2f}",
+                     _pct(r["median_step_rel_error"], signed=False), "-" if pace is None else f"x{pace:.2f}",
+                     "-" if speed is None else f"x{speed:.2f}",
                      verdict])
     return head, body
 
 
 LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean of the live runs; in brackets, "
           "the live runs' spread (max - min) / mean. step median: median |error| of the profile's price of every "
-          "live step. "
+          "live step. step pace: the live steps' summed time over the profile's price of the same steps, "
+          "mean of the live runs (x1.10: the steps ran 10% longer than priced, so TPOT comes out about that "
+          "much low). "
           "device: the profile's own steps re-timed around the live runs, time now / at calibration (x1.00: "
           "as fast; the one furthest from 1). "
           "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "

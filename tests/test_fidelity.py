@@ -21,6 +21,7 @@ def _validation_json(errors: dict[str, float], runs: dict[str, list[float]] | No
     data["median_step_rel_error"] = step
     data["device_speed_vs_profile"] = {"before": 1.02, "after": 0.9}
     data["live_runs"] = 3 if runs else 1
+    data["live_run_paces"] = [1.0, 1.1, 1.3] if runs else [1.05]
     return data
 
 
@@ -43,15 +44,17 @@ def test_cells_are_workload_by_load_by_policy():
 
 
 def test_row_judges_stored_numbers_with_the_given_tolerances():
-    """A row carries each error with its live spread, the step median, the device speed furthest
-    from 1, and the verdict recomputed for the tolerances given."""
+    """A row carries each error with its live spread, the step median, the live runs' mean step
+    pace, the device speed furthest from 1, and the verdict recomputed for the tolerances given."""
     cell = fidelity.cells(["azure-conv"], [0.5], ["chunked"])[0]
     data = _validation_json({"mean_tpot_ms": 0.12}, runs={"mean_tpot_ms": [95.0, 100.0, 105.0]})
     r = fidelity.row(cell, data, Tolerances())
     assert r["verdict"] == "FAIL" and r["failed"] == ["mean_tpot_ms"] and r["noisy"] == []
     assert r["mean_tpot_ms"] == {"error": 0.12, "live_spread": pytest.approx(0.1)}
-    assert r["device_speed_vs_profile"] == 0.9
+    assert r["device_speed_vs_profile"] == 0.9 and r["step_pace"] == pytest.approx((1.0 + 1.1 + 1.3) / 3)
     assert fidelity.row(cell, data, Tolerances(mean_pct=15))["verdict"] == "PASS"
+    del data["live_run_paces"]  # a black box measures no steps
+    assert fidelity.row(cell, data, Tolerances())["step_pace"] is None
 
 
 def test_tables_show_errors_with_spreads_and_verdicts():
@@ -66,7 +69,8 @@ def test_tables_show_errors_with_spreads_and_verdicts():
     assert "| -5.0% |" in md[2] and md[2].endswith("| PASS |")
     assert "+0.0% (100%)" in md[3] and md[3].endswith("| PASS* |")
     text = fidelity.format_text(rows).splitlines()
-    assert len(text) == 4 and "x0.90" in text[2]
+    assert len(text) == 4 and "x0.90" in text[2] and "step pace" in text[0]
+    assert "x1.05" in text[2] and "x1.13" in text[3]  # each row's mean pace: 1.05; (1.0 + 1.1 + 1.3) / 3
     assert fidelity.totals(rows) == "2 of 2 cells PASS; 1 with live runs beyond a tolerance (*)"
 
 
