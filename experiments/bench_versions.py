@@ -97,8 +97,8 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), opts.base], check=True,
                        capture_output=True)
         try:
-            print(f"{'workload':<11}{'requests':>9} {'policy':<11}{'mode':<5}{'base ' + unit:>10}"
-                  f"{'this ' + unit:>10}{'this/base':>10}  same", flush=True)
+            print(f"{'workload':<11}{'requests':>9} {'policy':<11}{'mode':<5}{'base ' + unit:>11}"
+                  f"{'this ' + unit:>11}{'this/base':>10}  same", flush=True)
             for workload, n in (("azure-conv", 0), ("poisson", opts.synthetic_requests)):
                 for policy in opts.policies.split(","):
                     for exact in [mode == "step" for mode in modes]:
@@ -112,7 +112,7 @@ def main() -> None:
                                                    else rows[name]["wall_s"])
                         b, t = statistics.median(walls["base"]), statistics.median(walls["this"])
                         print(f"{workload:<11}{rows['this']['requests']:>9} {policy:<11}"
-                              f"{'step' if exact else 'fast':<5}{b:>10.3f}{t:>10.3f}"
+                              f"{'step' if exact else 'fast':<5}{b:>11.3f}{t:>11.3f}"
                               f"{t / b:>10.{4 if opts.instructions else 2}f}  "
                               f"{'yes' if _same(rows['base'], rows['this']) else 'NO'}", flush=True)
         finally:
