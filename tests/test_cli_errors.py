@@ -177,3 +177,24 @@ def test_bench_gemm_rows_bad_input_is_one_error_line(args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_versions_bad_modes_is_one_error_line():
+    """experiments/bench_versions.py answers a bad --modes with argparse's error, exit 2."""
+    out = subprocess.run([sys.executable, "experiments/bench_versions.py", "--base", "HEAD", "--modes", "slow"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "--modes: give fast, step or fast,step, not 'slow'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bench_versions_counts_instructions_under_valgrind():
+    """--instructions' job: a real simulation under cachegrind, its answer and its count."""
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    from experiments.bench_versions import _run_in
+
+    row = _run_in(ROOT, ("poisson", 20, "continuous", False, 0), None, instructions=True)
+    assert row["requests"] == 20 and len(row["tokens"]) == 20
+    assert row["instructions"] > 10**8  # starting Python and importing numpy alone run more than this
