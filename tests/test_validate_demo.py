@@ -330,8 +330,10 @@ def test_demo_calibrates_again_once_after_drift(tmp_path, profile_path, monkeypa
     monkeypatch.setattr(calibration, "run_calibration", scripted)
     drift = DriftError("the machine's speed drifted during calibration (the grid's first half)\n  details", [])
     outcomes[:] = [drift, profile]
+    # --accept-poor-fit: the fixture's profile was measured on this machine, and under load its
+    # fit can miss the demo's limits; this test is about the retry, not the fit check.
     res = CliRunner().invoke(main, ["demo", "--model", "tiny", "--quick", "--jobs", "1", "--no-progress",
-                                    "-o", str(tmp_path / "a")])
+                                    "--accept-poor-fit", "-o", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert "calibrating again, once" in res.output and not outcomes
     outcomes[:] = [drift, drift]
