@@ -7,9 +7,10 @@ Prints each job's median wall time per tree and the ratio this tree / base (belo
 and checks that both trees give the same tokens and summary.
 
 With ``--instructions`` each job runs once per tree under valgrind's cachegrind instead, with
-Python's hash seed fixed, and the ratio is of instructions executed: on a shared, noisy machine
-a difference of 1% that wall time cannot see (about 0.01% run to run; about 50x slower, so use
-small jobs). The counts include starting Python and the imports (about 0.8G instructions).
+Python's hash seed fixed, and the ratio is of instructions executed. On a shared, noisy machine
+that shows a difference of 1%, which wall time cannot (a count repeats to about 0.01%; a job
+runs about 50x slower, so use small ones). The counts include starting Python and the imports
+(0.6-0.8G instructions). Both trees are byte-compiled first, so no job pays for compiling.
 
     python experiments/bench_versions.py --base db25674
     python experiments/bench_versions.py --base HEAD~3 --synthetic-requests 20000 --repeats 5

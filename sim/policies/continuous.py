@@ -93,7 +93,7 @@ class ContinuousPolicy:
             self._schedule_swapped(step, now)
             if not self.swapped:
                 self._schedule_waiting(step, now)
-        if not step.seqs and not step.unlisted:  # step.empty, read at once (once a step)
+        if not step.seqs and not step.unlisted:  # step.empty, inlined (read once per step)
             if step.swap_out:
                 raise RuntimeError("scheduler preempted requests but scheduled nothing")
             return None
