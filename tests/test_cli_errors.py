@@ -198,3 +198,23 @@ def test_bench_versions_counts_instructions_under_valgrind():
     row = _run_in(ROOT, ("poisson", 20, "continuous", False, 0), None, instructions=True)
     assert row["requests"] == 20 and len(row["tokens"]) == 20
     assert row["instructions"] > 10**8  # starting Python and importing numpy alone run more than this
+
+
+def test_device_session_reports_the_machine_and_stops_without_cuda(tmp_path):
+    """experiments/device_session.sh (the prepared run for a lent GPU) writes what the machine
+    has and, where torch sees no CUDA device, stops before calibrating with its own exit status."""
+    import os
+
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script would calibrate on it")
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "experiments/device_session.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    machine = (tmp_path / "machine.txt").read_text()
+    assert "python 3." in machine and "torch" in machine and "simpy" in machine
+    assert "no CUDA device for torch here: nothing to calibrate" in machine
+    assert not (tmp_path / "profile.json").exists()
