@@ -82,7 +82,7 @@ if [ ! -f "$out/profile.json" ]; then
     exit 4
 fi
 
-fidelity_dir=$(mktemp -d /tmp/servesim-fidelity.XXXXXX)  # fresh: fidelity.py resumes from what a directory holds
+fidelity_dir=$(mktemp -d)  # a fresh directory: fidelity.py resumes from what one holds
 echo "== fidelity ($(date -u +%T))"
 timeout "${FIDELITY_S:-300}" python3 experiments/fidelity.py --profile "$out/profile.json" --traces "$traces" \
     --workloads "${WORKLOADS:-azure-conv,sharegpt-poisson}" --loads "${LOADS:-0.5,0.85}" \
