@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from calibrate.drift import DRIFT_THRESHOLD, Checkpoint, DriftMonitor, control_points, describe
 from calibrate.errors import CalibrationError, DriftError
-from calibrate.fit import fit, fit_step_model
+from calibrate.fit import fit, fit_step_model, padding_pairs
 from calibrate.grid import GridPoint, make_grid
 from calibrate.host import cpu_device
 from calibrate.profile import DEFAULT_HOST_LINK_BYTES_PER_S, Profile
@@ -153,6 +153,7 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     where = place(engine_config)
     dev, torch_dtype = where.device, where.dtype
     net = load_network(engine_config)
+    pad_rows = padding_pairs(net.pad_rows)
     kv_bytes = kv_bytes_per_token(spec, torch_dtype)
     block_bytes = kv_bytes * block_size
     if dev.type == "cuda":
@@ -189,12 +190,13 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     live_info = None
     if plan is not None and not measured.interrupted:
         try:
-            live_samples, live_info = run_live_phase(runner, plan, fit_step_model(samples), progress=progress,
+            live_samples, live_info = run_live_phase(runner, plan, fit_step_model(samples, pad_rows=pad_rows),
+                                                     progress=progress,
                                                      drift=monitor)
         except KeyboardInterrupt:
             live_samples, live_info = [], plan.to_dict() | {"runs": [], "interrupted": True}
         samples += live_samples
-    result = fit(samples, folds=folds, seed=seed)
+    result = fit(samples, folds=folds, seed=seed, pad_rows=pad_rows)
     errors = {"folds": result.folds, "held_out": result.held_out, "in_sample": result.in_sample}
     return Profile(
         model_fit=result.model,

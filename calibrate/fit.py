@@ -5,6 +5,7 @@ roofline's terms (:mod:`sim.roofline`), each with a fitted price instead of a da
 
     step_ms = const                                           per-step overhead, weights read once
             + r * multi_row                                   matrix products of two rows or more
+            + z * pad_rows                                    zero rows the engine pads products with
             + a * prefill_tokens + e * decode_seqs            FLOPs of the tokens (+ per-decode work)
             + b * prefill_attention                           prefill attention FLOPs (query-key pairs)
             + d * prefill_context_tokens + f * decode_context_tokens   KV bytes read by attention
@@ -28,6 +29,16 @@ through both regimes: on the live steps of 16 validation cells the calibration n
 lone decode was priced 37% high and 2-4 decodes 26% low (median signed error); after both,
 +8% and +0.7% (README, "Does one calibration generalize?"). The feature is non-decreasing in
 the tokens, and constant over a decode run.
+
+``pad_rows`` is the zero rows the engine adds to a step's products: ``padded(num_tokens) -
+num_tokens`` under the engine's padding (:attr:`StepModel.pad_rows`, from
+:func:`runtime.model.default_pad_rows` when calibrated; none for a profile fitted from step
+timings). There the kernel computes the padded count, so a step of 8 decodes costs about what
+one of 16 does. Measured on the 2-core CPU with the small model, 7 to 15 rows padded to 16:
+decode steps of 7 to 15 sequences took 45-53 ms and 16 took 51 ms, where 4 took 34; a line
+through ``decode_seqs`` alone priced 8-15 sequences 16-29% low. The head computes only the
+sampled rows (one per sequence), so a mixed step of a long chunk and 8 decodes pads the head
+but not the layers: the feature leaves that out (under 1% of such a step on that CPU).
 
 ``num_tokens`` is every token the forward pass computes (prefill tokens plus one per decode);
 ``prefill_attention`` is :attr:`sim.batch.StepShape.attention_work` (query-key pairs);
@@ -65,8 +76,10 @@ CPUs). Each knee is chosen among the measured values by the fit's loss and left 
 its coefficient 0) when it does not lower the loss by :data:`KNEE_MIN_GAIN`. Hinges with
 non-negative coefficients are convex and non-decreasing, so the prediction is non-negative and
 non-decreasing in every feature and stays sane outside the grid. In the StepShape fields too,
-with one exception: when ``prefill_attention_tokens`` is 0 (estimated from the sums), more
-``prefill_seqs`` over the same tokens means shorter chunks and less estimated attention.
+with two exceptions: when ``prefill_attention_tokens`` is 0 (estimated from the sums), more
+``prefill_seqs`` over the same tokens means shorter chunks and less estimated attention; and
+under an engine's padding a step just below a padded count is priced as the padded count's,
+so one more token can cost less (the engine's own kernel behaves so: 15 rows padded to 16).
 
 The fit minimises relative error, since steps span orders of magnitude and the error that
 matters is a percentage. A row's error is divided by the model's own prediction (iteratively
@@ -90,7 +103,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +146,7 @@ FEATURES: dict[str, Feature] = {
     # operations that also work element-wise on numpy arrays (no branch on the decode context).
     "const": lambda s, m: 1.0,
     "multi_row": lambda s, m: 1.0 if s.num_tokens >= 2 else 0.0,
+    "pad_rows": lambda s, m: m.padding(s.num_tokens),
     "prefill_tokens": lambda s, m: s.prefill_tokens,
     "prefill_attention": lambda s, m: s.attention_work,
     "prefill_seqs": lambda s, m: s.prefill_seqs,
@@ -202,6 +216,9 @@ class StepModel:
     knee_tokens: int | None = None
     knee_decode_context_tokens: int | None = None
     knee_cache_tokens: int | None = None
+    pad_rows: tuple[tuple[int, int], ...] = ()
+    """The engine's padding of a step's products, ``(rows, padded rows)`` pairs (none: no
+    padding); it sets the ``pad_rows`` feature, it is not fitted."""
 
     def __post_init__(self) -> None:
         unknown = set(self.coefficients_ms) - set(FEATURES)
@@ -214,6 +231,17 @@ class StepModel:
             knee = getattr(self, name)
             if knee is not None and knee < 0:
                 raise ValueError(f"{name} must be >= 0, got {knee}")
+        for rows, padded in self.pad_rows:
+            if not 1 <= rows < padded:
+                raise ValueError(f"pad_rows must map a row count to a larger one, got {rows} -> {padded}")
+
+    def padding(self, rows: int) -> int:
+        """Zero rows the engine adds to a product of ``rows`` rows."""
+        return self._padded.get(rows, rows) - rows
+
+    @functools.cached_property
+    def _padded(self) -> dict[int, int]:
+        return dict(self.pad_rows)
 
     def predict_ms(self, shape: StepShape) -> float:
         return float(self._sum(shape))
@@ -238,15 +266,23 @@ class StepModel:
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coefficients_ms": dict(self.coefficients_ms),
-                **{name: getattr(self, name) for name in KNEES}}
+                **{name: getattr(self, name) for name in KNEES},
+                "pad_rows": [list(pair) for pair in self.pad_rows]}
 
 
 NO_KNEES = StepModel({})
-"""Holds no knee (every hinge feature 0): the design matrix before the knee search."""
+"""Holds no knee (every hinge feature 0) and no padding: the design matrix before the knee search."""
+
+
+def padding_pairs(pad_rows: Mapping[int, int]) -> tuple[tuple[int, int], ...]:
+    """An engine's padding map (:attr:`runtime.model.Transformer.pad_rows`) as
+    :attr:`StepModel.pad_rows`."""
+    return tuple(sorted((int(k), int(v)) for k, v in pad_rows.items()))
 
 
 def features(shape: StepShape, model: StepModel = NO_KNEES) -> tuple[float, ...]:
-    """The model's feature vector for one step, in :data:`FEATURES` order, with ``model``'s knees."""
+    """The model's feature vector for one step, in :data:`FEATURES` order, with ``model``'s
+    knees and padding."""
     return tuple(feature(shape, model) for feature in FEATURES.values())
 
 
@@ -344,9 +380,10 @@ def _knee_candidates(values: np.ndarray) -> list[int]:
     return [int(v) for v in inner]
 
 
-def fit_step_model(samples: Sequence[Sample], exclude: Collection[str] = ()) -> StepModel:
-    """Fit :class:`StepModel` to measured steps (at least one); the features in ``exclude``
-    are held at 0 (their knees left out).
+def fit_step_model(samples: Sequence[Sample], exclude: Collection[str] = (),
+                   pad_rows: tuple[tuple[int, int], ...] = ()) -> StepModel:
+    """Fit :class:`StepModel` to measured steps (at least one) of an engine that pads its
+    products by ``pad_rows``; the features in ``exclude`` are held at 0 (their knees left out).
 
     The knees are searched one at a time in :data:`KNEES` order, each over the measured
     values with the knees before it held.
@@ -359,7 +396,8 @@ def fit_step_model(samples: Sequence[Sample], exclude: Collection[str] = ()) -> 
     shapes = [s.shape for s in samples]
     y = np.array([s.step_ms for s in samples], dtype=float)
     w = sample_weights(samples)
-    x = np.array([features(sh) for sh in shapes], dtype=float)  # (samples, features); hinges 0 for now
+    padded = StepModel({}, pad_rows=pad_rows)
+    x = np.array([features(sh, padded) for sh in shapes], dtype=float)  # (samples, features); hinges 0 for now
     x[:, [name in exclude for name in FEATURES]] = 0.0  # a column of zeros is left out of the solve
     gated = {list(FEATURES).index(name): x[:, list(FEATURES).index(name)].copy()
              for name in GATED if name not in exclude}
@@ -386,7 +424,7 @@ def fit_step_model(samples: Sequence[Sample], exclude: Collection[str] = ()) -> 
             if loss < best * (1 - KNEE_MIN_GAIN) and c[column] > 0:
                 coef, best, knees[knee_name], kept = c, loss, knee, x[:, column].copy()
         x[:, column] = kept
-    return StepModel(dict(zip(FEATURES, (float(c) for c in coef), strict=True)), **knees)
+    return StepModel(dict(zip(FEATURES, (float(c) for c in coef), strict=True)), **knees, pad_rows=pad_rows)
 
 
 # -- error --------------------------------------------------------------------------------------
@@ -413,7 +451,8 @@ def error_table(samples: Sequence[Sample], predicted_ms: Sequence[float]) -> dic
     return table
 
 
-def held_out_predictions(samples: Sequence[Sample], folds: int = 5, seed: int = 0) -> list[float] | None:
+def held_out_predictions(samples: Sequence[Sample], folds: int = 5, seed: int = 0,
+                         pad_rows: tuple[tuple[int, int], ...] = ()) -> list[float] | None:
     """k-fold cross-validation: each sample predicted by a model fitted without its fold.
 
     Folds are stratified by kind (prefill, decode, mixed) and drawn with ``seed``, so the split
@@ -435,7 +474,7 @@ def held_out_predictions(samples: Sequence[Sample], folds: int = 5, seed: int = 
     predicted = [0.0] * n
     for f in range(folds):
         train = [s for s, k in zip(samples, fold_of, strict=True) if k != f]
-        model = fit_step_model(train)
+        model = fit_step_model(train, pad_rows=pad_rows)
         for i in np.flatnonzero(fold_of == f):
             predicted[i] = model.predict_ms(samples[int(i)].shape)
     return predicted
@@ -449,10 +488,12 @@ class FitResult:
     folds: int
 
 
-def fit(samples: Sequence[Sample], folds: int = 5, seed: int = 0) -> FitResult:
-    """Held-out error by k-fold, then the final model fitted on every sample."""
-    held = held_out_predictions(samples, folds, seed)
-    model = fit_step_model(samples)
+def fit(samples: Sequence[Sample], folds: int = 5, seed: int = 0,
+        pad_rows: tuple[tuple[int, int], ...] = ()) -> FitResult:
+    """Held-out error by k-fold, then the final model fitted on every sample (of an engine
+    that pads its products by ``pad_rows``)."""
+    held = held_out_predictions(samples, folds, seed, pad_rows)
+    model = fit_step_model(samples, pad_rows=pad_rows)
     in_sample = error_table(samples, [model.predict_ms(s.shape) for s in samples])
     return FitResult(model, None if held is None else error_table(samples, held), in_sample,
                      min(folds, len(samples)))

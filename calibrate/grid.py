@@ -95,7 +95,7 @@ def make_grid(max_len: int, num_blocks: int, block_size: int, quick: bool = Fals
         mixed = [(b, c, p, pc) for b in (4, 32) for c in (max_len // 8, max_len // 2) for p in (32, 256)
                  for pc in (0, max_len // 4) if pc == 0 or c == max_len // 8]
         # denser around the cache cliff: more batch sizes at moderate contexts, and mixed steps there
-        dense_decode = [(b, c) for b in (8, 32, 48, 96) for c in (256, 512, 1024) if c < max_len]
+        dense_decode = [(b, c) for b in (8, 12, 32, 48, 96) for c in (256, 512, 1024) if c < max_len]
         mixed += [(b, c, p, 0) for b in (16, 64) for c in (512, 1024) if c < max_len for p in (32, 256)]
     else:
         chunks = _geometric(16, step_cap, 2)

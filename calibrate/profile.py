@@ -317,10 +317,14 @@ def _model_from_dict(fit: dict, path: Path) -> StepModel:
             raise ProfileError(f"{path}: field 'fit.coefficients_ms.{name}' must be finite and >= 0, got {value}")
     for name in knees:
         _check(path, f"fit.{name}", fit[name], _INT, True)
+    pad_rows = fit.get("pad_rows", [])  # absent in files written before it: no padding
+    _check(path, "fit.pad_rows", pad_rows, (list,), False)
+    if not all(isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pad_rows):
+        raise ProfileError(f"{path}: field 'fit.pad_rows' must be a list of [rows, padded rows] integer pairs")
     try:
         # A feature added after the profile was fitted has coefficient 0: it prices as it did.
         return StepModel({k: float(coefficients[k]) if k in fit["features"] else 0.0 for k in FEATURES},
-                         **{k: fit[k] for k in knees})
+                         **{k: fit[k] for k in knees}, pad_rows=tuple((p[0], p[1]) for p in pad_rows))
     except ValueError as e:
         raise ProfileError(f"{path}: field 'fit': {e}") from None
 

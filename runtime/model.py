@@ -19,6 +19,15 @@ one of 4 (96 against 75 ms) and a step's cost was not monotone in its batch. Pad
 padded too, a wash: the layers' own products are cheaper with 2 rows than with 4 and the
 head's dearer, and padded 2-sequence steps came out 6% slower in one run, 6% faster in the
 other; it keeps every step of 2 to 4 rows on one kernel.
+Past 4 rows the kernel works in blocks of 3 rows up to 15 and switches to a wider kernel at
+16: the head takes 2.1, 3.9, 5.5, 7.1-7.6 and 9.1-9.4 ms for 1, 4-6, 7-9, 10-12 and 13-15 rows
+and 4.6 ms for 16 (``--pad-to 16 --rows 1,4,...,17,24,32 --context 256``, one run), and a
+15-sequence decode step took 72.7 ms against 52.4 ms for 16. Padded to 16, steps of 7 to 15
+sequences take 0.96 to 0.72 of unpadded (45-53 ms); 4 to 6 would take 1.16-1.22, so they are
+left alone. Before this padding the cost model priced decode batches of 8-15 sequences 16-29%
+low (median signed error, live steps of the mooncake and azure-conv validation cells), the
+fit's one line through 4 and 16 sequences passing below the blocks in between; the padding
+leaves a step function that the fit's ``pad_rows`` feature (:mod:`calibrate.fit`) follows.
 A serving engine pads in the same spirit for its CUDA graphs' batch sizes.
 :func:`default_pad_rows` says where it applies (float32 on a CPU, a model whose weights are
 large enough for their reads to matter); elsewhere nothing is padded.
@@ -121,12 +130,14 @@ head, 0.5 M): a 3-sequence decode step took as long padded as not (3.60 / 3.59 m
 
 
 def default_pad_rows(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict[int, int]:
-    """Row counts a :class:`Linear` pads, and to what: 2 and 3 rows to 4 for float32 on a CPU
-    when the model's head holds :data:`PAD_MIN_HEAD_ELEMENTS` weights (see the module
-    docstring), none elsewhere: a small model's products cost little per weight read, and
-    bfloat16 on the CPU and CUDA's kernels run a few rows at about the cost of one."""
+    """Row counts a :class:`Linear` pads, and to what: 2 and 3 rows to 4 and 7 to 15 rows to 16
+    for float32 on a CPU when the model's head holds :data:`PAD_MIN_HEAD_ELEMENTS` weights (see
+    the module docstring), none elsewhere: a small model's products cost little per weight
+    read, and bfloat16 on the CPU and CUDA's kernels run a few rows at about the cost of one."""
     large = spec.vocab_size * spec.hidden_size >= PAD_MIN_HEAD_ELEMENTS
-    return {2: 4, 3: 4} if large and device.type == "cpu" and dtype == torch.float32 else {}
+    if not (large and device.type == "cpu" and dtype == torch.float32):
+        return {}
+    return {2: 4, 3: 4} | dict.fromkeys(range(7, 16), 16)
 
 
 class Linear(nn.Linear):
@@ -261,6 +272,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.pad_rows: dict[int, int] = {}
+        """Row counts every projection pads, and to what (:meth:`pad_small_products`)."""
         self.tie_weights()
         self._inv_freq: Tensor | None = None  # float32 always, so not a buffer that .to(dtype) would cast
 
@@ -272,6 +285,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pad_rows = dict(pad_rows)
+        self.pad_rows = dict(pad_rows)
 
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings:

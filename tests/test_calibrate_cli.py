@@ -69,6 +69,7 @@ def test_profile_show_and_plot(tmp_path):
     assert result.exit_code == 0, result.output
     for text in ("kv_bytes_per_token", "source", "csv:", "held-out (5-fold)", "median %", "decode_context_tokens"):
         assert text in result.output
+    assert "pad_rows (engine)" + " " * 11 + "none" in result.output  # a fit from a CSV: no engine padding
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -160,3 +160,27 @@ def test_profile_without_a_newer_feature_prices_as_before(profile_path):
     edited(profile_path, lambda d: d["fit"]["features"].append("moon_phase"))
     with pytest.raises(ProfileError, match=r"field 'fit.features' has unknown feature\(s\) \['moon_phase'\]"):
         load_profile(profile_path)
+
+
+def test_padding_round_trips_and_an_old_profile_has_none(tmp_path, profile_path):
+    """The engine's padding is written with the fit and read back, pricing as before; a file
+    written before it (no fit.pad_rows) has none; a malformed one is named."""
+    from calibrate.fit import fit
+
+    padding = ((2, 4), (3, 4), (8, 16))
+    result = fit(SAMPLES, pad_rows=padding)
+    profile = load_profile(profile_path)
+    profile.model_fit = result.model
+    save_profile(profile, tmp_path / "padded.json")
+    loaded = load_profile(tmp_path / "padded.json").model_fit
+    assert loaded.pad_rows == padding
+    shape = StepShape(0, 0, 0, 8, 800)
+    assert loaded.predict_ms(shape) == result.model.predict_ms(shape)
+    edited(profile_path, lambda d: d["fit"].pop("pad_rows"))
+    assert load_profile(profile_path).model_fit.pad_rows == ()
+    edited(profile_path, lambda d: d["fit"].update(pad_rows=[[8, "16"]]))
+    with pytest.raises(ProfileError, match=r"field 'fit.pad_rows' must be a list of \[rows, padded rows\]"):
+        load_profile(profile_path)
+    edited(profile_path, lambda d: d["fit"].update(pad_rows=[[8, 4]]))
+    with pytest.raises(ProfileError, match="pad_rows must map a row count to a larger one"):
+        load_profile(profile_path)

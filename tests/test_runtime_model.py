@@ -161,13 +161,15 @@ def test_padded_linear_gives_each_row_its_own_product(rows):
 
 
 def test_padding_set_where_it_pays_and_for_every_projection(monkeypatch):
-    """float32 on a CPU pads 2 and 3 rows to 4 for a model with a large head (small), not for
-    tiny, bfloat16 or CUDA; load_model sets it on every projection, the tied head included,
-    and a mapping that does not pad is refused."""
+    """float32 on a CPU pads 2 and 3 rows to 4 and 7-15 to 16 for a model with a large head
+    (small), not for tiny, bfloat16 or CUDA; load_model sets it on every projection, the tied
+    head included, and on the network (what calibration records); a mapping that does not pad
+    is refused."""
     import runtime.model
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_pad_rows(MODELS["small"], cpu, torch.float32) == {2: 4, 3: 4}
+    small = {2: 4, 3: 4, 7: 16, 8: 16, 9: 16, 10: 16, 11: 16, 12: 16, 13: 16, 14: 16, 15: 16}
+    assert default_pad_rows(MODELS["small"], cpu, torch.float32) == small
     assert default_pad_rows(MODELS["tiny"], cpu, torch.float32) == {}
     assert default_pad_rows(MODELS["small"], cpu, torch.bfloat16) == {}
     assert default_pad_rows(MODELS["small"], cuda, torch.float32) == {}
@@ -176,8 +178,8 @@ def test_padding_set_where_it_pays_and_for_every_projection(monkeypatch):
     net = load_model(SPECS["qwen2"], dtype=torch.float32)
     projections = [m for m in net.modules() if isinstance(m, Linear)]
     assert len(projections) == 1 + 4 * SPECS["qwen2"].num_layers  # lm_head + qkv, o, gate_up, down per layer
-    assert all(m.pad_rows == {2: 4, 3: 4} for m in projections)
+    assert all(m.pad_rows == small for m in projections) and net.pad_rows == small
     net.pad_small_products({})
-    assert all(m.pad_rows == {} for m in projections)
+    assert all(m.pad_rows == {} for m in projections) and net.pad_rows == {}
     with pytest.raises(ValueError, match="pad_rows"):
         net.pad_small_products({4: 3})

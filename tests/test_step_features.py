@@ -51,7 +51,8 @@ def random_model(draw) -> StepModel:
     """Every coefficient drawn (often all nonzero), knees absent or anywhere in range."""
     coef = draw(st.fixed_dictionaries({name: st.floats(0, 10) | st.floats(1e-7, 1e-3) for name in FEATURES}))
     knees = {name: draw(st.none() | st.integers(0, 300_000)) for name in KNEES}
-    return StepModel(coef, **knees)
+    padding = draw(st.sampled_from([(), ((2, 4), (3, 4), *((r, 16) for r in range(7, 16)))]))
+    return StepModel(coef, **knees, pad_rows=padding)
 
 
 SAMPLES = [Sample(StepShape(64, 1, 0, 0, 0), 3.0), Sample(StepShape(0, 0, 0, 8, 800), 2.5),

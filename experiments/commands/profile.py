@@ -71,7 +71,9 @@ def show(path: Path, plot: Path | None) -> None:
     for name in FEATURES:
         click.echo(f"  {name:<28}{model.coefficients_ms[name]:.6g}")
     click.echo(f"  {'knee_tokens':<28}{model.knee_tokens}")
+    click.echo(f"  {'knee_cache_tokens':<28}{model.knee_cache_tokens}")
     click.echo(f"  {'knee_decode_context_tokens':<28}{model.knee_decode_context_tokens}")
+    click.echo(f"  {'pad_rows (engine)':<28}" + (", ".join(f"{rows}->{to}" for rows, to in model.pad_rows) or "none"))
     for key, title in (("held_out", f"held-out ({prof.errors.get('folds')}-fold)"), ("in_sample", "in-sample")):
         if prof.errors.get(key):
             click.echo(f"\n{title} absolute % error:")
