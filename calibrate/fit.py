@@ -27,7 +27,7 @@ decode steps of 1, 2, 4, 8 and 16 sequences took 40, 67, 70, 77 and 103 ms: a ju
 then about 2 ms a sequence. Before the feature (and the padding) the fit drew one line
 through both regimes: on the live steps of 16 validation cells the calibration never saw, a
 lone decode was priced 37% high and 2-4 decodes 26% low (median signed error); after both,
-+8% and +0.7% (README, "Does one calibration generalize?"). The feature is non-decreasing in
++8% and +0.7% (the fidelity table of that session). The feature is non-decreasing in
 the tokens, and constant over a decode run.
 
 ``pad_rows`` is the zero rows the engine adds to a step's products: ``padded(num_tokens) -
