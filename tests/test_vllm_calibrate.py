@@ -202,6 +202,7 @@ def test_lone_prefill_takes_off_the_per_request_cost_of_one_token_prompts():
 
 def test_blackbox_plan_fits_the_servers_limits():
     """Patterns beyond the token budget, the sequence cap or the model length are left out."""
+    assert BlackboxPlan.make(quick=True).decode_batches == (1, 4, 16, 32)
     plan = BlackboxPlan.make(quick=True).fitted(budget=256, max_seqs=4, max_len=512)
     assert plan.prefill_lengths == (16, 64, 256)
     assert plan.decode_batches == (1, 4)
@@ -310,3 +311,39 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     assert profile.request_overhead_s == profile.engine["measured"]["overhead_ms"] / 1000 >= 0
     written = json.loads((tmp_path / "work" / "engine.json").read_text())
     assert written["settings_assumed"] == []
+
+
+def test_decode_batches_against_servesim_serve(net, one_torch_thread, tmp_path):
+    """experiments/decode_batches.py --url end to end against servesim serve (tiny): a step is
+    read for every batch and context, longer for more sequences, and written to the CSV."""
+    import csv
+
+    from experiments.decode_batches import main
+    from runtime.tokenizer import load_tokenizer, write_wordlevel_tokenizer
+    from tests.serve_thread import ServerThread, tiny_engine
+
+    tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
+    lines: list[str] = []
+    with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
+        code = main(["--url", server.url, "--batches", "1,8", "--contexts", "32", "--repeats", "1",
+                     "-o", str(tmp_path / "out")], echo=lines.append)
+    assert code == 0, lines
+    rows = list(csv.DictReader((tmp_path / "out" / "decode-batches.csv").open()))
+    assert [(r["batch"], r["context"]) for r in rows] == [("1", "32"), ("8", "32")]
+    assert all(int(r["steps"]) >= 1 and float(r["median_ms"]) > 0 for r in rows)
+    assert any(line.startswith("    8") for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--url", "http://x", "--batches", "1,a"], "comma-separated integers"),
+    (["--url", "http://x", "--batches", "0,4"], "must be >= 1"),
+    (["--url", "http://x", "--tokens", "2"], "need >= 3"),
+    ([], "give --url URL"),
+])
+def test_decode_batches_bad_arguments(argv, message, capsys, monkeypatch):
+    from experiments.decode_batches import main
+
+    monkeypatch.delenv("SERVESIM_VLLM_PYTHON", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
