@@ -43,8 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where.add_argument("--url", help="a running server (http://HOST:PORT)")
     where.add_argument("--vllm-python", default=os.environ.get(VLLM_PYTHON_ENV),
                        help=f"start vLLM with this python [default: ${VLLM_PYTHON_ENV}]")
-    p.add_argument("--batches", type=_sizes, default=_sizes("1,2,3,4,6,8,10,12,14,15,16,17,20,24,32"),
-                   help="decode batch sizes [default: %(default)s]")
+    p.add_argument("--batches", type=_sizes, default=[*range(1, 21), 24, 32],
+                   help="decode batch sizes, comma-separated [default: 1 to 20, 24, 32]")
     p.add_argument("--contexts", type=_sizes, default=[32, 256], help="prompt lengths [default: 32,256]")
     p.add_argument("--tokens", type=int, default=12, help="output tokens per request (>= 3) [default: 12]")
     p.add_argument("--repeats", type=int, default=3, help="rounds over every cell [default: 3]")
