@@ -43,7 +43,8 @@ RATE_FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 SMALL_VALIDATION_REQUESTS = 60
-"""About 27 s per live run at 70% load on a 2-core CPU (small at 256 / 64 tokens: ~3.7 req/s saturation)."""
+"""About 8 s of engine time per live run at 70% load on a 2-core CPU (small at 256 / 64 tokens:
+the demo on 2026-12-02 found ~13.9 req/s saturation; earlier calibrations said ~3.7)."""
 
 
 @dataclass(frozen=True)
