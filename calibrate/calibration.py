@@ -190,9 +190,8 @@ def run_calibration(model: str, weights: str | Path | None = None, device: str =
     live_info = None
     if plan is not None and not measured.interrupted:
         try:
-            live_samples, live_info = run_live_phase(runner, plan, fit_step_model(samples, pad_rows=pad_rows),
-                                                     progress=progress,
-                                                     drift=monitor)
+            grid_fit = fit_step_model(samples, pad_rows=pad_rows)
+            live_samples, live_info = run_live_phase(runner, plan, grid_fit, progress=progress, drift=monitor)
         except KeyboardInterrupt:
             live_samples, live_info = [], plan.to_dict() | {"runs": [], "interrupted": True}
         samples += live_samples

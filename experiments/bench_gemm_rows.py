@@ -10,9 +10,13 @@ Two tables, measured side by side in one run (interleaved rounds, median per cel
 The ratio columns are padded / unpadded: where a ratio is below 1, padding pays. On a CPU in
 float32, torch's product (MKL) runs 2 and 3 rows as matrix-vector products and 4 rows as a
 blocked product, so unpadded 3 rows cost more than 4; that is why the runtime pads 2 and 3
-rows to 4 there (:func:`runtime.model.default_pad_rows`). Run::
+rows to 4 there (:func:`runtime.model.default_pad_rows`). Past 4 rows it works in blocks of 3
+rows up to 15 and switches to a wider kernel at 16, so 15 rows cost more than 16; the runtime
+pads 7-15 rows to 16 (the second command's ratios below 1 from 7 rows on). Run::
 
     python experiments/bench_gemm_rows.py --model small --dtype float32
+    python experiments/bench_gemm_rows.py --model small --pad-to 16 --context 256 \
+        --rows 1,4,5,6,7,8,9,10,11,12,13,14,15,16,17,24,32
 """
 
 from __future__ import annotations
