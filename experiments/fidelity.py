@@ -124,6 +124,7 @@ ERROR_COLUMNS = (("mean TTFT", "mean_ttft_ms"), ("mean TPOT", "mean_tpot_ms"), (
                  ("p99 E2EL", "p99_e2el_ms"))
 """The table's error columns (label, validation.json key); throughput is output tok/s (the
 verdict also checks request throughput)."""
+ERROR_COLUMNS_BY_KEY = tuple((key, label) for label, key in ERROR_COLUMNS)
 
 
 def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
@@ -149,6 +150,14 @@ def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
     out["verdict"] = verdict.label
     out["failed"] = [c.metric for c in verdict.failed]
     out["noisy"] = [c.metric for c in verdict.noisy]
+    at = data.get("at_device_speed")  # absent: a black box, or a cell from before it was kept
+    if at:
+        at_verdict = judge(at, at.get("median_step_rel_error"), tolerances)
+        out["at_device_speed"] = {"factor": at["factor"], "verdict": at_verdict.label,
+                                  "failed": [c.metric for c in at_verdict.failed],
+                                  "mean_errors": {key: at[key]["rel_error"] for _, key in ERROR_COLUMNS}}
+    else:
+        out["at_device_speed"] = None
     return out
 
 
@@ -164,9 +173,23 @@ def _cell(entry: dict[str, Any]) -> str:
     return _pct(entry["error"]) + ("" if spread is None else f" ({spread * 100:.0f}%)")
 
 
+def _at_speed(at: dict[str, Any] | None) -> str:
+    """``PASS`` or ``FAIL: mean TTFT +12.1%`` (the worst failed check) at the device's speed."""
+    if not at:
+        return "-"
+    if at["verdict"] == "PASS" or not at["failed"]:
+        return at["verdict"]
+    labels = dict(ERROR_COLUMNS_BY_KEY)
+    shown = [k for k in at["failed"] if k in at["mean_errors"]]
+    if not shown:
+        return at["verdict"]
+    worst = max(shown, key=lambda k: abs(at["mean_errors"][k]))
+    return f"FAIL: {labels[worst]} {_pct(at['mean_errors'][worst])}"
+
+
 def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     head = ["workload", "load", "policy", "n", *(label for label, _ in ERROR_COLUMNS), "step median", "step pace",
-            "device", "verdict"]
+            "device", "verdict", "at device speed"]
     body = []
     for r in rows:
         verdict = r["verdict"] + ("*" if r["noisy"] else "")
@@ -175,7 +198,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
                      *(_cell(r[key]) for _, key in ERROR_COLUMNS),
                      _pct(r["median_step_rel_error"], signed=False), "-" if pace is None else f"x{pace:.2f}",
                      "-" if speed is None else f"x{speed:.2f}",
-                     verdict])
+                     verdict, _at_speed(r.get("at_device_speed"))])
     return head, body
 
 
@@ -187,7 +210,10 @@ LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean
           "device: the profile's own steps re-timed around the live runs, time now / at calibration (x1.00: "
           "as fast; the one furthest from 1). "
           "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "
-          "(the device did not reproduce itself).")
+          "(the device did not reproduce itself). at device speed: the verdict of the same requests "
+          "simulated again with every step priced at the device's speed (the median of the speed checks "
+          "around the live runs: the profile's own grid steps re-timed, never the workload's); it tells "
+          "the model's error from the device's drift since calibration and does not replace the verdict.")
 
 
 def format_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -208,7 +234,12 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def totals(rows: Sequence[dict[str, Any]]) -> str:
     passed = sum(r["verdict"] == "PASS" for r in rows)
     noisy = sum(bool(r["noisy"]) for r in rows)
-    return f"{passed} of {len(rows)} cells PASS" + (f"; {noisy} with live runs beyond a tolerance (*)" if noisy else "")
+    text = f"{passed} of {len(rows)} cells PASS" + (f"; {noisy} with live runs beyond a tolerance (*)" if noisy else "")
+    at = [r["at_device_speed"] for r in rows if r.get("at_device_speed")]
+    if at:
+        text += (f"; at the device's speed around the live runs, {sum(a['verdict'] == 'PASS' for a in at)} of "
+                 f"{len(at)}")
+    return text
 
 
 # -- running -------------------------------------------------------------------------------------

@@ -84,3 +84,24 @@ class ConstantCost:
 
     def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
         return np.full(n, self.step_s)
+
+
+class ScaledCost:
+    """``cost`` with every step ``factor`` times as long: a profile priced at the speed a device
+    runs at now (``factor`` = step time now / at calibration, from re-timed control steps).
+
+    A served engine's per-request frontend time (:func:`request_overhead_s`) is kept as it is:
+    the control steps time the engine's steps, not its frontend."""
+
+    def __init__(self, cost: CostModel, factor: float) -> None:
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be finite and > 0, got {factor}")
+        self.cost = cost
+        self.factor = float(factor)
+        self.request_overhead_s = request_overhead_s(cost)
+
+    def step_time(self, shape: StepShape) -> float:
+        return self.cost.step_time(shape) * self.factor
+
+    def decode_run_times(self, shape: StepShape, n: int) -> np.ndarray:
+        return np.asarray(decode_run_times(self.cost, shape, n), dtype=np.float64) * self.factor

@@ -66,12 +66,33 @@ def test_tables_show_errors_with_spreads_and_verdicts():
             fidelity.row(cells[1], noisy, Tolerances())]
     md = fidelity.format_markdown(rows).splitlines()
     assert len(md) == 4 and md[0].startswith("| workload | load | policy | n | mean TTFT |")
-    assert "| -5.0% |" in md[2] and md[2].endswith("| PASS |")
-    assert "+0.0% (100%)" in md[3] and md[3].endswith("| PASS* |")
+    assert "| -5.0% |" in md[2] and md[2].endswith("| PASS | - |")  # no comparison at the device's speed
+    assert "+0.0% (100%)" in md[3] and md[3].endswith("| PASS* | - |")
     text = fidelity.format_text(rows).splitlines()
     assert len(text) == 4 and "x0.90" in text[2] and "step pace" in text[0]
     assert "x1.05" in text[2] and "x1.13" in text[3]  # each row's mean pace: 1.05; (1.0 + 1.1 + 1.3) / 3
     assert fidelity.totals(rows) == "2 of 2 cells PASS; 1 with live runs beyond a tolerance (*)"
+
+
+def test_rows_judge_the_comparison_at_the_device_speed_too():
+    """A cell's comparison at the device's speed is judged with the same tolerances, shown in
+    its own column (the worst failed check named) and counted apart in the totals."""
+    cells = fidelity.cells(["azure-conv"], [0.5, 0.85], ["continuous"])
+    slow = _validation_json({"mean_ttft_ms": -0.15})
+    slow["at_device_speed"] = {"factor": 1.08, "speed_checks": [1.07, 1.09],
+                               **_validation_json({"mean_ttft_ms": -0.03}, step=0.03)}
+    off = _validation_json({})
+    off["at_device_speed"] = {"factor": 0.95, **_validation_json({"mean_ttft_ms": 0.04, "mean_tpot_ms": -0.12,
+                                                                  "p99_tpot_ms": -0.3})}
+    rows = [fidelity.row(cells[0], slow, Tolerances()), fidelity.row(cells[1], off, Tolerances())]
+    assert rows[0]["verdict"] == "FAIL" and rows[0]["at_device_speed"]["verdict"] == "PASS"
+    assert rows[0]["at_device_speed"]["factor"] == 1.08
+    assert rows[1]["verdict"] == "PASS" and rows[1]["at_device_speed"]["failed"] == ["mean_tpot_ms", "p99_tpot_ms"]
+    md = fidelity.format_markdown(rows).splitlines()
+    assert md[0].endswith("| verdict | at device speed |")
+    assert md[2].endswith("| FAIL | PASS |") and md[3].endswith("| PASS | FAIL: p99 TPOT -30.0% |")
+    assert fidelity.totals(rows) == "1 of 2 cells PASS; at the device's speed around the live runs, 1 of 2"
+    assert fidelity.row(cells[1], off, Tolerances(mean_pct=15, p99_pct=35))["at_device_speed"]["verdict"] == "PASS"
 
 
 @pytest.mark.parametrize("args, message", [

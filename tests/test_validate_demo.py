@@ -69,6 +69,14 @@ def test_validate_writes_validation_json(tmp_path, profile_path):
     assert "profile_live_step_error" in data  # null: the fixture profile has no live phase
     speed = data["device_speed_vs_profile"]
     assert speed["before"] > 0 and speed["after"] > 0
+    at = data["at_device_speed"]  # the same requests simulated again at the speed the checks saw
+    assert at["speed_checks"] == [speed["before"], speed["after"]]
+    assert at["factor"] == pytest.approx(float(np.median(at["speed_checks"])))
+    assert at["mean_tpot_ms"]["live"] == data["mean_tpot_ms"]["live"]  # the same live runs
+    assert at["verdict"] in ("PASS", "FAIL") and math.isfinite(at["median_step_rel_error"])
+    if abs(at["factor"] - 1) > 1e-3:  # steps priced at another speed give another simulation
+        assert at["mean_e2el_ms"]["sim"] != data["mean_e2el_ms"]["sim"]
+    assert "at the device's speed around the live runs" in res.output and "verdict at that speed" in res.output
     assert data["num_steps"] > 0
     assert data["completed"] == {"live": 12, "sim": 12}
     for run in ("live", "sim"):

@@ -15,7 +15,7 @@ from experiments.validation.errors import PERCENTILES
 from experiments.validation.plan import Plan, arrivals_text
 from experiments.validation.report import format_table
 from experiments.validation.result import Validation, validate
-from experiments.validation.verdict import Tolerances, Verdict, verdict_of
+from experiments.validation.verdict import Tolerances, Verdict, verdict_at_device_speed, verdict_of
 from sim.engine import SimResult
 from sim.metrics import request_latencies, summarize
 from sim.request import Status
@@ -40,8 +40,11 @@ def write_outputs(out: Path, plan: Plan | ExternalPlan, v: Validation, verdict: 
             write_steps(directory / "steps.csv", live.step_log)
     write_run(out / "sim", config | {"executor": "sim"}, v.sim.requests, v.sim_summary,
               [s.timeseries for s in v.sim.replicas])
-    write_json(out / "validation.json", v.to_json({"setup": config, **(verdict.to_json() if verdict else {}),
-                                                   **(extra or {})}))
+    data = v.to_json({"setup": config, **(verdict.to_json() if verdict else {}), **(extra or {})})
+    at_speed = verdict_at_device_speed(v, verdict.tolerances) if verdict else None
+    if at_speed is not None:
+        data["at_device_speed"]["verdict"] = at_speed.label
+    write_json(out / "validation.json", data)
 
     def latencies(result: SimResult) -> tuple[list[float], list[float]]:
         done = [request_latencies(r) for r in result.requests if r.status is Status.FINISHED]

@@ -7,7 +7,7 @@ import math
 
 from experiments.validation.errors import metric_names, metric_spread
 from experiments.validation.result import Validation
-from experiments.validation.verdict import Verdict
+from experiments.validation.verdict import CHECKED_METRICS, Verdict, verdict_at_device_speed
 
 DRIFT_WARN = 0.10
 """A device speed change (re-timed profile steps, or the live steps' median signed error)
@@ -107,11 +107,33 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     warning = drift_warning(v)
     if warning:
         lines.append(f"warning: {warning}")
+    lines += at_device_speed_lines(v, verdict)
     if verdict is not None:
         step = verdict.check("median_step_rel_error")
         lines.append(f"per-step check: {step.describe()}")
         lines.append(verdict.summary())
     return "\n".join(lines)
+
+
+def at_device_speed_lines(v: Validation, verdict: Verdict | None) -> list[str]:
+    """The checked errors again with the profile priced at the device's speed around the live
+    runs, and their verdict: how much of the error is the model's and how much the device's drift."""
+    at = v.at_device_speed
+    if at is None:
+        return []
+    labels = dict(metric_names())
+    errors = ", ".join(f"{labels[key].replace(' (ms)', '')} {_fmt(at.metrics[key]['rel_error'], pct=True)}"
+                       for key, _ in CHECKED_METRICS)
+    step = at.steps.summary()["median_step_rel_error"]
+    lines = [f"at the device's speed around the live runs (every step priced x{at.factor:.3f}, the median of "
+             f"{len(at.speed_checks)} speed checks; the workload's steps are not used): {errors}, "
+             f"per-step median {step * 100:.1f}%"]
+    at_verdict = verdict_at_device_speed(v, verdict.tolerances) if verdict is not None else None
+    if at_verdict is not None:
+        failed = "; failed: " + ", ".join(c.describe() for c in at_verdict.failed) if at_verdict.failed else ""
+        lines.append(f"  verdict at that speed: {at_verdict.label}{failed} (the verdict below is the profile's "
+                     "as calibrated)")
+    return lines
 
 
 def format_speed(ratio: float | None) -> str:

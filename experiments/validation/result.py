@@ -19,7 +19,7 @@ from experiments.validation.errors import (
     step_errors,
 )
 from experiments.validation.runs import LiveRun, live_run, sim_pool, simulate_run
-from sim.cost import CostModel
+from sim.cost import CostModel, ScaledCost
 from sim.engine import SimResult
 from sim.metrics import summarize
 from sim.request import Request
@@ -27,6 +27,27 @@ from sim.request import Request
 if TYPE_CHECKING:
     from runtime.config import LiveConfig
     from runtime.engine import LiveResult
+
+
+@dataclass(frozen=True)
+class AtDeviceSpeed:
+    """The same requests simulated once more with the profile priced at the device's speed
+    around the live runs (:class:`~sim.cost.ScaledCost` by ``factor``, the median of the speed
+    checks: the profile's own grid steps re-timed, never the workload's), compared with the same
+    live runs. It separates the cost model's error from the device's drift since calibration:
+    the plain comparison is what a user gets from a profile made earlier; this one is what the
+    model gives at the speed the device ran at."""
+
+    factor: float
+    """Step time now / at calibration (1.05: the device ran 5% slower)."""
+    speed_checks: tuple[float, ...]
+    sim_summary: dict[str, Any]
+    metrics: dict[str, Any]
+    steps: StepErrors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"factor": self.factor, "speed_checks": list(self.speed_checks), **self.metrics,
+                **self.steps.summary()}
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,8 @@ class Validation:
     replaced: tuple[dict[str, Any], ...] = ()
     """Live runs served again because their pace left the others' (:func:`off_pace`): which run,
     its pace, and the median pace it was compared with."""
+    at_device_speed: AtDeviceSpeed | None = None
+    """The comparison again at the device's speed around the live runs; None without speed checks."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -66,6 +89,7 @@ class Validation:
         out["live_runs"] = max(1, len(self.live_runs))
         out["live_run_paces"] = list(self.paces)
         out["replaced_live_runs"] = list(self.replaced)
+        out["at_device_speed"] = self.at_device_speed.to_json() if self.at_device_speed else None
         return out | (extra or {})
 
     @property
@@ -135,6 +159,21 @@ def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, pro
     sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
     steps = step_errors([step for r in results for step in r.step_log], cost)
     metrics = compare_summaries(live_summary, sim_summary, summaries)
+    speeds = tuple(x for run in runs for x in (run.speed_before, run.speed_after) if x is not None)
     return Validation(results[0], sim, live_summary, sim_summary, metrics, steps, runs[0].speed_before,
                       runs[-1].speed_after, profile_live_error(profile_samples, cost), results, tuple(paces),
-                      tuple(replaced))
+                      tuple(replaced), at_device_speed(requests, live, cost, speeds, results, summaries))
+
+
+def at_device_speed(requests: Sequence[Request], live: LiveConfig, cost: CostModel, speeds: Sequence[float],
+                    results: Sequence[LiveResult], summaries: Sequence[dict[str, Any]]) -> AtDeviceSpeed | None:
+    """:class:`AtDeviceSpeed` from the speed checks around the live runs; None without any."""
+    if not speeds:
+        return None
+    factor = float(np.median(speeds))
+    scaled = ScaledCost(cost, factor)
+    sim = simulate_run([dataclasses.replace(r) for r in requests], live, scaled)
+    sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+    metrics = compare_summaries(mean_summary(summaries), sim_summary, summaries)
+    steps = step_errors([step for r in results for step in r.step_log], scaled)
+    return AtDeviceSpeed(factor, tuple(speeds), sim_summary, metrics, steps)

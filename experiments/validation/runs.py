@@ -78,10 +78,12 @@ def live_run(requests: Sequence[Request], live: LiveConfig, progress: bool = Tru
 def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_points: int = SPEED_CHECK_POINTS,
                 max_step_ms: float = SPEED_CHECK_MS, budget_ms: float = SPEED_CHECK_BUDGET_MS) -> float | None:
     """How much slower the device is now than when it was calibrated: a few of the profile's
-    own grid steps (at most ``max_points``, each under ``max_step_ms``, else the cheapest within
-    ``budget_ms``) timed again on ``runner`` the way calibration timed them; the median of now /
-    then (1.1: 10% slower now). None when no sample can be rebuilt (a profile fitted from a CSV
-    has mixed shapes)."""
+    own grid steps timed again on ``runner`` the way calibration timed them; the median of now /
+    then (1.1: 10% slower now). Half the points are lone prefills and half decode batches
+    (:func:`cheapest_points` of each within half of ``max_points`` and ``budget_ms``): the two
+    drift apart on a shared CPU (a recalibration 25 minutes after another, 2026-12-02, priced
+    the grid's prefills 7.8% slower and its decodes 2.6%). None when no sample can be rebuilt (a
+    profile fitted from a CSV has mixed shapes)."""
     if not samples:
         return None
     from calibrate.measure import measure_grid
@@ -93,7 +95,10 @@ def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_p
             then[_shape_key(s)] = (point, s.step_ms)
     if not then:
         return None
-    chosen = cheapest_points(list(then.values()), max_points, max_step_ms, budget_ms)
+    chosen = []
+    for kind in ("prefill", "decode"):
+        of_kind = [c for c in then.values() if c[0].kind == kind]
+        chosen += cheapest_points(of_kind, max(1, max_points // 2), max_step_ms, budget_ms / 2) if of_kind else []
     measured = measure_grid(runner, [p for p, _ in chosen], repeats=3, warmup=2, progress=False).samples
     ratios = [m.step_ms / then[_shape_key(m)][1] for m in measured if _shape_key(m) in then]
     return float(np.median(ratios)) if ratios else None
@@ -122,15 +127,40 @@ def _shape_key(s: Any) -> StepShape:
 
 
 def _grid_point(s: Any) -> Any:
-    """The calibration grid point of a prefill-only grid sample whose chunks are all alike,
-    else None (a decode grid point spreads its contexts, which the sums do not give back)."""
+    """A grid point of a grid sample's shape when the sample is a lone kind, else None: a prefill
+    whose chunks are all alike, or a decode batch (:func:`_decode_contexts`)."""
     from calibrate.grid import GridPoint
 
     shape = s.shape
-    if s.origin != "grid" or shape.decode_seqs or not shape.prefill_seqs:
+    if s.origin != "grid" or bool(shape.decode_seqs) == bool(shape.prefill_seqs):
         return None
+    if shape.decode_seqs:
+        if shape.decode_context_tokens < shape.decode_seqs:
+            return None
+        return GridPoint(decode=_decode_contexts(shape.decode_seqs, shape.decode_context_tokens))
     chunk, rest = divmod(shape.prefill_tokens, shape.prefill_seqs)
     context, rest2 = divmod(shape.prefill_context_tokens, shape.prefill_seqs)
     if rest or rest2 or chunk < 1:
         return None
     return GridPoint(prefill=((chunk, context),) * shape.prefill_seqs)
+
+
+def _decode_contexts(batch: int, total: int) -> tuple[int, ...]:
+    """``batch`` decode contexts summing to ``total``: the calibration grid's
+    :func:`calibrate.grid.spread_contexts` ``(c, batch)`` when some ``c`` gives that sum (the last
+    context is ``c`` and none falls as ``c`` grows, so the sum grows strictly with ``c``: a
+    bisection finds it), else ``total`` split evenly (a grid given by hand). Either is a step of
+    the sample's shape, which is all the profile prices."""
+    from calibrate.grid import spread_contexts
+
+    lo, hi = 1, total
+    while lo < hi:  # the least c whose spread sums to total or more
+        mid = (lo + hi) // 2
+        if sum(spread_contexts(mid, batch)) >= total:
+            hi = mid
+        else:
+            lo = mid + 1
+    if sum(spread_contexts(lo, batch)) == total:
+        return spread_contexts(lo, batch)
+    share, extra = divmod(total, batch)
+    return tuple(share + (j < extra) for j in range(batch))

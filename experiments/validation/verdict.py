@@ -184,3 +184,10 @@ def judge(metrics: Mapping[str, Any], median_step_rel_error: float | None,
 def verdict_of(v: Any, tolerances: Tolerances | None = None) -> Verdict:
     """:func:`judge` of a :class:`~experiments.validation.result.Validation`."""
     return judge(v.metrics, v.steps.summary()[STEP_METRIC], tolerances)
+
+
+def verdict_at_device_speed(v: Any, tolerances: Tolerances | None = None) -> Verdict | None:
+    """:func:`judge` of a validation's comparison at the device's speed around its live runs
+    (:class:`~experiments.validation.result.AtDeviceSpeed`); None when it has none."""
+    at = v.at_device_speed
+    return None if at is None else judge(at.metrics, at.steps.summary()[STEP_METRIC], tolerances)
