@@ -250,7 +250,7 @@ class _TimedMonitor(DriftMonitor):
 
 def _drift_monitor(runner: ModelRunner, points: list[GridPoint], threshold: float,
                    timer: Callable[[ModelRunner, Sequence[GridPoint]], Sequence[float]]) -> _TimedMonitor:
-    return _TimedMonitor(lambda: timer(runner, points), [describe(p) for p in points], threshold)
+    return _TimedMonitor(lambda: timer(runner, points), [describe(p) for p in points], threshold, points=points)
 
 
 def profile_from_samples(samples: Sequence[Sample], source: str, model: str | None = None,

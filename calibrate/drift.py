@@ -86,6 +86,8 @@ class DriftMonitor:
     controls: Sequence[str] = ()
     """What each control step is (:func:`describe`), for the record and the messages."""
     threshold: float = DRIFT_THRESHOLD
+    points: Sequence[GridPoint] = ()
+    """The control steps themselves, recorded so that a validation can time them again."""
     checkpoints: list[Checkpoint] = field(default_factory=list)
     remeasured: list[str] = field(default_factory=list)
     """Segments measured a second time because of drift (and kept from that second time)."""
@@ -152,7 +154,8 @@ class DriftMonitor:
         return {"threshold_pct": 100 * self.threshold, "control_steps": list(self.controls),
                 "checkpoints": [p.to_dict() for p in self.checkpoints],
                 "max_drift_pct": 100 * max((abs(p.drift) for p in self.checkpoints), default=0.0),
-                "remeasured": list(self.remeasured)}
+                "remeasured": list(self.remeasured)} | (
+                    {"control_points": [p.to_dict() for p in self.points]} if self.points else {})
 
 
 def format_drift(record: dict) -> str:

@@ -55,6 +55,28 @@ class GridPoint:
     def fits(self, max_len: int, num_blocks: int, block_size: int) -> bool:
         return max(self.seq_lengths()) <= max_len and self.kv_blocks(block_size) <= num_blocks
 
+    def to_dict(self) -> dict[str, list]:
+        """``{"prefill": [[chunk, context], ...], "decode": [context, ...]}``, as a profile keeps it."""
+        return {"prefill": [list(p) for p in self.prefill], "decode": list(self.decode)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> GridPoint:
+        """The inverse of :meth:`to_dict`; ValueError naming what is wrong."""
+        if not isinstance(data, dict) or set(data) - {"prefill", "decode"}:
+            raise ValueError(f"a grid point is {{'prefill': [[chunk, context], ...], 'decode': [context, ...]}}, "
+                             f"got {data!r}")
+        prefill, decode = data.get("prefill", []), data.get("decode", [])
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not isinstance(prefill, list) or not all(isinstance(c, list) and len(c) == 2 and all(map(is_int, c))
+                                                    for c in prefill):
+            raise ValueError(f"a grid point's prefill is a list of [chunk, context] integer pairs, got {prefill!r}")
+        if not isinstance(decode, list) or not all(map(is_int, decode)):
+            raise ValueError(f"a grid point's decode is a list of integer contexts, got {decode!r}")
+        return cls(prefill=tuple((c, ctx) for c, ctx in prefill), decode=tuple(decode))
+
 
 def spread_contexts(context: int, batch: int) -> tuple[int, ...]:
     """``batch`` decode contexts spread evenly from ``context // 8`` to ``context`` (a single

@@ -41,7 +41,9 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
                           (calibrate.live); samples with origin "live" came from it
     drift                 (optional, nullable) the control steps (calibrate.drift): threshold_pct,
                           control_steps, checkpoints [{name, control_ms, drift_pct}],
-                          max_drift_pct, remeasured (segments timed twice), control_s
+                          max_drift_pct, remeasured (segments timed twice), control_s, and
+                          (optional) control_points [{prefill: [[chunk, context]], decode: [ctx]}]
+                          (what a validation times again to see the device's speed)
     fit_check             (optional, nullable) held-out error against the limits
                           (calibrate.calibration.FIT_LIMITS_PCT): row, values_pct, limits_pct,
                           passed, accepted_poor_fit (true: written although it failed)
@@ -217,6 +219,28 @@ OPTIONAL_OBJECTS = ("live", "drift", "fit_check", "phases_s", "engine")
 """Fields that may be absent (files written before them) or null."""
 
 
+def _check_control_points(path: Path, drift: dict) -> None:
+    """``drift.control_points``, when there, is one grid point per control step of every checkpoint."""
+    from calibrate.grid import GridPoint
+
+    points = drift.get("control_points")
+    if points is None:
+        return
+    if not isinstance(points, list):
+        raise ProfileError(f"{path}: field 'drift.control_points' must be a list, got {type(points).__name__}")
+    for k, point in enumerate(points):
+        try:
+            GridPoint.from_dict(point)
+        except ValueError as e:
+            raise ProfileError(f"{path}: field 'drift.control_points[{k}]': {e}") from None
+    for checkpoint in drift.get("checkpoints") or []:
+        ms = checkpoint.get("control_ms") if isinstance(checkpoint, dict) else None
+        if not isinstance(ms, list) or len(ms) != len(points) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in ms):
+            raise ProfileError(f"{path}: field 'drift.checkpoints': each needs control_ms, {len(points)} times > 0 "
+                               f"(one per control point), got {ms!r}")
+
+
 def _check(path: Path, name: str, value: object, types: tuple[type, ...], nullable: bool) -> None:
     if value is None:
         if not nullable:
@@ -264,6 +288,8 @@ def profile_from_dict(data: object, path: Path) -> Profile:
     for name, value in optional.items():
         if value is not None and not isinstance(value, dict):
             raise ProfileError(f"{path}: field {name!r} must be an object or null, got {type(value).__name__}")
+    if optional["drift"] is not None:
+        _check_control_points(path, optional["drift"])
     max_model_len = data.get("max_model_len")
     _check(path, "max_model_len", max_model_len, _INT, True)
     overhead_s = data.get("request_overhead_s", 0.0)

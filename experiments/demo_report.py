@@ -113,6 +113,7 @@ def write_report(out: Path, info: DemoRun) -> Path:
     from calibrate.fit import format_error_table
     from experiments.validation import drift_warning, format_speeds
     from experiments.validation.report import replaced_lines
+    from experiments.validation.verdict import verdict_at_device_speed
 
     v, plan, cmp = info.validation, info.plan, info.compare
     assert cmp.rates is not None and cmp.saturation_rps is not None
@@ -130,8 +131,14 @@ def write_report(out: Path, info: DemoRun) -> Path:
     held = prof.errors.get("held_out") if prof.errors else None
     speed_text = ""
     if v.speed_before is not None:
-        speed_text = (f"The profile's own steps, timed again just before and after the live run, ran "
-                      f"{format_speeds(v.speed_before, v.speed_after)}.")
+        speed_text = (f"{(v.speed_source or 'the profile steps').capitalize()}, timed again just before and after "
+                      f"the live runs, ran {format_speeds(v.speed_before, v.speed_after)}.")
+    at_verdict = verdict_at_device_speed(v, info.verdict.tolerances)
+    if at_verdict is not None and v.at_device_speed is not None:
+        failed = "; failed: " + "; ".join(c.describe() for c in at_verdict.failed) if at_verdict.failed else ""
+        speed_text += (f" Simulated again with every step priced at that speed (x{v.at_device_speed.factor:.3f}), "
+                       f"the verdict would be **{at_verdict.label}**{failed}: the verdict at the end is the profile's "
+                       "as calibrated.")
     if v.profile_live is not None:
         own = v.profile_live
         speed_text += (f" For reference, the profile on its own {own['steps']} calibration live steps: median |error| "

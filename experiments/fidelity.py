@@ -319,7 +319,8 @@ def cell_key(cell: Cell, args: argparse.Namespace, profile: Path) -> dict[str, A
             "repeats": args.repeats,
             "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
             "threads": args.threads, "seed": args.seed, "url": args.url, "max_num_seqs": args.max_num_seqs,
-            "max_num_batched_tokens": args.max_num_batched_tokens}
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            **({"warmup_runs": args.warmup_runs} if args.warmup_runs else {})}
 
 
 def stored(directory: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -383,6 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests per cell instead of --live-s")
     p.add_argument("--repeats", type=int, default=None, help=f"live runs per cell [full {SIZES['full'][1]}, "
                    f"--quick {SIZES['quick'][1]}]")
+    p.add_argument("--warmup-runs", type=int, default=0, help="--url: replay each cell this many times first, "
+                   "not compared (a served engine's first runs can be slower) [default: 0]")
     p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="[the model's validation default]")
     p.add_argument("--max-output-tokens", type=int, default=None, help="[the model's validation default]")
@@ -402,6 +405,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--requests: at least 2, got {args.requests}")
     if args.repeats < 1:
         p.error(f"--repeats: at least 1, got {args.repeats}")
+    if args.warmup_runs < 0 or (args.warmup_runs and args.url is None):
+        p.error("--warmup-runs: " + ("only with --url (servesim's live engine warms up every shape itself)"
+                                     if args.warmup_runs > 0 else f"0 or more, got {args.warmup_runs}"))
     if not (math.isfinite(args.live_s) and args.live_s > 0):
         p.error(f"--live-s: seconds > 0 expected, got {args.live_s}")
     try:
@@ -525,7 +531,9 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     (out / "fidelity.md").write_text(
         f"# One calibration, workloads it never saw\n\n`{command}`\n\nProfile `{profile}` (model {args.model}"
         f"{'' if server is None else f'; server {server.url}'}); "
-        f"{sizing(args)}, {args.repeats} live run(s).\n\n{format_markdown(rows)}\n\n{legend}\n\n"
+        f"{sizing(args)}, {args.repeats} live run(s)"
+        f"{f' after {args.warmup_runs} warm-up run(s)' if args.warmup_runs else ''}."
+        f"\n\n{format_markdown(rows)}\n\n{legend}\n\n"
         f"{totals(rows)}.\n")
     (out / "fidelity.json").write_text(json.dumps(
         {"command": command, "profile": str(profile), "model": args.model, "requests": args.requests,
@@ -559,7 +567,7 @@ def run_cell(plan: Any, directory: Path, args: argparse.Namespace, server: Serve
 
     try:
         execute_external(plan, BenchConfig(url=server.url, seed=args.seed, progress=False), directory, args.repeats,
-                         args.tolerances, echo=lambda _: None)
+                         args.tolerances, echo=lambda _: None, warmup=args.warmup_runs)
     except ExternalError as e:
         raise SystemExit(f"{directory.name}: {e}") from None
 

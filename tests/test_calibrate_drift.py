@@ -162,6 +162,8 @@ def test_calibration_records_drift_fit_check_and_phase_times(tmp_path):
     loaded = load_profile(path)
     assert [c["name"] for c in loaded.drift["checkpoints"]] == ["grid start", "grid middle", "grid end"]
     assert loaded.drift["control_steps"] == [describe(p) for p in control_points(GRID)]
+    # the control steps themselves, which a validation times again to see the device's speed
+    assert [GridPoint.from_dict(p) for p in loaded.drift["control_points"]] == control_points(GRID)
     assert loaded.fit_check["row"] == "all" and loaded.fit_check["accepted_poor_fit"] is False
     assert loaded.phases_s["grid"] > 0 and loaded.calibration_s >= loaded.phases_s["grid"]
 

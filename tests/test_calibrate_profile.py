@@ -92,6 +92,20 @@ def test_missing_field(profile_path, field):
         load_profile(profile_path)
 
 
+@pytest.mark.parametrize("drift, message", [
+    ({"control_points": "x", "checkpoints": []}, r"'drift.control_points' must be a list"),
+    ({"control_points": [{"prefill": [[64]]}], "checkpoints": []}, r"'drift.control_points\[0\]': .*prefill"),
+    ({"control_points": [{"decode": [4, "8"]}], "checkpoints": []}, r"'drift.control_points\[0\]': .*decode"),
+    ({"control_points": [{"decode": [4]}], "checkpoints": [{"control_ms": [1.0, 2.0]}]},
+     r"'drift.checkpoints': each needs control_ms, 1 times > 0"),
+])
+def test_malformed_control_points(profile_path, drift, message):
+    """The control points a validation times again are checked at load, each fault named."""
+    edited(profile_path, lambda d: d.update(drift=drift))
+    with pytest.raises(ProfileError, match=message):
+        load_profile(profile_path)
+
+
 def test_missing_coefficient(profile_path):
     """A missing fitted coefficient is named with its path in the file."""
     edited(profile_path, lambda d: d["fit"]["coefficients_ms"].pop("decode_seqs"))

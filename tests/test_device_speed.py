@@ -79,3 +79,83 @@ def test_only_lone_kinds_of_grid_steps_are_rebuilt():
     assert _grid_point(Sample(StepShape(32, 1, 0, 4, 256), 10.0, origin="grid")) is None
     assert _grid_point(Sample(StepShape(0, 0, 0, 4, 256), 10.0, origin="live")) is None
     assert _grid_point(Sample(StepShape(0, 0, 0, 4, 64), 10.0, origin="grid")) == GridPoint(decode=(16,) * 4)
+
+
+def _drift_record(points: list[GridPoint], checkpoints: list[list[float]]) -> dict:
+    return {"threshold_pct": 30.0, "control_steps": ["a"] * len(points),
+            "checkpoints": [{"name": f"c{k}", "control_ms": ms, "drift_pct": 0.0} for k, ms in enumerate(checkpoints)],
+            "max_drift_pct": 0.0, "remeasured": [], "control_points": [p.to_dict() for p in points]}
+
+
+def test_the_speed_reference_is_the_calibration_control_steps_when_recorded():
+    """A profile whose drift record keeps its control points is checked against them, each one's
+    reference the mean over the checkpoints; one without them falls back to its grid samples."""
+    from types import SimpleNamespace
+
+    from experiments.validation.runs import speed_reference
+
+    points = [GridPoint(prefill=((64, 256),)), GridPoint(decode=spread_contexts(512, 4))]
+    drift = _drift_record(points, [[70.0, 40.0], [68.0, 41.0], [72.0, 42.0]])
+    ref = speed_reference(SimpleNamespace(drift=drift, samples=[]))
+    assert ref is not None and ref.points == tuple(points) and ref.then_ms == pytest.approx((70.0, 41.0))
+    assert "control steps" in ref.source
+    samples = [Sample(StepShape(16, 1, 0, 0, 0), 30.0, origin="grid")]
+    old = speed_reference(SimpleNamespace(drift={k: v for k, v in drift.items() if k != "control_points"},
+                                          samples=samples))
+    assert old is not None and not old.points and old.samples == tuple(samples) and "grid steps" in old.source
+    assert speed_reference(SimpleNamespace(drift=None, samples=[])) is None
+
+
+def test_a_speed_check_times_the_control_steps_against_their_reference(net, one_torch_thread):
+    """On a real runner: the control steps timed now against references set to half and to
+    twice what they take read as about 2x slower and 2x faster; a step that does not fit the
+    pool is left out, and none fitting gives None."""
+    from calibrate.measure import time_controls
+    from experiments.validation.runs import SpeedReference, speed_check
+    from runtime.runner import ModelRunner
+    from sim.kv import BlockManager
+
+    runner = ModelRunner(net, BlockManager(64, 16))
+    points = (GridPoint(prefill=((32, 0),)), GridPoint(decode=(40,) * 4))
+    now = time_controls(runner, points)
+    slower = speed_check(runner, SpeedReference(points, tuple(x / 2 for x in now)), 2048)
+    faster = speed_check(runner, SpeedReference(points, tuple(x * 2 for x in now)), 2048)
+    assert slower is not None and faster is not None
+    assert 1.3 < slower < 3.0 and 0.33 < faster < 0.75  # loose: a shared machine's steps wander
+    too_big = GridPoint(prefill=((2000, 0),))
+    assert speed_check(runner, SpeedReference((too_big,), (10.0,)), 2048) is None
+    assert speed_check(runner, None, 2048) is None
+
+
+def test_validate_checks_the_speed_on_the_calibration_control_steps(tmp_path):
+    """End to end: a calibration with its drift checkpoints records its control points, and
+    validate times those again around the live run, prices the second simulation at their speed
+    and says which steps it timed."""
+    pytest.importorskip("torch")
+    import json
+
+    from click.testing import CliRunner
+
+    from calibrate.calibration import run_calibration
+    from calibrate.profile import save_profile
+    from experiments.cli import main
+
+    grid = [GridPoint(prefill=((c, ctx),)) for c in (8, 32, 96) for ctx in (0, 64)]
+    grid += [GridPoint(decode=(ctx,) * b) for b in (1, 4, 12) for ctx in (16, 120)]
+    grid += [GridPoint(prefill=((32, 0),), decode=(64,) * 4)]
+    profile = run_calibration("tiny", device="cpu", threads=1, repeats=2, warmup=1, folds=2, grid=grid,
+                              progress=False, drift_threshold=0.9)  # only a machine twice as slow fails it
+    assert len(profile.drift["control_points"]) == 3  # one per kind
+    path = tmp_path / "tiny.json"
+    save_profile(profile, path)
+    out = tmp_path / "val"
+    res = CliRunner().invoke(main, ["validate", "--profile", str(path), "--model", "tiny", "-n", "8",
+                                    "--max-prompt-tokens", "64", "--max-output-tokens", "8", "--repeats", "1",
+                                    "--no-progress", "--load", "0.5", "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "validation.json").read_text())
+    assert data["device_speed_source"] == "the calibration's control steps"
+    speeds = data["device_speed_vs_profile"]
+    assert data["at_device_speed"]["speed_checks"] == [speeds["before"], speeds["after"]]
+    assert 0.2 < speeds["before"] < 5 and 0.2 < speeds["after"] < 5  # timed, and of the calibration's order
+    assert "device speed (the calibration's control steps timed again)" in res.output

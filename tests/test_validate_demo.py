@@ -273,6 +273,8 @@ def test_demo_quick_writes_report(tmp_path, profile_path):
     assert res.output.rstrip().splitlines()[-1].startswith(f"verdict: {verdict}")
     assert re.search(rf"## Verdict\n\n\*\*{verdict}\*\*: mean TTFT/TPOT/E2EL and throughput within 10%", report)
     assert "| check |" in report and "| ok <=10% |" in report.replace("FAIL >", "ok <=")
+    assert re.search(r"Simulated again with every step priced at that speed \(x\d\.\d{3}\), the verdict would be "
+                     r"\*\*(PASS|FAIL)\*\*", report)
     runs = json.loads((out / "compare" / "compare.json").read_text())["runs"]
     assert {r["policy"] for r in runs} == {"static", "continuous", "chunked", "chunked+swap"}
 

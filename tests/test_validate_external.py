@@ -61,7 +61,8 @@ def _alive(pid: int) -> bool:
 def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, tmp_path):
     """--url replays the slice against a running server (repeated), reads its KV pool from
     /metrics, simulates with the vllm policy, and reports a verdict without the step check,
-    saying that a black box gives no step errors; no steps.csv or step plot is written."""
+    saying that a black box gives no step errors; no steps.csv or step plot is written. A
+    warm-up run goes first, shown and kept but not compared."""
     pytest.importorskip("torch")
     from runtime.tokenizer import ByteTokenizer
     from tests.serve_thread import ServerThread, tiny_engine
@@ -69,8 +70,8 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     out = tmp_path / "out"
     with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
         code, text = _validate("--url", server.url, "--profile", str(TINY_PROFILE), "-n", "8", "--repeats", "2",
-                               "--max-num-seqs", "32", "--token-budget", "2048", "--max-prompt-tokens", "96",
-                               "--max-output-tokens", "12", "-o", str(out))
+                               "--warmup-runs", "1", "--max-num-seqs", "32", "--token-budget", "2048",
+                               "--max-prompt-tokens", "96", "--max-output-tokens", "12", "-o", str(out))
     assert code == 0, text
     assert "per-step error: not available from a black box" in text
     assert "verdict: " in text and "per-step median" not in text
@@ -80,6 +81,10 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert set(report["checks"]) >= {"mean_ttft_ms", "mean_tpot_ms", "p99_e2el_ms", "request_throughput"}
     assert "not available" in report["step_errors"] and report["num_steps"] == 0
     assert report["completed"] == {"live": 8, "sim": 8} and report["live_runs"] == 2
+    assert "warm-up run 1/1 (not compared): mean TTFT" in text and "after 1 warm-up run(s)" in text
+    [warmup] = report["warmup_runs"]
+    assert warmup["mean_ttft_ms"] > 0 and warmup["mean_tpot_ms"] > 0
+    assert report["at_device_speed"] is None  # a black box's steps cannot be re-timed
     setup = report["setup"]
     assert setup["kv"] == {"num_blocks": 256, "block_size": 16}
     assert setup["scheduler"]["policy"] == "vllm" and setup["scheduler"]["max_num_seqs"] == 32
@@ -90,6 +95,12 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
         assert summary["completed"] == 8
     assert not (out / "live" / "steps.csv").exists() and not (out / "step-scatter.png").exists()
     assert (out / "ttft-cdf.png").exists() and (out / "e2el-cdf.png").exists()
+
+
+def test_warmup_runs_need_a_served_engine(tmp_path):
+    """servesim's own live engine warms up every shape itself: --warmup-runs is refused there."""
+    code, text = _validate("--profile", str(TINY_PROFILE), "--warmup-runs", "1", "-o", str(tmp_path / "out"))
+    assert code == 2 and "--warmup-runs" in text and "only against a served engine" in text
 
 
 def test_url_without_a_server_is_one_error_line(tmp_path):

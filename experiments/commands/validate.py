@@ -116,6 +116,9 @@ def _profile_model(path: Path) -> str | None:
               help="Serve the slice this many times live and compare the simulation with the runs' mean; the "
                    "table shows how far apart the live runs were (a shared or throttled device does not "
                    "reproduce itself).")
+@click.option("--warmup-runs", default=0, show_default=True, type=click.IntRange(min=0),
+              help="--engine vllm / --url: replay the slice this many times first, not compared (a served "
+                   "engine's first runs can be slower than its later ones); their mean TTFT and TPOT are shown.")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME:PCT",
               help=f"Largest accepted |error| for the verdict, repeatable: mean (mean TTFT, TPOT, E2EL and "
                    f"throughputs), p99 (p99 TTFT, TPOT, E2EL), step (median per-step error) "
@@ -132,7 +135,7 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
              preempt: str | None, max_num_seqs: int | None, token_budget: int | None, batch_size: int,
              max_wait_s: float,
              kv_blocks: int | None, load: float | None, time_scale: float | None, seed: int, repeats: int,
-             tolerances: tuple[str, ...], strict: bool, progress: bool | None, output: Path) -> None:
+             warmup_runs: int, tolerances: tuple[str, ...], strict: bool, progress: bool | None, output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice, with a verdict.
 
     Serves the slice on the real engine (3 times by default), simulates it with the profile's
@@ -161,12 +164,15 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
         if policy != "continuous" and policy != "vllm":
             raise click.BadParameter("an external engine is simulated with the vllm policy", param_hint="--policy")
         external = ExternalArgs(url, model, vllm_python, kv_cache_gib, max_model_len, startup_timeout_s, dtype,
-                                max_num_seqs, token_budget, order, seed)
+                                max_num_seqs, token_budget, order, seed, warmup_runs)
         workload_args = dict(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
                              arrival=arrival, burstiness=burstiness, seed=seed)
         _validate_external(external, profile_path, workload_args, max_prompt_tokens, max_output_tokens, load,
                            repeats, tol, strict, progress, output)
         return
+    if warmup_runs:
+        raise click.BadParameter("only against a served engine (--engine vllm or --url); servesim's live engine "
+                                 "warms up every shape before it serves", param_hint="--warmup-runs")
     if model is not None and model not in MODELS:
         raise click.BadParameter(f"{model!r} is not a preset (known: {', '.join(MODELS)}); a checkpoint directory "
                                  "is for --engine vllm", param_hint="--model")
@@ -223,6 +229,7 @@ class ExternalArgs:
     max_num_batched_tokens: int | None
     order: str
     seed: int
+    warmup_runs: int = 0
 
 
 def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_args: dict[str, Any],
@@ -296,7 +303,8 @@ def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_a
                 config = BenchConfig(url=url, seed=args.seed, progress=show)
             except ValueError as e:
                 raise ExternalError(str(e)) from None
-            _, verdict = execute_external(plan, config, output, repeats, tol, echo=click.echo)
+            _, verdict = execute_external(plan, config, output, repeats, tol, echo=click.echo,
+                                          warmup=args.warmup_runs)
     except ExternalError as e:
         raise click.ClickException(str(e)) from None
     if strict and not verdict.passed:

@@ -287,17 +287,32 @@ class ExternalRuns:
     results: list[BlackBoxResult] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     preemptions_known: bool = True
+    warmups: list[dict[str, float]] = field(default_factory=list)
+    """Each warm-up run's mean TTFT and TPOT (ms): served, not compared."""
 
 
 def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
-               echo: Callable[[str], None] = print) -> ExternalRuns:
+               echo: Callable[[str], None] = print, warmup: int = 0) -> ExternalRuns:
     """Replay the plan's requests against the server ``repeats`` times with ``servesim bench``'s
     client; each run as a :class:`~runtime.engine.LiveResult`-shaped :class:`SimResult` with no
-    steps. Ctrl-C ends the validation (ExternalError, after the server's runs so far)."""
+    steps. ``warmup`` replays of the same requests go first and are not compared (their mean
+    TTFT and TPOT are kept: a served engine's first runs can be slower than its later ones).
+    Ctrl-C ends the validation (ExternalError, after the server's runs so far)."""
     from experiments.loadgen import BenchError, run_bench
 
     runs = ExternalRuns()
     requests = plan.workload.requests()
+    for k in range(warmup):
+        try:
+            result = run_bench(config, [dataclasses.replace(r) for r in requests])
+        except BenchError as e:
+            raise ExternalError(str(e)) from None
+        if result.interrupted:
+            raise ExternalError(f"interrupted (Ctrl-C) during warm-up run {k + 1} of {warmup}; nothing compared")
+        summary = summarize(result.requests, result.itl, PERCENTILES, None)
+        runs.warmups.append({"mean_ttft_ms": summary["mean_ttft_ms"], "mean_tpot_ms": summary["mean_tpot_ms"]})
+        echo(f"warm-up run {k + 1}/{warmup} (not compared): mean TTFT {summary['mean_ttft_ms']:.1f} ms, "
+             f"mean TPOT {summary['mean_tpot_ms']:.1f} ms")
     for k in range(repeats):
         before = read_preemptions(plan.url)
         try:
@@ -358,9 +373,10 @@ def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Ve
 
 def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats: int,
                      tolerances: Tolerances | None = None,
-                     echo: Callable[[str], None] = print) -> tuple[Validation, Verdict]:
-    """Serve the plan's requests on the external engine ``repeats`` times, simulate them, print
-    the table and the verdict, write validation.json, live/ (live-2/ ...), sim/ and the CDF plots."""
+                     echo: Callable[[str], None] = print, warmup: int = 0) -> tuple[Validation, Verdict]:
+    """Serve the plan's requests on the external engine ``warmup`` times unmeasured and then
+    ``repeats`` times, simulate them, print the table and the verdict, write validation.json,
+    live/ (live-2/ ...), sim/ and the CDF plots."""
     from experiments.validation.output import write_outputs
 
     n = plan.workload.num_requests
@@ -380,14 +396,16 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
     times = f"{repeats} times" if repeats > 1 else "once"
-    echo(f"serving {n} requests on the engine {times}, then simulating them ...")
-    runs = bench_runs(plan, config, repeats, echo)
+    first = f" after {warmup} warm-up run(s)" if warmup else ""
+    echo(f"serving {n} requests on the engine {times}{first}, then simulating them ...")
+    runs = bench_runs(plan, config, repeats, echo, warmup)
     v = compare(plan, runs)
     verdict = black_box_verdict(v, tolerances)
     echo(format_external_table(v, verdict, runs))
     write_outputs(out, plan, v, verdict, extra={"step_errors": NO_STEPS, "step_check": "left out of the verdict",
                                                 "failed": runs.failed,
-                                                "preemptions_from_metrics": runs.preemptions_known})
+                                                "preemptions_from_metrics": runs.preemptions_known,
+                                                "warmup_runs": runs.warmups})
     more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
     echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png")
     return v, verdict

@@ -15,6 +15,7 @@ from experiments.validation.errors import PERCENTILES
 from experiments.validation.plan import Plan, arrivals_text
 from experiments.validation.report import format_table
 from experiments.validation.result import Validation, validate
+from experiments.validation.runs import speed_reference
 from experiments.validation.verdict import Tolerances, Verdict, verdict_at_device_speed, verdict_of
 from sim.engine import SimResult
 from sim.metrics import request_latencies, summarize
@@ -89,7 +90,7 @@ def execute(plan: Plan, out: Path, progress: bool = True, echo: Callable[[str], 
          f"{plan.capacity.num_blocks} KV blocks), then simulating them ...")
     t0 = time.perf_counter()
     v = validate(plan.workload.requests(), plan.live, CalibratedCost(plan.profile), progress, plan.profile.samples,
-                 repeats)
+                 repeats, speed_reference(plan.profile))
     serving = " + ".join(f"{r.replicas[0].busy_s:.1f}" for r in v.live_runs)
     echo(f"live engine busy {serving} s ({time.perf_counter() - t0:.1f} s wall, simulation included)")
     verdict = verdict_of(v, tolerances)

@@ -103,7 +103,8 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
                      f"{own['median_step_signed_error'] * 100:+.1f}% (no model fits noisy steps "
                      "exactly; beyond this, the run's error is the device's drift)")
     if v.speed_before is not None or v.speed_after is not None:
-        lines.append(f"device speed (profile steps re-timed): {format_speeds(v.speed_before, v.speed_after)}")
+        lines.append(f"device speed ({v.speed_source or 'profile steps'} timed again): "
+                     f"{format_speeds(v.speed_before, v.speed_after)}")
     warning = drift_warning(v)
     if warning:
         lines.append(f"warning: {warning}")
@@ -126,7 +127,8 @@ def at_device_speed_lines(v: Validation, verdict: Verdict | None) -> list[str]:
                        for key, _ in CHECKED_METRICS)
     step = at.steps.summary()["median_step_rel_error"]
     lines = [f"at the device's speed around the live runs (every step priced x{at.factor:.3f}, the median of "
-             f"{len(at.speed_checks)} speed checks; the workload's steps are not used): {errors}, "
+             f"{len(at.speed_checks)} speed checks of {v.speed_source or 'profile steps'}; the workload's steps "
+             f"are not used): {errors}, "
              f"per-step median {step * 100:.1f}%"]
     at_verdict = verdict_at_device_speed(v, verdict.tolerances) if verdict is not None else None
     if at_verdict is not None:

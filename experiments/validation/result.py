@@ -18,7 +18,7 @@ from experiments.validation.errors import (
     profile_live_error,
     step_errors,
 )
-from experiments.validation.runs import LiveRun, live_run, sim_pool, simulate_run
+from experiments.validation.runs import LiveRun, SpeedReference, live_run, sim_pool, simulate_run
 from sim.cost import CostModel, ScaledCost
 from sim.engine import SimResult
 from sim.metrics import summarize
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class AtDeviceSpeed:
     """The same requests simulated once more with the profile priced at the device's speed
     around the live runs (:class:`~sim.cost.ScaledCost` by ``factor``, the median of the speed
-    checks: the profile's own grid steps re-timed, never the workload's), compared with the same
+    checks: the calibration's control steps timed again, never the workload's), compared with the same
     live runs. It separates the cost model's error from the device's drift since calibration:
     the plain comparison is what a user gets from a profile made earlier; this one is what the
     model gives at the speed the device ran at."""
@@ -75,6 +75,8 @@ class Validation:
     its pace, and the median pace it was compared with."""
     at_device_speed: AtDeviceSpeed | None = None
     """The comparison again at the device's speed around the live runs; None without speed checks."""
+    speed_source: str | None = None
+    """What the speed checks timed (:attr:`~experiments.validation.runs.SpeedReference.source`)."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -85,6 +87,7 @@ class Validation:
         out["num_steps"] = int(self.steps.measured_s.size)
         out["completed"] = {"live": self.live_summary["completed"], "sim": self.sim_summary["completed"]}
         out["device_speed_vs_profile"] = {"before": self.speed_before, "after": self.speed_after}
+        out["device_speed_source"] = self.speed_source
         out["profile_live_step_error"] = self.profile_live
         out["live_runs"] = max(1, len(self.live_runs))
         out["live_run_paces"] = list(self.paces)
@@ -125,13 +128,16 @@ def off_pace(paces: Sequence[float], tolerance: float = RUN_PACE_TOLERANCE) -> l
 
 
 def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, progress: bool = True,
-             profile_samples: Sequence[Any] = (), repeats: int = 1) -> Validation:
+             profile_samples: Sequence[Any] = (), repeats: int = 1,
+             speed: SpeedReference | None = None) -> Validation:
     """Run ``requests`` on the live engine of ``live`` ``repeats`` times and in the simulator
     once, with the same scheduler and exactly the same KV pool (each on fresh copies), and
     compare the simulation with the live runs' mean (a live engine on a shared or throttled
     device does not reproduce itself; the simulator is deterministic); the per-step error pools
-    every live step. With the profile's samples, also check the device's speed against them
-    before the first run and after the last.
+    every live step. With a ``speed`` reference, also check the device's speed
+    (:func:`~experiments.validation.runs.speed_check`) before and after the first run and the
+    last, and simulate once more at that speed (:class:`AtDeviceSpeed`). ``profile_samples``
+    give the profile's own error on its calibration live steps.
 
     A run whose pace left the others' (:func:`off_pace`, three runs or more) is served once more
     and replaced, whatever the second pace: the record keeps which run it was and both paces."""
@@ -140,8 +146,8 @@ def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, pro
     sim_pool(live)  # the pool must be given in full, before anything runs
 
     def serve(k: int) -> LiveRun:
-        samples = profile_samples if k in (0, repeats - 1) else ()
-        return live_run([dataclasses.replace(r) for r in requests], live, progress, samples)
+        return live_run([dataclasses.replace(r) for r in requests], live, progress,
+                        speed if k in (0, repeats - 1) else None)
 
     runs = [serve(k) for k in range(repeats)]
     paces = [run_pace(run.result, cost) for run in runs]
@@ -162,7 +168,8 @@ def validate(requests: Sequence[Request], live: LiveConfig, cost: CostModel, pro
     speeds = tuple(x for run in runs for x in (run.speed_before, run.speed_after) if x is not None)
     return Validation(results[0], sim, live_summary, sim_summary, metrics, steps, runs[0].speed_before,
                       runs[-1].speed_after, profile_live_error(profile_samples, cost), results, tuple(paces),
-                      tuple(replaced), at_device_speed(requests, live, cost, speeds, results, summaries))
+                      tuple(replaced), at_device_speed(requests, live, cost, speeds, results, summaries),
+                      speed.source if speed is not None else None)
 
 
 def at_device_speed(requests: Sequence[Request], live: LiveConfig, cost: CostModel, speeds: Sequence[float],

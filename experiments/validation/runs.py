@@ -1,10 +1,10 @@
 """The two executors of a validation on the same requests and KV pool: the simulator with exactly
 the live pool's blocks, and the live engine built by :func:`runtime.build.build_live_engine`.
 
-Before and after the live run a few of the profile's own grid steps are timed again
-(:func:`speed_check`): near saturation queueing amplifies a cost error several times, so a
-device running slower than when it was calibrated (another process, a throttled CPU) must be
-told apart from an error of the simulator.
+Before and after the live run the calibration's control steps (else a few of the profile's own
+grid steps) are timed again (:func:`speed_check`): near saturation queueing amplifies a cost
+error several times, so a device running slower than when it was calibrated (another process, a
+throttled CPU) must be told apart from an error of the simulator.
 """
 
 from __future__ import annotations
@@ -51,6 +51,35 @@ def simulate_run(requests: Sequence[Request], live: LiveConfig, cost: CostModel)
 
 
 @dataclass(frozen=True)
+class SpeedReference:
+    """What a speed check times again: the calibration's control steps (timed at each of its
+    checkpoints, ``then_ms`` their mean) or, for a profile without them, its grid samples."""
+
+    points: tuple[Any, ...] = ()
+    """The control steps' :class:`~calibrate.grid.GridPoint`; empty: use ``samples``."""
+    then_ms: tuple[float, ...] = ()
+    samples: tuple[Any, ...] = ()
+
+    @property
+    def source(self) -> str:
+        return "the calibration's control steps" if self.points else "the profile's grid steps"
+
+
+def speed_reference(profile: Any) -> SpeedReference | None:
+    """The control steps of ``profile``'s drift record when it has them (each one's reference
+    time the mean over the checkpoints, which a steady calibration keeps within 1%, 2026-12-03),
+    else its samples; None for neither."""
+    from calibrate.grid import GridPoint
+
+    drift = profile.drift or {}
+    checkpoints = [c["control_ms"] for c in drift.get("checkpoints") or []]
+    if drift.get("control_points") and checkpoints:
+        points = tuple(GridPoint.from_dict(p) for p in drift["control_points"])
+        return SpeedReference(points, tuple(float(np.mean(ms)) for ms in zip(*checkpoints, strict=True)))
+    return SpeedReference(samples=tuple(profile.samples)) if profile.samples else None
+
+
+@dataclass(frozen=True)
 class LiveRun:
     """One live run and the device's speed around it."""
 
@@ -61,29 +90,50 @@ class LiveRun:
 
 
 def live_run(requests: Sequence[Request], live: LiveConfig, progress: bool = True,
-             profile_samples: Sequence[Any] = ()) -> LiveRun:
+             speed: SpeedReference | None = None) -> LiveRun:
     """Serve ``requests`` on the live engine of ``live`` (its pool as given there), with a speed
-    check before and after when the profile's samples are given."""
+    check before and after when a reference is given."""
     from runtime.build import build_live_engine, paused_gc
     from sim.models import get_model
 
     engine = build_live_engine(live, requests, progress=progress)
     max_len = get_model(live.model).max_position
-    before = speed_check(engine.runner, profile_samples, max_len)
+    before = speed_check(engine.runner, speed, max_len)
     with paused_gc(not live.collect_garbage):
         result = engine.run(requests)
-    return LiveRun(result, before, speed_check(engine.runner, profile_samples, max_len))
+    return LiveRun(result, before, speed_check(engine.runner, speed, max_len))
 
 
-def speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int, max_points: int = SPEED_CHECK_POINTS,
-                max_step_ms: float = SPEED_CHECK_MS, budget_ms: float = SPEED_CHECK_BUDGET_MS) -> float | None:
-    """How much slower the device is now than when it was calibrated: a few of the profile's
-    own grid steps timed again on ``runner`` the way calibration timed them; the median of now /
-    then (1.1: 10% slower now). Half the points are lone prefills and half decode batches
-    (:func:`cheapest_points` of each within half of ``max_points`` and ``budget_ms``): the two
-    drift apart on a shared CPU (a recalibration 25 minutes after another, 2026-12-02, priced
-    the grid's prefills 7.8% slower and its decodes 2.6%). None when no sample can be rebuilt (a
-    profile fitted from a CSV has mixed shapes)."""
+def speed_check(runner: ModelRunner, reference: SpeedReference | None, max_len: int) -> float | None:
+    """How much slower the device is now than when it was calibrated (1.1: 10% slower now).
+    The control steps are timed as calibration timed them at its checkpoints
+    (:func:`calibrate.measure.time_controls`), and the speed is the mean of now / then, as a
+    checkpoint's drift is; without them, :func:`grid_speed_check`. None when nothing can be
+    timed again (no reference, or its steps do not fit the pool)."""
+    if reference is None:
+        return None
+    if not reference.points:
+        return grid_speed_check(runner, reference.samples, max_len)
+    from calibrate.measure import time_controls
+
+    pairs = [(p, then) for p, then in zip(reference.points, reference.then_ms, strict=True)
+             if p.fits(max_len, runner.blocks.num_free, runner.blocks.block_size)]
+    if not pairs:
+        return None
+    now = time_controls(runner, [p for p, _ in pairs])
+    return float(np.mean([x / then for x, (_, then) in zip(now, pairs, strict=True)]))
+
+
+def grid_speed_check(runner: ModelRunner, samples: Sequence[Any], max_len: int,
+                     max_points: int = SPEED_CHECK_POINTS, max_step_ms: float = SPEED_CHECK_MS,
+                     budget_ms: float = SPEED_CHECK_BUDGET_MS) -> float | None:
+    """The speed check of a profile without control steps: a few of its own grid steps timed
+    again on ``runner`` the way calibration timed them; the median of now / then. Half the
+    points are lone prefills and half decode batches (:func:`cheapest_points` of each within
+    half of ``max_points`` and ``budget_ms``). A single grid sample carries its own timing
+    noise (the small model's, 2026-12-03: 1-in-10 of them 10-30% off the fit), which is why the
+    control steps, timed at every checkpoint, are preferred. None when no sample can be
+    rebuilt (a profile fitted from a CSV has mixed shapes)."""
     if not samples:
         return None
     from calibrate.measure import measure_grid
