@@ -207,12 +207,12 @@ LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean
           "live step. step pace: the live steps' summed time over the profile's price of the same steps, "
           "mean of the live runs (x1.10: the steps ran 10% longer than priced, so TPOT comes out about that "
           "much low). "
-          "device: the profile's own steps re-timed around the live runs, time now / at calibration (x1.00: "
-          "as fast; the one furthest from 1). "
+          "device: the calibration's control steps (a profile without them: its own grid steps) timed again "
+          "around the live runs, time now / at calibration (x1.00: as fast; the one furthest from 1). "
           "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "
           "(the device did not reproduce itself). at device speed: the verdict of the same requests "
           "simulated again with every step priced at the device's speed (the median of the speed checks "
-          "around the live runs: the profile's own grid steps re-timed, never the workload's); it tells "
+          "around the live runs, never the workload's steps); it tells "
           "the model's error from the device's drift since calibration and does not replace the verdict.")
 
 
@@ -384,8 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests per cell instead of --live-s")
     p.add_argument("--repeats", type=int, default=None, help=f"live runs per cell [full {SIZES['full'][1]}, "
                    f"--quick {SIZES['quick'][1]}]")
-    p.add_argument("--warmup-runs", type=int, default=0, help="--url: replay each cell this many times first, "
-                   "not compared (a served engine's first runs can be slower) [default: 0]")
+    p.add_argument("--warmup-runs", type=int, default=None, help="--url: replay each cell this many times first, "
+                   "not compared (a vLLM server's first replays ran 5-14%% slower) [default: 1 with --url]")
     p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="[the model's validation default]")
     p.add_argument("--max-output-tokens", type=int, default=None, help="[the model's validation default]")
@@ -405,9 +405,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--requests: at least 2, got {args.requests}")
     if args.repeats < 1:
         p.error(f"--repeats: at least 1, got {args.repeats}")
-    if args.warmup_runs < 0 or (args.warmup_runs and args.url is None):
+    if args.warmup_runs is not None and (args.warmup_runs < 0 or (args.warmup_runs and args.url is None)):
         p.error("--warmup-runs: " + ("only with --url (servesim's live engine warms up every shape itself)"
                                      if args.warmup_runs > 0 else f"0 or more, got {args.warmup_runs}"))
+    if args.warmup_runs is None:
+        from experiments.validation.external import EXTERNAL_WARMUP_RUNS
+
+        args.warmup_runs = EXTERNAL_WARMUP_RUNS if args.url is not None else 0
     if not (math.isfinite(args.live_s) and args.live_s > 0):
         p.error(f"--live-s: seconds > 0 expected, got {args.live_s}")
     try:

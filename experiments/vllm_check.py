@@ -39,7 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--start", type=int, default=2000, help="first azure-conv row of the slice [default: 2000]")
     p.add_argument("-n", "--num-requests", type=int, default=100, help="requests of the slice [default: 100]")
     p.add_argument("--load", type=float, default=0.5, help="fraction of the simulated saturation [default: 0.5]")
-    p.add_argument("--repeats", type=int, default=3, help="live runs of the slice [default: 3]")
+    p.add_argument("--repeats", type=int, default=3, help="live runs of the slice, compared after one warm-up "
+                   "replay [default: 3]")
     p.add_argument("--tolerance", action="append", default=[], metavar="NAME:PCT",
                    help="as servesim validate's (mean:10, p99:20)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")

@@ -185,7 +185,8 @@ def test_bad_url_arguments(args, message, capsys):
 
 def test_url_cells_against_a_running_server(net, one_torch_thread, tmp_path):
     """With --url every cell replays its slice against the server (servesim serve with the vllm
-    policy here) and is judged without a step check; the table says the steps are not seen."""
+    policy here) after one warm-up replay, and is judged without a step check; the table says the
+    steps are not seen."""
     from pathlib import Path
 
     from runtime.tokenizer import ByteTokenizer
@@ -207,4 +208,5 @@ def test_url_cells_against_a_running_server(net, one_torch_thread, tmp_path):
     assert "median_step_rel_error" not in r["failed"]
     stored = json.loads((out / "cells" / "sharegpt-poisson-load50-vllm" / "validation.json").read_text())
     assert stored["setup"]["external"]["url"] == server.url and stored["completed"]["live"] == 6
+    assert len(stored["warmup_runs"]) == 1  # a served engine gets one replay first, not compared, by default
     assert "no step-median check" in (out / "fidelity.md").read_text()

@@ -25,6 +25,7 @@ from experiments.options import (
     resolve_progress,
     token_budget_help,
 )
+from experiments.validation.external import EXTERNAL_WARMUP_RUNS
 from experiments.validation.plan import (
     DEFAULT_LOAD,
     DEFAULT_MAX_LENGTHS,
@@ -116,9 +117,10 @@ def _profile_model(path: Path) -> str | None:
               help="Serve the slice this many times live and compare the simulation with the runs' mean; the "
                    "table shows how far apart the live runs were (a shared or throttled device does not "
                    "reproduce itself).")
-@click.option("--warmup-runs", default=0, show_default=True, type=click.IntRange(min=0),
-              help="--engine vllm / --url: replay the slice this many times first, not compared (a served "
-                   "engine's first runs can be slower than its later ones); their mean TTFT and TPOT are shown.")
+@click.option("--warmup-runs", default=None, type=click.IntRange(min=0),
+              help="--engine vllm / --url: replay the slice this many times first, not compared; their mean TTFT "
+                   f"and TPOT are shown [default: {EXTERNAL_WARMUP_RUNS}: a vLLM server's first replays after "
+                   "start or calibration ran 5-14% slower than its later ones].")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME:PCT",
               help=f"Largest accepted |error| for the verdict, repeatable: mean (mean TTFT, TPOT, E2EL and "
                    f"throughputs), p99 (p99 TTFT, TPOT, E2EL), step (median per-step error) "
@@ -135,7 +137,8 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
              preempt: str | None, max_num_seqs: int | None, token_budget: int | None, batch_size: int,
              max_wait_s: float,
              kv_blocks: int | None, load: float | None, time_scale: float | None, seed: int, repeats: int,
-             warmup_runs: int, tolerances: tuple[str, ...], strict: bool, progress: bool | None, output: Path) -> None:
+             warmup_runs: int | None, tolerances: tuple[str, ...], strict: bool, progress: bool | None,
+             output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice, with a verdict.
 
     Serves the slice on the real engine (3 times by default), simulates it with the profile's
@@ -164,7 +167,8 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
         if policy != "continuous" and policy != "vllm":
             raise click.BadParameter("an external engine is simulated with the vllm policy", param_hint="--policy")
         external = ExternalArgs(url, model, vllm_python, kv_cache_gib, max_model_len, startup_timeout_s, dtype,
-                                max_num_seqs, token_budget, order, seed, warmup_runs)
+                                max_num_seqs, token_budget, order, seed,
+                                EXTERNAL_WARMUP_RUNS if warmup_runs is None else warmup_runs)
         workload_args = dict(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
                              arrival=arrival, burstiness=burstiness, seed=seed)
         _validate_external(external, profile_path, workload_args, max_prompt_tokens, max_output_tokens, load,

