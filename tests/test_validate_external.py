@@ -75,6 +75,8 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert code == 0, text
     assert "per-step error: not available from a black box" in text
     assert "verdict: " in text and "per-step median" not in text
+    # A CPU profile against a server the user runs: how to size its oneDNN cache is said.
+    assert "start yours with the same" in text and "ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384" in text
     report = json.loads((out / "validation.json").read_text())
     assert report["verdict"] in ("PASS", "FAIL")
     assert "median_step_rel_error" not in report["checks"] and "median_step_rel_error" not in report
@@ -141,6 +143,22 @@ def test_a_server_that_exits_at_start_prints_its_log(tmp_path):
     assert code == 1, text
     assert "exited with status 3 before it was ready" in text and "not enough KV cache memory" in text
     assert (tmp_path / "out" / "vllm-server.log").exists()
+
+
+@pytest.mark.parametrize("given, seen", [(None, "16384"), ("777", "777")])
+def test_the_server_gets_a_onednn_cache_for_every_token_count(given, seen, tmp_path, monkeypatch):
+    """vLLM's CPU backend builds a oneDNN matmul per token count; the server servesim starts
+    keeps 16384 of them (oneDNN's default, 1024, is evicted under load), unless the user's
+    environment says otherwise."""
+    if given is None:
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", given)
+    fake = _fake_python(tmp_path, 'echo "cache=$ONEDNN_PRIMITIVE_CACHE_CAPACITY kv=$VLLM_CPU_KVCACHE_SPACE"; exit 3')
+    code, text = _validate("--engine", "vllm", "--model", str(_checkpoint(tmp_path)), "--vllm-python", str(fake),
+                           "--kv-cache-gib", "3", "--profile", str(TINY_PROFILE), "-o", str(tmp_path / "out"))
+    assert code == 1, text
+    assert f"cache={seen} kv=3" in text
 
 
 def test_a_server_never_ready_is_stopped_after_the_startup_timeout(tmp_path):

@@ -208,6 +208,11 @@ def test_blackbox_plan_fits_the_servers_limits():
     assert plan.decode_batches == (1, 4)
     assert plan.decode_contexts == (32,)
     assert plan.join_lengths == (16, 128) and plan.join_batch == 3
+    # One pass of every pattern first, not kept: vLLM's CPU backend builds a kernel per new token count.
+    assert plan.warm_passes == 1
+    assert BlackboxPlan(warm_passes=0).fitted(budget=256, max_seqs=4, max_len=512).warm_passes == 0
+    with pytest.raises(ValueError, match="warm_passes"):
+        BlackboxPlan(warm_passes=-1)
 
 
 def test_inproc_config_is_validated_naming_the_field():
@@ -294,7 +299,7 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
 
     tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
-                        join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2)
+                        join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
                                      max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2)
@@ -311,6 +316,9 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     assert profile.request_overhead_s == profile.engine["measured"]["overhead_ms"] / 1000 >= 0
     written = json.loads((tmp_path / "work" / "engine.json").read_text())
     assert written["settings_assumed"] == []
+    # A pass is 2 lone prefills, decode batches of 1 and 3, 2 decoders and 1 joiner: 9 requests.
+    # Before them 1 warm-up and 2 one-token prompts; the warm pass is sent, then the kept one.
+    assert written["measured"]["requests"] == 3 + 2 * 9 and written["measured"]["warm_passes"] == 1
 
 
 def test_decode_batches_against_servesim_serve(net, one_torch_thread, tmp_path):

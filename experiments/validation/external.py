@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calibrate.vllm_calibration import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_ENV, vllm_env
 from experiments.engine_settings import EngineSettings, read_engine_settings
 from experiments.validation.errors import PERCENTILES, StepErrors, compare_summaries, mean_summary
 from experiments.validation.plan import arrivals_text, at_load
@@ -117,8 +118,10 @@ class VllmLaunch:
         return cmd
 
     def env(self) -> dict[str, str]:
+        """This process's environment, the KV size, and oneDNN's primitive cache sized for every
+        token count (:data:`~calibrate.vllm_calibration.ONEDNN_CACHE_ENTRIES`) unless it is set."""
         extra = {} if self.kv_cache_gib is None else {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib)}
-        return dict(os.environ) | extra
+        return vllm_env() | extra
 
     @property
     def served_name(self) -> str:
@@ -398,6 +401,11 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
             if plan.assumed else ""))
     for note in plan.settings.caveats():
         echo(f"note: {note}")
+    if plan.launch is None and plan.profile.device.startswith("cpu"):
+        echo(f"note: vLLM's CPU backend builds a oneDNN matmul for each token count its steps have, and oneDNN "
+             f"keeps 1024 unless {ONEDNN_CACHE_ENV} says more; under load that is too few, and the rebuilt "
+             f"ones make repeated runs disagree. servesim starts its vLLM with {ONEDNN_CACHE_ENV}="
+             f"{ONEDNN_CACHE_ENTRIES}; start yours with the same.")
     if plan.profile.request_overhead_s:
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
