@@ -71,6 +71,14 @@ def vllm_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def onednn_note() -> str:
+    """What to tell a user whose vLLM server on a CPU servesim did not start."""
+    return (f"vLLM's CPU backend builds a oneDNN matmul for each token count its steps have, and oneDNN keeps "
+            f"1024 unless {ONEDNN_CACHE_ENV} says more; under load that is too few, and the rebuilt ones make "
+            f"repeated runs disagree. servesim starts its vLLM with {ONEDNN_CACHE_ENV}={ONEDNN_CACHE_ENTRIES}; "
+            f"start yours with the same.")
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

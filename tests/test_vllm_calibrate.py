@@ -279,6 +279,9 @@ def test_find_vllm_python_names_the_ways_to_give_one(monkeypatch, tmp_path):
      "--device applies to --engine vllm only with --url"),
     (["--engine", "vllm", "--model", "nowhere", "-o", "p.json"], "not a checkpoint directory"),
     (["--engine", "vllm", "--url", "http://127.0.0.1:9", "-o", "p.json"], "cannot read the engine's settings"),
+    # A CPU server the user runs: how to size its oneDNN cache is said before anything is sent.
+    (["--engine", "vllm", "--url", "http://127.0.0.1:9", "--device", "cpu", "-o", "p.json"],
+     "ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384; start yours with the same"),
 ])
 def test_calibrate_engine_vllm_errors_are_for_people(args, message, tmp_path, monkeypatch):
     """Misused options and an unreachable server give one line naming the option, no traceback."""

@@ -224,7 +224,10 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
                                           echo=echo)
         else:
             from calibrate.vllm_blackbox import calibrate_blackbox
+            from calibrate.vllm_calibration import onednn_note
 
+            if device.startswith("cpu"):
+                echo(f"note: {onednn_note()}")
             profile = calibrate_blackbox(url, model=model, dtype=dtype, quick=quick, seed=seed,
                                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                          workdir=workdir, echo=echo,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibrate.vllm_calibration import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_ENV, vllm_env
+from calibrate.vllm_calibration import onednn_note, vllm_env
 from experiments.engine_settings import EngineSettings, read_engine_settings
 from experiments.validation.errors import PERCENTILES, StepErrors, compare_summaries, mean_summary
 from experiments.validation.plan import arrivals_text, at_load
@@ -402,10 +402,7 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     for note in plan.settings.caveats():
         echo(f"note: {note}")
     if plan.launch is None and plan.profile.device.startswith("cpu"):
-        echo(f"note: vLLM's CPU backend builds a oneDNN matmul for each token count its steps have, and oneDNN "
-             f"keeps 1024 unless {ONEDNN_CACHE_ENV} says more; under load that is too few, and the rebuilt "
-             f"ones make repeated runs disagree. servesim starts its vLLM with {ONEDNN_CACHE_ENV}="
-             f"{ONEDNN_CACHE_ENTRIES}; start yours with the same.")
+        echo(f"note: {onednn_note()}")
     if plan.profile.request_overhead_s:
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
