@@ -234,6 +234,36 @@ def url_text(url: str) -> str:
     return url.rstrip("/")
 
 
+CPU_BUILD_TOKENS = 512
+"""Token counts :func:`build_kernels` covers by default on a CPU: a validation slice on CPU has
+prompts of at most 256 tokens, and a step prefills one or a few of them beside its decodes."""
+
+
+def build_kernels(url: str, upto: int, log: Callable[[str], None] = lambda _: None,
+                  vocab_size: int = 4096, seed: int = 0, budget: int | None = None,
+                  max_model_len: int | None = None) -> float:
+    """Lone one-token requests with prompts of 1, 2, ... ``upto`` tokens, one at a time, so that
+    the server has run a step of every token count up to ``upto`` (at most its token ``budget``
+    and ``max_model_len`` - 1, where known); the seconds it took.
+
+    vLLM's CPU backend builds a oneDNN matmul per linear layer shape the first time a step has a
+    given token count (1.5-10.5 ms a step on the small model at 1-256 tokens; see
+    :mod:`experiments.onednn_cache`), as vLLM on CUDA captures its graphs at start-up for the
+    batch sizes it will run. A loaded server spreads its steps over hundreds of token counts, so
+    a fresh one pays those builds through its first replays; after this sweep (with
+    :data:`calibrate.vllm_calibration.ONEDNN_CACHE_ENTRIES` kept) it has them all."""
+    upto = min(upto, budget or upto, (max_model_len or upto + 1) - 1)
+    if upto < 1:
+        return 0.0
+    started = time.perf_counter()
+    log(f"building the server's kernels: {upto} lone prompts of 1..{upto} tokens ...")
+    _Client(url=url, model=None, vocab_size=vocab_size, seed=seed).run([(0.0, n, 1) for n in range(1, upto + 1)],
+                                                                       one_at_a_time=True)
+    took = time.perf_counter() - started
+    log(f"built: every step token count up to {upto} run once, in {took:.1f} s")
+    return took
+
+
 def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]) -> tuple[list[Sample], dict]:
     """Send every pattern ``plan.warm_passes`` times unkept, then ``plan.repeats`` times; the
     samples and what was measured."""
@@ -293,11 +323,13 @@ def _joins(client: _Client, plan: BlackboxPlan, decode_gap: dict[int, float], sa
 def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = None, quick: bool = True, seed: int = 0,
                        max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                        workdir: Path | None = None, echo: Callable[[str], None] | None = None,
-                       folds: int = 5, plan: BlackboxPlan | None = None, device: str | None = None):
+                       folds: int = 5, plan: BlackboxPlan | None = None, device: str | None = None,
+                       build_tokens: int = 0):
     """``servesim calibrate --engine vllm --url URL``: read the server's settings, send the
     patterns, fit. ``model`` (a preset, config.json or checkpoint directory) and ``dtype``
     give the KV bytes per token; the served model is the first the server lists. ``device`` is
-    what the user says the server runs on (None: recorded as unknown)."""
+    what the user says the server runs on (None: recorded as unknown). ``build_tokens``: first
+    run a step of every token count up to it (:func:`build_kernels`)."""
     from calibrate.vllm_calibration import profile_from_engine
     from experiments.engine_settings import DEFAULT_MAX_NUM_SEQS, read_engine_settings
     from sim.models import get_model
@@ -316,7 +348,9 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     plan = (plan or BlackboxPlan.make(quick)).fitted(budget, seqs, max_len)
     vocab = min(spec.vocab_size, 32000) if spec is not None else 4096
     client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
+    built_s = build_kernels(url, build_tokens, log, vocab, seed, budget, max_len)
     samples, measured = run_patterns(client, plan, log)
+    measured |= {"build_tokens": build_tokens, "build_s": built_s}
     version = _version(url)
     info = {
         "engine": "vllm", "vllm_version": version, "mode": "http", "url": url_text(url), "served_model": client.model,

@@ -386,6 +386,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    f"--quick {SIZES['quick'][1]}]")
     p.add_argument("--warmup-runs", type=int, default=None, help="--url: replay each cell this many times first, "
                    "not compared (a vLLM server's first replays ran 5-14%% slower) [default: 1 with --url]")
+    p.add_argument("--build-tokens", type=int, default=None, help="--url: before the first cell, run one step of "
+                   "every token count up to N on the server, so that vLLM's CPU backend has built each kernel "
+                   "[default: 512 with a CPU profile, else 0]")
     p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="[the model's validation default]")
     p.add_argument("--max-output-tokens", type=int, default=None, help="[the model's validation default]")
@@ -408,6 +411,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.warmup_runs is not None and (args.warmup_runs < 0 or (args.warmup_runs and args.url is None)):
         p.error("--warmup-runs: " + ("only with --url (servesim's live engine warms up every shape itself)"
                                      if args.warmup_runs > 0 else f"0 or more, got {args.warmup_runs}"))
+    if args.build_tokens is not None and (args.build_tokens < 0 or (args.build_tokens and args.url is None)):
+        p.error("--build-tokens: " + ("only with --url (servesim's live engine warms up every shape itself)"
+                                      if args.build_tokens > 0 else f"0 or more, got {args.build_tokens}"))
     if args.warmup_runs is None:
         from experiments.validation.external import EXTERNAL_WARMUP_RUNS
 
@@ -503,6 +509,8 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
         return 0
     rows = []
     started = time.perf_counter()
+    if server is not None and any(d is None for d in done.values()):
+        build_once(server, args, profile, echo)
     spent_s = estimated_done_s = 0.0
     for k, cell in enumerate(todo, 1):
         directory = out / "cells" / cell.name
@@ -557,6 +565,24 @@ def connect(args: argparse.Namespace) -> Server:
     except ExternalError as e:
         raise SystemExit(f"--url {args.url}: {e}") from None
     return Server(args.url, settings, args.max_num_seqs, args.max_num_batched_tokens)
+
+
+def build_once(server: Server, args: argparse.Namespace, profile: Path, echo: Callable[[str], None]) -> None:
+    """``--url``: one step of every token count up to ``--build-tokens`` on the server before the
+    first cell (vLLM's CPU backend builds a kernel per token count; the server keeps them)."""
+    from calibrate.errors import CalibrationError
+    from calibrate.profile import load_profile
+    from calibrate.vllm_blackbox import CPU_BUILD_TOKENS, build_kernels
+    from sim.policies.vllm import DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    upto = args.build_tokens
+    if upto is None:
+        upto = CPU_BUILD_TOKENS if load_profile(profile).device.startswith("cpu") else 0
+    try:
+        build_kernels(server.url, upto, echo, budget=server.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                      max_model_len=server.settings.max_model_len)
+    except CalibrationError as e:
+        raise SystemExit(f"--url {server.url}: building the server's kernels: {e}") from None
 
 
 def run_cell(plan: Any, directory: Path, args: argparse.Namespace, server: Server | None) -> None:

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
     from calibrate.calibration import poor_fit_problems
     from calibrate.errors import CalibrationError
     from calibrate.profile import save_profile
-    from calibrate.vllm_blackbox import calibrate_blackbox
+    from calibrate.vllm_blackbox import CPU_BUILD_TOKENS, calibrate_blackbox
     from experiments.loadgen import BenchConfig
     from experiments.validation.external import (
         ExternalError,
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         with vllm_server(launch, out / "vllm-server.log", echo) as url:
             echo(f"calibrating the server black-box ({'full' if args.full else 'quick'} patterns) ...")
             profile = calibrate_blackbox(url, model=str(checkpoint), dtype=launch.dtype, quick=not args.full,
-                                         device="cpu", echo=echo)
+                                         device="cpu", echo=echo, build_tokens=CPU_BUILD_TOKENS)
             save_profile(profile, profile_path)
             held = (profile.errors.get("held_out") or {}).get("all", {})
             echo(f"wrote {profile_path}: {len(profile.samples)} steps, held-out median "

@@ -174,6 +174,8 @@ def test_end_to_end_and_resume(tmp_path, tiny_profile):
     (["--url", "http://127.0.0.1:9", "--profile", "p.json", "--threads", "2"], "--threads"),
     (["--max-num-seqs", "8"], "--max-num-seqs: only with --url"),
     (["--warmup-runs", "1"], "--warmup-runs: only with --url"),
+    (["--build-tokens", "8"], "--build-tokens: only with --url"),
+    (["--url", "http://127.0.0.1:9", "--profile", "p.json", "--build-tokens", "-1"], "--build-tokens: 0 or more"),
     (["--url", "http://127.0.0.1:9", "--profile", "p.json", "--warmup-runs", "-1"], "--warmup-runs: 0 or more"),
 ])
 def test_bad_url_arguments(args, message, capsys):

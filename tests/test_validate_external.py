@@ -70,7 +70,8 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     out = tmp_path / "out"
     with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
         code, text = _validate("--url", server.url, "--profile", str(TINY_PROFILE), "-n", "8", "--repeats", "2",
-                               "--warmup-runs", "1", "--max-num-seqs", "32", "--token-budget", "2048",
+                               "--warmup-runs", "1", "--build-tokens", "6", "--max-num-seqs", "32",
+                               "--token-budget", "2048",
                                "--max-prompt-tokens", "96", "--max-output-tokens", "12", "-o", str(out))
     assert code == 0, text
     assert "per-step error: not available from a black box" in text
@@ -84,6 +85,8 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert "not available" in report["step_errors"] and report["num_steps"] == 0
     assert report["completed"] == {"live": 8, "sim": 8} and report["live_runs"] == 2
     assert "warm-up run 1/1 (not compared): mean TTFT" in text and "after 1 warm-up run(s)" in text
+    # A step of every token count 1..6 first (vLLM's CPU backend builds a kernel for each).
+    assert "built: every step token count up to 6 run once" in text and report["build_tokens"] == 6
     [warmup] = report["warmup_runs"]
     assert warmup["mean_ttft_ms"] > 0 and warmup["mean_tpot_ms"] > 0
     assert report["at_device_speed"] is None  # a black box's steps cannot be re-timed
@@ -99,10 +102,12 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert (out / "ttft-cdf.png").exists() and (out / "e2el-cdf.png").exists()
 
 
-def test_warmup_runs_need_a_served_engine(tmp_path):
-    """servesim's own live engine warms up every shape itself: --warmup-runs is refused there."""
-    code, text = _validate("--profile", str(TINY_PROFILE), "--warmup-runs", "1", "-o", str(tmp_path / "out"))
-    assert code == 2 and "--warmup-runs" in text and "only against a served engine" in text
+@pytest.mark.parametrize("option", ["--warmup-runs", "--build-tokens"])
+def test_warmups_need_a_served_engine(option, tmp_path):
+    """servesim's own live engine warms up every shape itself: --warmup-runs and --build-tokens
+    are refused there."""
+    code, text = _validate("--profile", str(TINY_PROFILE), option, "1", "-o", str(tmp_path / "out"))
+    assert code == 2 and option in text and "only against a served engine" in text
 
 
 def test_url_without_a_server_is_one_error_line(tmp_path):
@@ -230,8 +235,10 @@ def test_engine_vllm_validates_a_tiny_slice_against_a_real_vllm(tmp_path):
     code, text = _validate("--engine", "vllm", "--model", str(ckpt), "--vllm-python", str(VLLM_PYTHON),
                            "--profile", str(tmp_path / "profile.json"), "--kv-cache-gib", "1", "-n", "10",
                            "--repeats", "1", "--max-prompt-tokens", "256", "--max-output-tokens", "16",
-                           "-o", str(out))
+                           "--build-tokens", "64", "-o", str(out))
     assert code == 0, text
+    assert "built: every step token count up to 64 run once" in text
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in text  # servesim started it with the cache sized
     report = json.loads((out / "validation.json").read_text())
     setup = report["setup"]
     assert setup["external"]["started_by_servesim"] and setup["external"]["cache_config"]["enable_prefix_caching"] \

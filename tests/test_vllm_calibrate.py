@@ -279,6 +279,8 @@ def test_find_vllm_python_names_the_ways_to_give_one(monkeypatch, tmp_path):
      "--device applies to --engine vllm only with --url"),
     (["--engine", "vllm", "--model", "nowhere", "-o", "p.json"], "not a checkpoint directory"),
     (["--engine", "vllm", "--url", "http://127.0.0.1:9", "-o", "p.json"], "cannot read the engine's settings"),
+    (["--engine", "vllm", "--model", "ckpt", "--build-tokens", "8", "-o", "p.json"],
+     "--build-tokens applies to --engine vllm only with --url"),
     # A CPU server the user runs: how to size its oneDNN cache is said before anything is sent.
     (["--engine", "vllm", "--url", "http://127.0.0.1:9", "--device", "cpu", "-o", "p.json"],
      "ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384; start yours with the same"),
@@ -305,7 +307,7 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
                         join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
-                                     max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2)
+                                     max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2, build_tokens=5)
     kinds = {s.kind for s in profile.samples}
     assert kinds >= {"prefill", "decode"}
     # A lone prefill whose TTFT is within the per-request cost's jitter (the tiny model's take a
@@ -322,6 +324,8 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     # A pass is 2 lone prefills, decode batches of 1 and 3, 2 decoders and 1 joiner: 9 requests.
     # Before them 1 warm-up and 2 one-token prompts; the warm pass is sent, then the kept one.
     assert written["measured"]["requests"] == 3 + 2 * 9 and written["measured"]["warm_passes"] == 1
+    # Before them, lone prompts of 1..5 tokens built the server's kernels (their own client).
+    assert written["measured"]["build_tokens"] == 5 and written["measured"]["build_s"] > 0
 
 
 def test_decode_batches_against_servesim_serve(net, one_torch_thread, tmp_path):
@@ -358,3 +362,19 @@ def test_decode_batches_bad_arguments(argv, message, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_build_kernels_sends_every_token_count_within_the_servers_limits(monkeypatch):
+    """One lone one-token prompt per token count, in order, never past the budget or max_model_len - 1."""
+    from calibrate import vllm_blackbox
+
+    sent: list[list[tuple[float, int, int]]] = []
+    monkeypatch.setattr(vllm_blackbox._Client, "run", lambda self, specs, one_at_a_time=False: sent.append(
+        list(specs)) or [])
+    assert vllm_blackbox.build_kernels("http://x", 0) == 0.0 and sent == []
+    vllm_blackbox.build_kernels("http://x", 6)
+    assert sent[-1] == [(0.0, n, 1) for n in range(1, 7)]
+    vllm_blackbox.build_kernels("http://x", 512, budget=4)
+    assert [n for _, n, _ in sent[-1]] == [1, 2, 3, 4]
+    vllm_blackbox.build_kernels("http://x", 512, budget=2048, max_model_len=6)
+    assert [n for _, n, _ in sent[-1]] == [1, 2, 3, 4, 5]

@@ -88,6 +88,10 @@ def _print_errors(errors: dict) -> None:
               help="--engine vllm: vLLM's prefix caching [default: vLLM's, on].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="--engine vllm: keep the engine's log, steps.csv and engine.json here.")
+@click.option("--build-tokens", type=click.IntRange(0), default=None,
+              help="--engine vllm --url: first run one step of every token count up to N on the server (lone "
+                   "prompts of 1..N tokens), so that vLLM's CPU backend has built its kernel for each before the "
+                   "patterns [default: 512 with --device cpu, else 0].")
 @progress_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Profile JSON to write.")
@@ -99,7 +103,8 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
               no_drift_check: bool, accept_poor_fit: bool, progress: bool | None, output: Path | None,
               engine: str = "servesim", url: str | None = None, vllm_python: str | None = None,
               max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
-              kv_cache_gib: int | None = None, prefix_caching: bool | None = None, workdir: Path | None = None) -> None:
+              kv_cache_gib: int | None = None, prefix_caching: bool | None = None, workdir: Path | None = None,
+              build_tokens: int | None = None) -> None:
     """Calibrate a cost model on the real engine (CUDA when present, else CPU) and write a profile.
 
     \b
@@ -120,7 +125,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
                         block_size=block_size, max_model_len=max_model_len, quick=quick, seed=seed,
                         vllm_python=vllm_python, max_num_batched_tokens=max_num_batched_tokens,
                         max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching,
-                        workdir=workdir, device=device)
+                        workdir=workdir, device=device, build_tokens=build_tokens)
         return
     given_vllm = _given(ctx, _VLLM_ONLY)
     if given_vllm:
@@ -169,7 +174,7 @@ def calibrate(ctx: click.Context, model: str | None, weights: Path | None, devic
 
 
 _VLLM_ONLY = ("url", "vllm_python", "max_num_batched_tokens", "max_num_seqs", "kv_cache_gib", "prefix_caching",
-              "workdir")
+              "workdir", "build_tokens")
 _SERVESIM_ONLY = ("weights", "repeats", "warmup", "passes", "threads", "memory_utilization", "live",
                   "drift_pct", "no_drift_check")
 _SERVER_SETS = ("vllm_python", "kv_cache_gib", "prefix_caching", "block_size", "max_model_len")
@@ -186,7 +191,8 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
                     url: str | None, model: str | None, dtype: str | None, block_size: int,
                     max_model_len: int | None, quick: bool, seed: int, vllm_python: str | None,
                     max_num_batched_tokens: int | None, max_num_seqs: int | None, kv_cache_gib: int | None,
-                    prefix_caching: bool | None, workdir: Path | None, device: str = "auto") -> None:
+                    prefix_caching: bool | None, workdir: Path | None, device: str = "auto",
+                    build_tokens: int | None = None) -> None:
     """``--engine vllm``: in process (``--model CHECKPOINT_DIR``) or black-box (``--url``)."""
     from calibrate.errors import CalibrationError
     from calibrate.profile import save_profile
@@ -200,6 +206,8 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
     if url is None and _given(ctx, ("device",)):
         raise click.UsageError("option --device applies to --engine vllm only with --url (vLLM in process reports "
                                "its own device)")
+    if url is None and _given(ctx, ("build_tokens",)):
+        raise click.UsageError("option --build-tokens applies to --engine vllm only with --url (a server's kernels)")
     if url is not None and _given(ctx, _SERVER_SETS):
         raise click.UsageError(f"option(s) {', '.join(_given(ctx, _SERVER_SETS))} cannot be used with --url: the "
                                "server was started with its own (they are read from its /metrics)")
@@ -223,15 +231,17 @@ def _calibrate_vllm(ctx: click.Context, output: Path | None, accept_poor_fit: bo
             profile = calibrate_inprocess(args, quick=quick, seed=seed, vllm_python=vllm_python, workdir=workdir,
                                           echo=echo)
         else:
-            from calibrate.vllm_blackbox import calibrate_blackbox
+            from calibrate.vllm_blackbox import CPU_BUILD_TOKENS, calibrate_blackbox
             from calibrate.vllm_calibration import onednn_note
 
             if device.startswith("cpu"):
                 echo(f"note: {onednn_note()}")
+            if build_tokens is None:
+                build_tokens = CPU_BUILD_TOKENS if device.startswith("cpu") else 0
             profile = calibrate_blackbox(url, model=model, dtype=dtype, quick=quick, seed=seed,
                                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                          workdir=workdir, echo=echo,
-                                         device=None if device == "auto" else device)
+                                         device=None if device == "auto" else device, build_tokens=build_tokens)
     except (ValueError, CalibrationError) as e:
         raise click.ClickException(str(e)) from None
     from calibrate.live import count_origins

@@ -121,6 +121,10 @@ def _profile_model(path: Path) -> str | None:
               help="--engine vllm / --url: replay the slice this many times first, not compared; their mean TTFT "
                    f"and TPOT are shown [default: {EXTERNAL_WARMUP_RUNS}: a vLLM server's first replays after "
                    "start or calibration ran 5-14% slower than its later ones].")
+@click.option("--build-tokens", default=None, type=click.IntRange(min=0),
+              help="--engine vllm / --url: first run one step of every token count up to N on the server (lone "
+                   "prompts of 1..N tokens), so that vLLM's CPU backend has built its kernel for each before the "
+                   "replays [default: 512 with a CPU profile, else 0].")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME:PCT",
               help=f"Largest accepted |error| for the verdict, repeatable: mean (mean TTFT, TPOT, E2EL and "
                    f"throughputs), p99 (p99 TTFT, TPOT, E2EL), step (median per-step error) "
@@ -137,8 +141,8 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
              preempt: str | None, max_num_seqs: int | None, token_budget: int | None, batch_size: int,
              max_wait_s: float,
              kv_blocks: int | None, load: float | None, time_scale: float | None, seed: int, repeats: int,
-             warmup_runs: int | None, tolerances: tuple[str, ...], strict: bool, progress: bool | None,
-             output: Path) -> None:
+             warmup_runs: int | None, build_tokens: int | None, tolerances: tuple[str, ...], strict: bool,
+             progress: bool | None, output: Path) -> None:
     """Check the simulator against the live engine on the same trace slice, with a verdict.
 
     Serves the slice on the real engine (3 times by default), simulates it with the profile's
@@ -168,15 +172,16 @@ def validate(profile_path: Path | None, model: str | None, engine: str, url: str
             raise click.BadParameter("an external engine is simulated with the vllm policy", param_hint="--policy")
         external = ExternalArgs(url, model, vllm_python, kv_cache_gib, max_model_len, startup_timeout_s, dtype,
                                 max_num_seqs, token_budget, order, seed,
-                                EXTERNAL_WARMUP_RUNS if warmup_runs is None else warmup_runs)
+                                EXTERNAL_WARMUP_RUNS if warmup_runs is None else warmup_runs, build_tokens)
         workload_args = dict(trace=trace, start=start, num_requests=num_requests, time_scale=time_scale or 1.0,
                              arrival=arrival, burstiness=burstiness, seed=seed)
         _validate_external(external, profile_path, workload_args, max_prompt_tokens, max_output_tokens, load,
                            repeats, tol, strict, progress, output)
         return
-    if warmup_runs:
-        raise click.BadParameter("only against a served engine (--engine vllm or --url); servesim's live engine "
-                                 "warms up every shape before it serves", param_hint="--warmup-runs")
+    for name, given in (("--warmup-runs", warmup_runs), ("--build-tokens", build_tokens)):
+        if given:
+            raise click.BadParameter("only against a served engine (--engine vllm or --url); servesim's live "
+                                     "engine warms up every shape before it serves", param_hint=name)
     if model is not None and model not in MODELS:
         raise click.BadParameter(f"{model!r} is not a preset (known: {', '.join(MODELS)}); a checkpoint directory "
                                  "is for --engine vllm", param_hint="--model")
@@ -234,6 +239,8 @@ class ExternalArgs:
     order: str
     seed: int
     warmup_runs: int = 0
+    build_tokens: int | None = None
+    """None: :data:`~calibrate.vllm_blackbox.CPU_BUILD_TOKENS` with a CPU profile, else 0."""
 
 
 def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_args: dict[str, Any],
@@ -263,6 +270,11 @@ def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_a
     except (ProfileError, OSError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--profile") from None
     settings_launched = profile.engine.get("settings", {}) if isinstance(profile.engine, dict) else {}
+    build = args.build_tokens
+    if build is None:
+        from calibrate.vllm_blackbox import CPU_BUILD_TOKENS
+
+        build = CPU_BUILD_TOKENS if profile.device.startswith("cpu") else 0
     mp, mo = lengths_for(profile, max_prompt_tokens, max_output_tokens)
     try:
         workload = TraceReplay(**workload_args, max_prompt_tokens=mp, max_output_tokens=mo)
@@ -308,7 +320,7 @@ def _validate_external(args: ExternalArgs, profile_path: Path | None, workload_a
             except ValueError as e:
                 raise ExternalError(str(e)) from None
             _, verdict = execute_external(plan, config, output, repeats, tol, echo=click.echo,
-                                          warmup=args.warmup_runs)
+                                          warmup=args.warmup_runs, build_tokens=build)
     except ExternalError as e:
         raise click.ClickException(str(e)) from None
     if strict and not verdict.passed:

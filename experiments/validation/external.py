@@ -382,10 +382,13 @@ def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Ve
 def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats: int,
                      tolerances: Tolerances | None = None,
                      echo: Callable[[str], None] = print,
-                     warmup: int = EXTERNAL_WARMUP_RUNS) -> tuple[Validation, Verdict]:
-    """Serve the plan's requests on the external engine ``warmup`` times unmeasured and then
-    ``repeats`` times, simulate them, print the table and the verdict, write validation.json,
-    live/ (live-2/ ...), sim/ and the CDF plots."""
+                     warmup: int = EXTERNAL_WARMUP_RUNS, build_tokens: int = 0) -> tuple[Validation, Verdict]:
+    """Run a step of every token count up to ``build_tokens`` on the engine
+    (:func:`~calibrate.vllm_blackbox.build_kernels`), serve the plan's requests ``warmup`` times
+    unmeasured and then ``repeats`` times, simulate them, print the table and the verdict, write
+    validation.json, live/ (live-2/ ...), sim/ and the CDF plots."""
+    from calibrate.errors import CalibrationError
+    from calibrate.vllm_blackbox import build_kernels
     from experiments.validation.output import write_outputs
 
     n = plan.workload.num_requests
@@ -406,6 +409,11 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     if plan.profile.request_overhead_s:
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
+    try:
+        build_kernels(plan.url, build_tokens, echo, budget=plan.scheduler.token_budget,
+                      max_model_len=plan.settings.max_model_len)
+    except CalibrationError as e:
+        raise ExternalError(f"building the server's kernels: {e}") from None
     times = f"{repeats} times" if repeats > 1 else "once"
     first = f" after {warmup} warm-up run(s)" if warmup else ""
     echo(f"serving {n} requests on the engine {times}{first}, then simulating them ...")
@@ -416,7 +424,7 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     write_outputs(out, plan, v, verdict, extra={"step_errors": NO_STEPS, "step_check": "left out of the verdict",
                                                 "failed": runs.failed,
                                                 "preemptions_from_metrics": runs.preemptions_known,
-                                                "warmup_runs": runs.warmups})
+                                                "warmup_runs": runs.warmups, "build_tokens": build_tokens})
     more = "".join(f", live-{k}/" for k in range(2, repeats + 1)) if repeats <= 3 else f", live-2/ .. live-{repeats}/"
     echo(f"wrote {out}/: validation.json, live/{more}, sim/, ttft-cdf.png, e2el-cdf.png")
     return v, verdict
