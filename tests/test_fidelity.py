@@ -201,8 +201,11 @@ def test_url_cells_against_a_running_server(net, one_torch_thread, tmp_path):
     with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
         args = ["--url", server.url, "--profile", str(profile), "--workloads", "sharegpt-poisson", "--loads", "0.5",
                 "--requests", "6", "--repeats", "1", "--max-prompt-tokens", "64", "--max-output-tokens", "8",
-                "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--traces", str(traces), "-o", str(out)]
+                "--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--build-tokens", "8",
+                "--traces", str(traces), "-o", str(out)]
         assert fidelity.main(args, echo=lines.append) == 0
+    # Once, before the first cell: a step of every token count 1..8 on the server.
+    assert sum("built: every step token count up to 8 run once" in line for line in lines) == 1
     data = json.loads((out / "fidelity.json").read_text())
     [r] = data["rows"]
     assert (r["workload"], r["policy"], r["requests"]) == ("sharegpt-poisson", "vllm", 6)
