@@ -239,6 +239,12 @@ CPU_BUILD_TOKENS = 512
 prompts of at most 256 tokens, and a step prefills one or a few of them beside its decodes."""
 
 
+def build_count(upto: int, budget: int | None = None, max_model_len: int | None = None) -> int:
+    """The token counts :func:`build_kernels` covers: ``upto``, within the server's token budget
+    and ``max_model_len`` - 1 where known."""
+    return max(0, min(upto, budget or upto, (max_model_len or upto + 1) - 1))
+
+
 def build_kernels(url: str, upto: int, log: Callable[[str], None] = lambda _: None,
                   vocab_size: int = 4096, seed: int = 0, budget: int | None = None,
                   max_model_len: int | None = None) -> float:
@@ -252,7 +258,7 @@ def build_kernels(url: str, upto: int, log: Callable[[str], None] = lambda _: No
     batch sizes it will run. A loaded server spreads its steps over hundreds of token counts, so
     a fresh one pays those builds through its first replays; after this sweep (with
     :data:`calibrate.vllm_calibration.ONEDNN_CACHE_ENTRIES` kept) it has them all."""
-    upto = min(upto, budget or upto, (max_model_len or upto + 1) - 1)
+    upto = build_count(upto, budget, max_model_len)
     if upto < 1:
         return 0.0
     started = time.perf_counter()
@@ -350,7 +356,7 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
     built_s = build_kernels(url, build_tokens, log, vocab, seed, budget, max_len)
     samples, measured = run_patterns(client, plan, log)
-    measured |= {"build_tokens": build_tokens, "build_s": built_s}
+    measured |= {"build_tokens": build_count(build_tokens, budget, max_len), "build_s": built_s}
     version = _version(url)
     info = {
         "engine": "vllm", "vllm_version": version, "mode": "http", "url": url_text(url), "served_model": client.model,

@@ -388,7 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "not compared (a vLLM server's first replays ran 5-14%% slower) [default: 1 with --url]")
     p.add_argument("--build-tokens", type=int, default=None, help="--url: before the first cell, run one step of "
                    "every token count up to N on the server, so that vLLM's CPU backend has built each kernel "
-                   "[default: 512 with a CPU profile, else 0]")
+                   "[default: 512 with a CPU profile, else 0; 0 for a server calibrate --url has just built]")
     p.add_argument("--quick", action="store_true", help="small cells, one live run each: proves it end to end")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="[the model's validation default]")
     p.add_argument("--max-output-tokens", type=int, default=None, help="[the model's validation default]")

@@ -378,3 +378,6 @@ def test_build_kernels_sends_every_token_count_within_the_servers_limits(monkeyp
     assert [n for _, n, _ in sent[-1]] == [1, 2, 3, 4]
     vllm_blackbox.build_kernels("http://x", 512, budget=2048, max_model_len=6)
     assert [n for _, n, _ in sent[-1]] == [1, 2, 3, 4, 5]
+    # What is recorded is what was sent.
+    assert vllm_blackbox.build_count(512, 4) == 4 and vllm_blackbox.build_count(512, 2048, 6) == 5
+    assert vllm_blackbox.build_count(0, 4) == 0 and vllm_blackbox.build_count(8) == 8

@@ -124,7 +124,8 @@ def _profile_model(path: Path) -> str | None:
 @click.option("--build-tokens", default=None, type=click.IntRange(min=0),
               help="--engine vllm / --url: first run one step of every token count up to N on the server (lone "
                    "prompts of 1..N tokens), so that vLLM's CPU backend has built its kernel for each before the "
-                   "replays [default: 512 with a CPU profile, else 0].")
+                   "replays [default: 512 with a CPU profile, else 0; 0 for a server already built, e.g. by "
+                   "calibrate --url].")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="NAME:PCT",
               help=f"Largest accepted |error| for the verdict, repeatable: mean (mean TTFT, TPOT, E2EL and "
                    f"throughputs), p99 (p99 TTFT, TPOT, E2EL), step (median per-step error) "

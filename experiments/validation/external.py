@@ -388,7 +388,7 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     unmeasured and then ``repeats`` times, simulate them, print the table and the verdict, write
     validation.json, live/ (live-2/ ...), sim/ and the CDF plots."""
     from calibrate.errors import CalibrationError
-    from calibrate.vllm_blackbox import build_kernels
+    from calibrate.vllm_blackbox import build_count, build_kernels
     from experiments.validation.output import write_outputs
 
     n = plan.workload.num_requests
@@ -409,9 +409,9 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     if plan.profile.request_overhead_s:
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
+    build_tokens = build_count(build_tokens, plan.scheduler.token_budget, plan.settings.max_model_len)
     try:
-        build_kernels(plan.url, build_tokens, echo, budget=plan.scheduler.token_budget,
-                      max_model_len=plan.settings.max_model_len)
+        build_kernels(plan.url, build_tokens, echo)
     except CalibrationError as e:
         raise ExternalError(f"building the server's kernels: {e}") from None
     times = f"{repeats} times" if repeats > 1 else "once"
