@@ -29,12 +29,14 @@ sends some patterns again around its live runs to tell how fast the server runs 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from calibrate.errors import CalibrationError
 from calibrate.samples import Sample, write_samples
@@ -420,3 +422,36 @@ def _version(url: str) -> str | None:
             return str(json.loads(resp.read().decode()).get("version"))
     except (OSError, ValueError, AttributeError):
         return None
+
+
+SPEED_PATTERNS = ("prefill", "decode")
+"""The patterns :func:`server_speed` sends again: the lone prefills and the decode batches (a
+join's step depends on where in the decoders' stream it lands)."""
+
+
+def server_speed(url: str, engine: dict, log: Callable[[str], None] = lambda _: None, seed: int = 1) -> float | None:
+    """How fast the server runs now against its black-box calibration (``engine``, the
+    profile's record): the lone prefills and decode batches of its plan sent once more, and the
+    median over the patterns of their median step now / at calibration (1.05: 5% slower). None
+    for a profile without ``measured.pattern_median_ms`` (an in-process one, or from before it
+    was kept). The analogue of servesim's control steps timed again around a live run
+    (:func:`experiments.validation.runs.speed_check`): on a shared 2-core VM, back-to-back
+    calibrations of one vLLM server priced the same 85%-load cell 22-31% apart on mean TPOT,
+    the server's speed moving over minutes."""
+    then = (engine.get("measured") or {}).get("pattern_median_ms")
+    recorded = engine.get("plan")
+    if not then or not recorded:
+        return None
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()
+                              if k in BlackboxPlan.__dataclass_fields__}
+    plan = dataclasses.replace(BlackboxPlan(**fields), join_lengths=())
+    client = _Client(url=url, model=engine.get("served_model"), vocab_size=4096, seed=seed)
+    one = client.run([(0.0, 1, plan.decode_tokens)] * plan.overhead_requests, one_at_a_time=True)
+    now = pattern_medians(run_pass(client, plan, lone_overhead_s(one), {}, {}))
+    ratios = [now[name] / then[name] for name in now
+              if name in then and then[name] > 0 and name.startswith(SPEED_PATTERNS)]
+    if not ratios:
+        return None
+    speed = statistics.median(ratios)
+    log(f"server speed: x{speed:.3f} of its calibration ({len(ratios)} patterns, {client.sent} requests)")
+    return speed

@@ -33,7 +33,9 @@ every live run, plus the speed checks) without serving anything.
 With ``--url`` every cell is ``servesim validate --url``'s job instead: the slice is replayed
 against a server the user runs (vLLM, or anything with its API and ``/metrics``) with ``servesim
 bench``'s client and simulated with the ``vllm`` policy under the settings read from the server;
-a black box shows no steps, so there is no step-median check and no device-speed column.
+a black box shows no steps, so there is no step-median check, and its device column is the
+server's speed: the calibration's lone prefills and decode batches sent again around the live runs
+(:func:`calibrate.vllm_blackbox.server_speed`; a profile from ``calibrate --url``).
 
 Without ``--profile`` it first calibrates the model (``servesim calibrate --quick``'s grid)
 into ``OUT/profile.json``, or reuses the one there. Writes ``OUT/fidelity.md`` and
@@ -207,8 +209,8 @@ LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean
           "live step. step pace: the live steps' summed time over the profile's price of the same steps, "
           "mean of the live runs (x1.10: the steps ran 10% longer than priced, so TPOT comes out about that "
           "much low). "
-          "device: the calibration's control steps (a profile without them: its own grid steps) timed again "
-          "around the live runs, time now / at calibration (x1.00: as fast; the one furthest from 1). "
+          "device: the calibration's control steps (a profile without them: its own grid steps; a server: "
+          "its calibration's lone prefills and decode batches) timed again around the live runs, time now / at calibration (x1.00: as fast; the one furthest from 1). "
           "verdict: {tolerances}; * marks a cell whose live runs were further apart than a tolerance "
           "(the device did not reproduce itself). at device speed: the verdict of the same requests "
           "simulated again with every step priced at the device's speed (the median of the speed checks "

@@ -89,7 +89,8 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert "built: every step token count up to 6 run once" in text and report["build_tokens"] == 6
     [warmup] = report["warmup_runs"]
     assert warmup["mean_ttft_ms"] > 0 and warmup["mean_tpot_ms"] > 0
-    assert report["at_device_speed"] is None  # a black box's steps cannot be re-timed
+    # A profile without black-box pattern medians gives the server's speed nothing to compare with.
+    assert report["at_device_speed"] is None and "the server's speed is not checked" in text
     setup = report["setup"]
     assert setup["kv"] == {"num_blocks": 256, "block_size": 16}
     assert setup["scheduler"]["policy"] == "vllm" and setup["scheduler"]["max_num_seqs"] == 32
@@ -251,3 +252,39 @@ def test_engine_vllm_validates_a_tiny_slice_against_a_real_vllm(tmp_path):
     port = int(url.rsplit(":", 1)[1])
     with socket.socket() as s:  # stopped: nothing listens on its port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_url_checks_the_servers_speed_against_a_black_box_calibration(net, one_torch_thread, tmp_path):
+    """With a profile from `calibrate --url`, the calibration's lone prefills and decode batches
+    are sent again before the first compared run and after the last; their median step now /
+    then is the server's speed, and the same requests are simulated again at it, without a
+    step check (a black box's steps are not seen)."""
+    pytest.importorskip("torch")
+    from calibrate.profile import save_profile
+    from calibrate.vllm_blackbox import BlackboxPlan, calibrate_blackbox
+    from runtime.tokenizer import ByteTokenizer
+    from tests.serve_thread import ServerThread, tiny_engine
+
+    plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
+                        join_batch=2, join_lengths=(16,), repeats=2, overhead_requests=2, warm_passes=0)
+    out = tmp_path / "out"
+    with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
+        profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=2048,
+                                     max_num_seqs=32, plan=plan, folds=2, device="cpu")
+        assert {"prefill 64", "decode 1x32", "decode 3x32"} <= set(profile.engine["measured"]["pattern_median_ms"])
+        save_profile(profile, tmp_path / "bb.json")
+        code, text = _validate("--url", server.url, "--profile", str(tmp_path / "bb.json"), "-n", "6",
+                               "--repeats", "2", "--warmup-runs", "0", "--build-tokens", "0", "--max-num-seqs", "32",
+                               "--token-budget", "2048", "--max-prompt-tokens", "96", "--max-output-tokens", "12",
+                               "-o", str(out))
+    assert code == 0, text
+    assert text.count("server speed: x") == 2
+    report = json.loads((out / "validation.json").read_text())
+    speeds = report["device_speed_vs_profile"]
+    assert speeds["before"] > 0 and speeds["after"] > 0
+    assert report["device_speed_source"] == "the calibration's lone prefills and decode batches"
+    at = report["at_device_speed"]
+    assert at["speed_checks"] == [speeds["before"], speeds["after"]]
+    assert at["factor"] == pytest.approx((speeds["before"] + speeds["after"]) / 2)
+    assert "median_step_rel_error" not in at and set(at) >= {"mean_ttft_ms", "mean_tpot_ms"}
+    assert "verdict" in at and "at the device's speed" in text

@@ -48,6 +48,7 @@ from sim.workload import TraceReplay
 if TYPE_CHECKING:
     from calibrate.profile import Profile
     from experiments.loadgen import BenchConfig
+    from sim.cost import CostModel
 
 NO_STEPS = ("not available: the engine is a black box (servesim sees its streams, not its steps), so the "
             "per-step error is not measured and the step-median check is left out of the verdict")
@@ -60,6 +61,8 @@ EXTERNAL_WARMUP_RUNS = 1
 2026-12-03) the first replays after the server's start and its calibration were the slowest:
 mean TPOT 37.1, 35.7, 34.2 ms over three runs on a fresh server (the cell failed, TTFT -11%);
 35.3 and 30.9 ms in two warm-up runs and then 32.3, 31.3, 30.2 ms on another (the cell passed)."""
+SPEED_SOURCE = "the calibration's lone prefills and decode batches"
+"""What a black-box speed check sends again (:func:`~calibrate.vllm_blackbox.server_speed`)."""
 LOG_TAIL_LINES = 20
 STOP_GRACE_S = 30.0
 """A stopped server gets this long to exit on SIGTERM before its process group is killed."""
@@ -297,15 +300,21 @@ class ExternalRuns:
     preemptions_known: bool = True
     warmups: list[dict[str, float]] = field(default_factory=list)
     """Each warm-up run's mean TTFT and TPOT (ms): served, not compared."""
+    speed_before: float | None = None
+    speed_after: float | None = None
+    """The server's speed against its calibration just before the first compared run and just
+    after the last (:func:`~calibrate.vllm_blackbox.server_speed`); None: not checked."""
 
 
 def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
-               echo: Callable[[str], None] = print, warmup: int = EXTERNAL_WARMUP_RUNS) -> ExternalRuns:
+               echo: Callable[[str], None] = print, warmup: int = EXTERNAL_WARMUP_RUNS,
+               speed: Callable[[], float | None] | None = None) -> ExternalRuns:
     """Replay the plan's requests against the server ``repeats`` times with ``servesim bench``'s
     client; each run as a :class:`~runtime.engine.LiveResult`-shaped :class:`SimResult` with no
     steps. ``warmup`` replays of the same requests go first and are not compared (their mean
     TTFT and TPOT are kept: a served engine's first runs can be slower than its later ones).
-    Ctrl-C ends the validation (ExternalError, after the server's runs so far)."""
+    ``speed`` (a speed check of the server) is called just before the first compared run and
+    just after the last. Ctrl-C ends the validation (ExternalError, after the server's runs so far)."""
     from experiments.loadgen import BenchError, run_bench
 
     runs = ExternalRuns()
@@ -321,6 +330,8 @@ def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
         runs.warmups.append({"mean_ttft_ms": summary["mean_ttft_ms"], "mean_tpot_ms": summary["mean_tpot_ms"]})
         echo(f"warm-up run {k + 1}/{warmup} (not compared): mean TTFT {summary['mean_ttft_ms']:.1f} ms, "
              f"mean TPOT {summary['mean_tpot_ms']:.1f} ms")
+    if speed is not None:
+        runs.speed_before = speed()
     for k in range(repeats):
         before = read_preemptions(plan.url)
         try:
@@ -341,6 +352,8 @@ def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
         echo(f"live run {k + 1}/{repeats}: {len(finished)} of {len(requests)} finished in {busy_s:.1f} s"
              + (f", {runs.failed[-1]} failed ({result.failed_reasons()})" if runs.failed[-1] else "")
              + ("" if preempted is None else f", {preempted} preemptions"))
+    if speed is not None:
+        runs.speed_after = speed()
     return runs
 
 
@@ -361,16 +374,30 @@ def compare(plan: ExternalPlan, runs: ExternalRuns) -> Validation:
     """The simulation of the plan's requests with the ``vllm`` policy and the profile, against
     the mean of the live runs; no step errors."""
     from calibrate.profile import CalibratedCost
+    from experiments.validation.result import AtDeviceSpeed
+    from sim.cost import ScaledCost
 
-    requests = plan.workload.requests()
-    sim = simulate(requests, plan.policy, CalibratedCost(plan.profile), make_router("round_robin"), 1)
+    def simulated(cost: CostModel) -> tuple[SimResult, dict[str, Any]]:
+        sim = simulate(plan.workload.requests(), plan.policy, cost, make_router("round_robin"), 1)
+        return sim, summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+
+    cost = CalibratedCost(plan.profile)
+    sim, sim_summary = simulated(cost)
     summaries = [summarize(r.requests, r.itl(), PERCENTILES, None, r.num_preemptions) for r in runs.results]
     live_summary = mean_summary(summaries)
-    sim_summary = summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
     steps = StepErrors(np.zeros(0), np.zeros(0))
     metrics = compare_summaries(live_summary, sim_summary, summaries)
+    speeds = tuple(x for x in (runs.speed_before, runs.speed_after) if x is not None)
+    at_speed = None
+    if speeds:
+        factor = float(np.median(speeds))
+        at_summary = simulated(ScaledCost(cost, factor))[1]
+        at_speed = AtDeviceSpeed(factor, speeds, at_summary, compare_summaries(live_summary, at_summary, summaries),
+                                 steps)
     return Validation(runs.results[0], sim, live_summary, sim_summary, metrics, steps,  # type: ignore[arg-type]
-                      live_runs=tuple(runs.results))  # type: ignore[arg-type]
+                      speed_before=runs.speed_before, speed_after=runs.speed_after,
+                      live_runs=tuple(runs.results), at_device_speed=at_speed,  # type: ignore[arg-type]
+                      speed_source=SPEED_SOURCE if speeds else None)
 
 
 def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Verdict:
@@ -417,7 +444,20 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     times = f"{repeats} times" if repeats > 1 else "once"
     first = f" after {warmup} warm-up run(s)" if warmup else ""
     echo(f"serving {n} requests on the engine {times}{first}, then simulating them ...")
-    runs = bench_runs(plan, config, repeats, echo, warmup)
+    speed = None
+    if plan.profile.engine and (plan.profile.engine.get("measured") or {}).get("pattern_median_ms"):
+        from calibrate.vllm_blackbox import server_speed
+
+        def speed() -> float | None:
+            try:
+                return server_speed(plan.url, plan.profile.engine, echo)  # type: ignore[arg-type]
+            except CalibrationError as e:
+                echo(f"note: the server's speed check failed ({e}); no at-device-speed comparison")
+                return None
+    else:
+        echo("note: the profile keeps no pattern medians (calibrated before they were kept, or in process): "
+             "the server's speed is not checked around the live runs")
+    runs = bench_runs(plan, config, repeats, echo, warmup, speed)
     v = compare(plan, runs)
     verdict = black_box_verdict(v, tolerances)
     echo(format_external_table(v, verdict, runs))

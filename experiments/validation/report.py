@@ -81,6 +81,9 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
     if not v.steps.measured_s.size:
         lines.append("per-step error: not available from a black box (its streams are seen, not its steps); "
                      "the step-median check is left out of the verdict")
+        if v.speed_before is not None or v.speed_after is not None:
+            lines.append(f"server speed ({v.speed_source} sent again): {format_speeds(v.speed_before, v.speed_after)}")
+        lines += at_device_speed_lines(v, verdict)
         if verdict is not None:
             lines.append(verdict.summary())
         return "\n".join(lines)
@@ -125,11 +128,11 @@ def at_device_speed_lines(v: Validation, verdict: Verdict | None) -> list[str]:
     labels = dict(metric_names())
     errors = ", ".join(f"{labels[key].replace(' (ms)', '')} {_fmt(at.metrics[key]['rel_error'], pct=True)}"
                        for key, _ in CHECKED_METRICS)
-    step = at.steps.summary()["median_step_rel_error"]
+    step = (f", per-step median {at.steps.summary()['median_step_rel_error'] * 100:.1f}%"
+            if at.steps.measured_s.size else "")
     lines = [f"at the device's speed around the live runs (every step priced x{at.factor:.3f}, the median of "
              f"{len(at.speed_checks)} speed checks of {v.speed_source or 'profile steps'}; the workload's steps "
-             f"are not used): {errors}, "
-             f"per-step median {step * 100:.1f}%"]
+             f"are not used): {errors}{step}"]
     at_verdict = verdict_at_device_speed(v, verdict.tolerances) if verdict is not None else None
     if at_verdict is not None:
         failed = "; failed: " + ", ".join(c.describe() for c in at_verdict.failed) if at_verdict.failed else ""

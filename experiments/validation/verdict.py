@@ -190,4 +190,6 @@ def verdict_at_device_speed(v: Any, tolerances: Tolerances | None = None) -> Ver
     """:func:`judge` of a validation's comparison at the device's speed around its live runs
     (:class:`~experiments.validation.result.AtDeviceSpeed`); None when it has none."""
     at = v.at_device_speed
-    return None if at is None else judge(at.metrics, at.steps.summary()[STEP_METRIC], tolerances)
+    if at is None:
+        return None
+    return judge(at.metrics, at.steps.summary()[STEP_METRIC] if at.steps.measured_s.size else None, tolerances)
