@@ -453,5 +453,6 @@ def server_speed(url: str, engine: dict, log: Callable[[str], None] = lambda _: 
     if not ratios:
         return None
     speed = statistics.median(ratios)
-    log(f"server speed: x{speed:.3f} of its calibration ({len(ratios)} patterns, {client.sent} requests)")
+    log(f"server speed: x{speed:.3f} of its calibration, the median of {len(ratios)} patterns "
+        f"(x{min(ratios):.2f}..x{max(ratios):.2f}; {client.sent} requests)")
     return speed
