@@ -67,3 +67,15 @@ def test_bad_input_is_named_and_exits_2(tmp_path: Path) -> None:
     bad.write_text("id,status\n0,finished\n")
     assert load_error.main([str(run)], echo=out.append) == 2
     assert f"{bad}: no column 'first_token_s'" in out[-1]
+
+
+def test_reprice_names_what_a_run_does_not_record(tmp_path: Path) -> None:
+    from experiments import reprice
+
+    run = make_run(tmp_path / "run")
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "tiny-cpu.json"
+    out: list[str] = []
+    assert reprice.main([str(run), str(profile)], echo=out.append) == 2
+    assert out[-1].startswith(f"error: {run / 'validation.json'}: no workload, scheduler, kv, mean_ttft_ms")
+    assert reprice.main([str(run), str(tmp_path / "nowhere.json")], echo=out.append) == 2
+    assert out[-1].startswith("error: ") and "nowhere.json" in out[-1]

@@ -101,6 +101,18 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
         assert summary["completed"] == 8
     assert not (out / "live" / "steps.csv").exists() and not (out / "step-scatter.png").exists()
     assert (out / "ttft-cdf.png").exists() and (out / "e2el-cdf.png").exists()
+    # The run read back: its requests priced again with its own profile give its simulation, and
+    # each live request's TPOT is binned by the concurrency it decoded in.
+    from experiments import load_error, reprice
+
+    lines: list[str] = []
+    assert reprice.main([str(out), str(TINY_PROFILE)], echo=lines.append) == 0
+    tpot = next(line for line in lines if line.endswith("TPOT")).split()
+    assert float(tpot[1]) == pytest.approx(report["mean_tpot_ms"]["live"], abs=0.05)
+    assert float(tpot[2]) == pytest.approx(report["mean_tpot_ms"]["sim"], abs=0.05)
+    bins = load_error.load_bins(out)
+    decoded = sum(1 for run in ("live", "live-2") for r in load_error.read_decoding(out / run / "requests.csv"))
+    assert sum(len(b.ratios) for b in bins) == decoded > 0
 
 
 @pytest.mark.parametrize("option", ["--warmup-runs", "--build-tokens"])
