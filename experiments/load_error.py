@@ -1,9 +1,10 @@
 """How the TPOT error grows with load inside a validation run: each request's live TPOT over its
 simulated TPOT, binned by how many requests were decoding beside it in the live run.
 
-A step model's TPOT error is flat in the batch when the steps are priced right, whatever the
-batch; an error that grows with the live concurrency points at a cost that grows with the number
-of streams and is in no step (on a 2-core VM, vLLM's API server streaming beside the worker).
+With every step priced right the ratio is 1 in every bin. An error in the crowds only points at
+a price that grows with the batch, or at a uniform under-price the live queue amplified (near
+saturation a request in a crowd that the live run built and the simulation did not shows a ratio
+above 1 either way): read it beside the same workload at a lower load, where no queue builds.
 Reads the runs ``validate`` and ``fidelity.py`` write: a directory with ``validation.json``,
 ``sim/requests.csv`` and ``live*/requests.csv``, or a fidelity output's ``cells/``, and prints
 one line per run::
