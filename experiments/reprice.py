@@ -84,7 +84,11 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
          "then mean TTFT the same way")
     echo(f"{'run'.ljust(name_width)}  {'live':>7}  " + "  ".join(f"{p.stem[:16]:>16}" for p in args.profiles))
     for name, setup, live in runs:
-        sims = [simulate_again(setup, cost) for cost in costs]
+        try:
+            sims = [simulate_again(setup, cost) for cost in costs]
+        except (TypeError, KeyError, ValueError) as e:  # a setup this version does not read
+            echo(f"error: {name}: its recorded setup cannot be simulated again ({e})")
+            return 2
         for metric, label in (("mean_tpot_ms", "TPOT"), ("mean_ttft_ms", "TTFT")):
             cells = [f"{s[metric]:7.1f} ({(s[metric] / live[metric] - 1) * 100:+6.1f}%)" for s in sims]
             echo(f"{(name if label == 'TPOT' else '').ljust(name_width)}  {live[metric]:7.1f}  "
