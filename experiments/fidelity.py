@@ -149,6 +149,10 @@ def row(cell: Cell, data: dict[str, Any], tolerances: Any) -> dict[str, Any]:
     out["device_speed_vs_profile"] = max(speeds, key=lambda x: abs(x - 1)) if speeds else None
     paces = data.get("live_run_paces") or []  # absent: a black box, or a validation from before paces
     out["step_pace"] = sum(paces) / len(paces) if paces else None
+    stream = data.get("stream_steps") or {}  # a server's steps read from its streams
+    out["stream_step_median"] = stream.get("median_step_rel_error")
+    stream_paces = [p for p in stream.get("run_paces") or [] if p == p]
+    out["stream_step_pace"] = sum(stream_paces) / len(stream_paces) if stream_paces else None
     out["verdict"] = verdict.label
     out["failed"] = [c.metric for c in verdict.failed]
     out["noisy"] = [c.metric for c in verdict.noisy]
@@ -196,9 +200,14 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str
     for r in rows:
         verdict = r["verdict"] + ("*" if r["noisy"] else "")
         speed, pace = r["device_speed_vs_profile"], r.get("step_pace")
+        median = _pct(r["median_step_rel_error"], signed=False)
+        if r["median_step_rel_error"] is None and r.get("stream_step_median") is not None:
+            median, pace = "~" + _pct(r["stream_step_median"], signed=False), r.get("stream_step_pace")
+            pace_text = "-" if pace is None else f"~x{pace:.2f}"
+        else:
+            pace_text = "-" if pace is None else f"x{pace:.2f}"
         body.append([r["workload"], f"{r['load']:.0%}", r["policy"], str(r["requests"] or "-"),
-                     *(_cell(r[key]) for _, key in ERROR_COLUMNS),
-                     _pct(r["median_step_rel_error"], signed=False), "-" if pace is None else f"x{pace:.2f}",
+                     *(_cell(r[key]) for _, key in ERROR_COLUMNS), median, pace_text,
                      "-" if speed is None else f"x{speed:.2f}",
                      verdict, _at_speed(r.get("at_device_speed"))])
     return head, body
@@ -208,7 +217,7 @@ LEGEND = ("n: requests per cell. Errors are (sim - live) / live against the mean
           "the live runs' spread (max - min) / mean. step median: median |error| of the profile's price of every "
           "live step. step pace: the live steps' summed time over the profile's price of the same steps, "
           "mean of the live runs (x1.10: the steps ran 10% longer than priced, so TPOT comes out about that "
-          "much low). "
+          "much low); ~: a server's, from the steps its token streams show whole (not in its verdict). "
           "device: the calibration's control steps (a profile without them: its own grid steps; a server: "
           "its calibration's lone prefills and decode batches) timed again around the live runs, "
           "time now / at calibration (x1.00: as fast; the one furthest from 1). "

@@ -1,6 +1,6 @@
 """The run directory every executor writes: config.json, requests.csv, summary.json,
-timeseries.csv (and tokens.csv when per-token times were kept; steps.csv for a live run), and
-the CSV of a sweep's runs.
+timeseries.csv (and tokens.csv when per-token times were kept; steps.csv for a live run,
+stream-steps.csv for a server's), and the CSV of a sweep's runs.
 
 Floats are written with ``repr`` so that the same run gives byte-identical files.
 """
@@ -97,6 +97,18 @@ def write_steps(path: Path, step_log: Sequence[tuple[StepShape, float]]) -> None
         w.writerow(STEP_COLUMNS)
         for shape, step_s in step_log:
             w.writerow([repr(getattr(shape, name)) for name in STEP_COLUMNS[:-1]] + [repr(step_s)])
+
+
+def write_stream_steps(path: Path, steps: Sequence[Any]) -> None:
+    """One row per burst of a server's streams (:class:`~calibrate.stream_steps.StreamStep`): when
+    it came, its StepShape fields, the step's seconds (empty: none seen) and why it was not
+    priced (empty: it was)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["end_s", *STEP_COLUMNS, "left_out"])
+        for s in steps:
+            w.writerow([repr(s.end_s), *(repr(getattr(s.shape, name)) for name in STEP_COLUMNS[:-1]),
+                        _num(s.step_s), s.reason or ""])
 
 
 def write_runs_csv(path: Path, runs: Sequence[dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ started by validate always stopped, a failed start reported with its log."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -60,9 +61,9 @@ def _alive(pid: int) -> bool:
 
 def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, tmp_path):
     """--url replays the slice against a running server (repeated), reads its KV pool from
-    /metrics, simulates with the vllm policy, and reports a verdict without the step check,
-    saying that a black box gives no step errors; no steps.csv or step plot is written. A
-    warm-up run goes first, shown and kept but not compared."""
+    /metrics, simulates with the vllm policy, and reports a verdict without the step check; the
+    steps its streams show whole are priced and reported apart (stream-steps.csv), and no
+    steps.csv or step plot is written. A warm-up run goes first, shown and kept but not compared."""
     pytest.importorskip("torch")
     from runtime.tokenizer import ByteTokenizer
     from tests.serve_thread import ServerThread, tiny_engine
@@ -74,7 +75,7 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
                                "--token-budget", "2048",
                                "--max-prompt-tokens", "96", "--max-output-tokens", "12", "-o", str(out))
     assert code == 0, text
-    assert "per-step error: not available from a black box" in text
+    assert "steps read from the streams" in text and "step-median check is left out of the verdict" in text
     assert "verdict: " in text and "per-step median" not in text
     # A CPU profile against a server the user runs: how to size its oneDNN cache is said.
     assert "start yours with the same" in text and "ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384" in text
@@ -82,7 +83,15 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert report["verdict"] in ("PASS", "FAIL")
     assert "median_step_rel_error" not in report["checks"] and "median_step_rel_error" not in report
     assert set(report["checks"]) >= {"mean_ttft_ms", "mean_tpot_ms", "p99_e2el_ms", "request_throughput"}
-    assert "not available" in report["step_errors"] and report["num_steps"] == 0
+    assert "black box" in report["step_errors"] and report["num_steps"] == 0
+    # Its steps read back from the streams: every burst of both runs in stream-steps.csv, the
+    # clean ones priced, the rest counted by reason; the same again from the files.
+    stream = report["stream_steps"]
+    bursts = [row for run in ("live", "live-2")
+              for row in csv.DictReader((out / run / "stream-steps.csv").open())]
+    assert stream["steps"] > 0 and stream["steps"] + sum(stream["left_out"].values()) == len(bursts)
+    assert sum(not row["left_out"] for row in bursts) == stream["steps"] and len(stream["run_paces"]) == 2
+    assert (out / "live" / "tokens.csv").exists()
     assert report["completed"] == {"live": 8, "sim": 8} and report["live_runs"] == 2
     assert "warm-up run 1/1 (not compared): mean TTFT" in text and "after 1 warm-up run(s)" in text
     # A step of every token count 1..6 first (vLLM's CPU backend builds a kernel for each).
@@ -103,7 +112,7 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert (out / "ttft-cdf.png").exists() and (out / "e2el-cdf.png").exists()
     # The run read back: its requests priced again with its own profile give its simulation, and
     # each live request's TPOT is binned by the concurrency it decoded in.
-    from experiments import load_error, reprice
+    from experiments import load_error, reprice, stream_error
 
     lines: list[str] = []
     assert reprice.main([str(out), str(TINY_PROFILE)], echo=lines.append) == 0
@@ -113,6 +122,10 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     bins = load_error.load_bins(out)
     decoded = sum(1 for run in ("live", "live-2") for r in load_error.read_decoding(out / run / "requests.csv"))
     assert sum(len(b.ratios) for b in bins) == decoded > 0
+    lines = []
+    assert stream_error.main([str(out)], echo=lines.append) == 0
+    assert f"{stream['steps']} steps (+{sum(stream['left_out'].values())} left out)" in lines[-1]
+    assert f"median |err| {stream['median_step_rel_error'] * 100:.1f}%" in lines[-1]
 
 
 @pytest.mark.parametrize("option", ["--warmup-runs", "--build-tokens"])
@@ -278,7 +291,8 @@ def test_url_checks_the_servers_speed_against_a_black_box_calibration(net, one_t
     from tests.serve_thread import ServerThread, tiny_engine
 
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
-                        join_batch=2, join_lengths=(16,), repeats=2, overhead_requests=2, warm_passes=0)
+                        join_batch=2, join_lengths=(16,), repeats=2, overhead_requests=2, warm_passes=0,
+                        crowd_requests=0)
     out = tmp_path / "out"
     with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=2048,

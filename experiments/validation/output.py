@@ -1,6 +1,7 @@
-"""A validation's files: ``validation.json``, the run directories ``live/`` (with ``steps.csv``;
-``live-2/`` ... when repeated) and ``sim/``, and the plots (CDFs of TTFT and E2EL, live
-against simulated, and every live step's predicted time against its measured time)."""
+"""A validation's files: ``validation.json``, the run directories ``live/`` (with ``steps.csv``,
+or a server's ``stream-steps.csv`` and ``tokens.csv``; ``live-2/`` ... when repeated) and
+``sim/``, and the plots (CDFs of TTFT and E2EL, live against simulated, and every live step's
+predicted time against its measured time)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.output import write_json, write_run, write_steps
+from experiments.output import write_json, write_run, write_steps, write_stream_steps
 from experiments.plots import cdf_plot, step_scatter
 from experiments.validation.errors import PERCENTILES
 from experiments.validation.plan import Plan, arrivals_text
@@ -39,6 +40,9 @@ def write_outputs(out: Path, plan: Plan | ExternalPlan, v: Validation, verdict: 
                   [s.timeseries for s in live.replicas])
         if v.steps.measured_s.size:
             write_steps(directory / "steps.csv", live.step_log)
+        stream = getattr(live, "stream_steps", None)  # a server's run: its steps read from the streams
+        if stream is not None and stream.steps:
+            write_stream_steps(directory / "stream-steps.csv", stream.steps)
     write_run(out / "sim", config | {"executor": "sim"}, v.sim.requests, v.sim_summary,
               [s.timeseries for s in v.sim.replicas])
     data = v.to_json({"setup": config, **(verdict.to_json() if verdict else {}), **(extra or {})})

@@ -79,8 +79,7 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
                      "they were ((max - min) / mean)")
     lines += [f"  {line}" for line in replaced_lines(v)]
     if not v.steps.measured_s.size:
-        lines.append("per-step error: not available from a black box (its streams are seen, not its steps); "
-                     "the step-median check is left out of the verdict")
+        lines += stream_step_lines(v)
         if v.speed_before is not None or v.speed_after is not None:
             lines.append(f"server speed ({v.speed_source} sent again): {format_speeds(v.speed_before, v.speed_after)}")
         lines += at_device_speed_lines(v, verdict)
@@ -117,6 +116,31 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
         lines.append(f"per-step check: {step.describe()}")
         lines.append(verdict.summary())
     return "\n".join(lines)
+
+
+def stream_step_lines(v: Validation) -> list[str]:
+    """A black box's step error: the steps its streams show whole, priced; not in the verdict."""
+    stream = v.stream_steps
+    if stream is None or not stream.steps.measured_s.size:
+        return ["per-step error: not available from a black box (no step of its streams was seen whole); "
+                "the step-median check is left out of the verdict"]
+    s = stream.steps.summary()
+    left = sum(stream.left_out.values())
+    paces = ", ".join(f"x{p:.2f}" for p in stream.paces)
+    lines = [f"per-step error over {stream.steps.measured_s.size} steps read from the streams "
+             f"({left} more left out: not seen whole): median |err| {s['median_step_rel_error'] * 100:.1f}%, "
+             f"p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, median signed "
+             f"{s['median_step_signed_error'] * 100:+.1f}%; summed step time "
+             f"{stream.steps.total_rel_error * 100:+.1f}%; each run's steps took {paces} of their price "
+             "(client-timed; the step-median check is left out of the verdict)"]
+    kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
+                      for kind, k in s["step_errors_by_kind"].items())
+    lines.append(f"  median signed per kind: {kinds}")
+    bands = ", ".join(f"{name} {b['total_rel_error'] * 100:+.1f}% ({b['time_share'] * 100:.0f}% of time)"
+                      for name, b in s["step_errors_by_batch"].items())
+    if bands:
+        lines.append(f"  summed step time by decode batch size: {bands}")
+    return lines
 
 
 def at_device_speed_lines(v: Validation, verdict: Verdict | None) -> list[str]:

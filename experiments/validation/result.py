@@ -51,6 +51,26 @@ class AtDeviceSpeed:
 
 
 @dataclass(frozen=True)
+class StreamStepErrors:
+    """A server's steps as its streams show them (:mod:`calibrate.stream_steps`), priced by the
+    profile: a black box's per-step error, which the verdict leaves out (the steps are the ones
+    seen whole, timed by the client)."""
+
+    steps: StepErrors
+    paces: tuple[float, ...]
+    """Each live run's clean steps' summed time over the profile's price of them."""
+    left_out: dict[str, int]
+    """Bursts that were not priced, by reason, over every live run."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": int(self.steps.measured_s.size), "left_out": self.left_out,
+                               "run_paces": list(self.paces)}
+        if self.steps.measured_s.size:
+            out |= self.steps.summary() | {"total_step_time_rel_error": self.steps.total_rel_error}
+        return out
+
+
+@dataclass(frozen=True)
 class Validation:
     """Both executors' runs, their summaries, and the errors."""
 
@@ -77,6 +97,8 @@ class Validation:
     """The comparison again at the device's speed around the live runs; None without speed checks."""
     speed_source: str | None = None
     """What the speed checks timed (:attr:`~experiments.validation.runs.SpeedReference.source`)."""
+    stream_steps: StreamStepErrors | None = None
+    """A server's steps read from its streams; None for servesim's own engine (its steps are logged)."""
 
     def to_json(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """``validation.json``: each metric's live, sim and rel_error, then the step errors."""
@@ -93,6 +115,8 @@ class Validation:
         out["live_run_paces"] = list(self.paces)
         out["replaced_live_runs"] = list(self.replaced)
         out["at_device_speed"] = self.at_device_speed.to_json() if self.at_device_speed else None
+        if self.stream_steps is not None:
+            out["stream_steps"] = self.stream_steps.to_json()
         return out | (extra or {})
 
     @property

@@ -1,0 +1,140 @@
+"""A server's live steps priced again: the steps its token streams show whole
+(:mod:`calibrate.stream_steps`) in a validation run, priced by a profile, per band of decode
+batch size.
+
+``validate --url`` prints this for its own profile; this reads the runs back (their
+``live*/requests.csv`` and ``tokens.csv``) and prices them with the profiles given (default: the
+run's own, from ``validation.json``), so a calibration can be judged on steps of a live load it
+never sent. A pace of x1.10 in a band: its steps took 10% longer than priced::
+
+    python experiments/stream_error.py runs/fidelity-vllm
+    python experiments/stream_error.py runs/fidelity-vllm --profile p0.json --profile p1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from calibrate.stream_steps import StreamSteps, read_steps
+from experiments.load_error import LoadErrorInput, runs_under
+from sim.request import Request, Status
+
+REQUEST_COLUMNS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "status")
+TOKEN_COLUMNS = ("id", "token", "time_s")
+
+
+def _rows(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    if not path.is_file():
+        raise LoadErrorInput(f"{path}: missing (validate --url writes it for each live run)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise LoadErrorInput(f"{path}: no column {missing[0]!r}")
+        return list(enumerate(reader, start=2))
+
+
+def read_requests(live: Path) -> list[Request]:
+    """The run's requests with their token times, from ``requests.csv`` and ``tokens.csv``."""
+    requests: dict[int, Request] = {}
+    path = live / "requests.csv"
+    for line, r in _rows(path, REQUEST_COLUMNS):
+        try:
+            req = Request(int(r["id"]), float(r["arrival_s"]), int(r["prompt_tokens"]), int(r["output_tokens"]))
+            req.status = Status(r["status"])
+        except ValueError:
+            raise LoadErrorInput(f"{path}, line {line}: id, arrival_s, prompt_tokens, output_tokens or status "
+                                 "is not valid") from None
+        requests[req.id] = req
+    path = live / "tokens.csv"
+    for line, r in _rows(path, TOKEN_COLUMNS):
+        try:
+            rid, t = int(r["id"]), float(r["time_s"])
+        except ValueError:
+            raise LoadErrorInput(f"{path}, line {line}: id or time_s is not a number") from None
+        if rid not in requests:
+            raise LoadErrorInput(f"{path}, line {line}: request {rid} is not in requests.csv")
+        times = requests[rid].token_times_s
+        if times is None:
+            times = requests[rid].token_times_s = []
+        times.append(t)
+    for req in requests.values():
+        if req.token_times_s is not None:
+            req.token_times_s.sort()
+    return sorted(requests.values(), key=lambda r: r.arrival_s)
+
+
+def run_steps(run: Path, overhead_s: float, budget: int | None) -> list[StreamSteps]:
+    lives = sorted(p for p in run.glob("live*") if p.is_dir())
+    if not lives:
+        raise LoadErrorInput(f"{run}: no live run (live/requests.csv)")
+    return [read_steps(read_requests(live), overhead_s, budget) for live in lives]
+
+
+def priced(steps: Sequence[StreamSteps], cost: Any) -> dict[str, Any]:
+    """Clean steps, median |error|, the pace of all and of each decode batch band."""
+    from experiments.validation.errors import step_errors
+
+    errors = step_errors([s for run in steps for s in run.clean()], cost)
+    if not errors.measured_s.size:
+        return {"steps": 0}
+    s = errors.summary()
+    return {"steps": int(errors.measured_s.size), "median": s["median_step_rel_error"],
+            "pace": float(errors.measured_s.sum() / errors.predicted_s.sum()),
+            "bands": {name: 1 / (1 + b["total_rel_error"]) for name, b in s["step_errors_by_batch"].items()},
+            "left_out": sum(sum(run.excluded().values()) for run in steps)}
+
+
+def describe(p: dict[str, Any]) -> str:
+    if not p["steps"]:
+        return "no step seen whole"
+    bands = " ".join(f"{name}:x{pace:.2f}" for name, pace in p["bands"].items())
+    return (f"{p['steps']} steps (+{p['left_out']} left out), median |err| {p['median'] * 100:.1f}%, "
+            f"pace x{p['pace']:.2f}; by decode batch {bands}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, help="a validate --url output, or a fidelity --url output (its cells/)")
+    p.add_argument("--profile", type=Path, action="append", default=[],
+                   help="a profile to price the steps with (repeatable) [default: each run's own]")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> int:
+    args = parse_args(argv)
+    from calibrate.profile import CalibratedCost, load_profile
+
+    try:
+        given = [(p, load_profile(p)) for p in args.profile]
+        runs = runs_under(args.runs)
+        echo("steps read whole from the streams, priced by the profile; pace: their time over their price "
+             "(x1.10: 10% longer than priced), overall and per decode batch band")
+        for run in runs:
+            data = json.loads((run / "validation.json").read_text())
+            setup = data.get("setup") or {}
+            budget = (setup.get("scheduler") or {}).get("token_budget")
+            if given:
+                profiles = given
+            elif "profile" in setup:
+                profiles = [(Path(setup["profile"]), load_profile(setup["profile"]))]
+            else:
+                raise LoadErrorInput(f"{run}/validation.json: no setup.profile; give --profile")
+            for path, profile in profiles:
+                steps = run_steps(run, profile.request_overhead_s, budget)
+                echo(f"{run.name}  [{path.stem}]  {describe(priced(steps, CalibratedCost(profile)))}")
+    except (ValueError, OSError) as e:  # LoadErrorInput, ProfileError, an unreadable file
+        echo(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
