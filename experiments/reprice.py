@@ -25,10 +25,18 @@ from experiments.load_error import LoadErrorInput, runs_under
 def simulate_again(setup: dict[str, Any], cost: Any) -> dict[str, float]:
     """The summary of ``setup``'s requests simulated under its scheduler and pool with ``cost``."""
     from experiments.validation.errors import PERCENTILES
+    from sim.metrics import summarize
+
+    sim = simulated(setup, cost)
+    return summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+
+
+def simulated(setup: dict[str, Any], cost: Any, token_times: bool = False) -> Any:
+    """``setup``'s requests simulated under its scheduler and pool with ``cost`` (a SimResult;
+    ``token_times``: each request keeps its tokens' times)."""
     from sim.cluster import make_router
     from sim.engine import simulate
     from sim.kv import BlockManager
-    from sim.metrics import summarize
     from sim.policies import make_policy
     from sim.policies.base import SchedulerConfig
     from sim.workload import TraceReplay
@@ -41,8 +49,7 @@ def simulate_again(setup: dict[str, Any], cost: Any) -> dict[str, float]:
     def policy() -> Any:
         return make_policy(scheduler, BlockManager(kv["num_blocks"], kv["block_size"]))
 
-    sim = simulate(workload.requests(), policy, cost, make_router("round_robin"), 1)
-    return summarize(sim.requests, sim.itl(), PERCENTILES, None, sim.num_preemptions)
+    return simulate(workload.requests(), policy, cost, make_router("round_robin"), 1, token_times=token_times)
 
 
 def read_setup(run: Path) -> tuple[dict[str, Any], dict[str, float]]:

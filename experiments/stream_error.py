@@ -1,11 +1,14 @@
 """A server's live steps priced again: the steps its token streams show whole
 (:mod:`calibrate.stream_steps`) in a validation run, priced by a profile, per band of decode
-batch size.
+batch size; and how the server took its arrivals, against the simulation of the same requests.
 
 ``validate --url`` prints this for its own profile; this reads the runs back (their
 ``live*/requests.csv`` and ``tokens.csv``) and prices them with the profiles given (default: the
 run's own, from ``validation.json``), so a calibration can be judged on steps of a live load it
-never sent. A pace of x1.10 in a band: its steps took 10% longer than priced::
+never sent. A pace of x1.10 in a band: its steps took 10% longer than priced. The second line
+of a run tells what the prices cannot: of the requests that arrived while a step ran, the share
+prefilled in the next step (the rest waited a step or more), and the steps that prefilled, live
+(each run) and simulated (the run's setup, this profile), read from the streams alike::
 
     python experiments/stream_error.py runs/fidelity-vllm
     python experiments/stream_error.py runs/fidelity-vllm --profile p0.json --profile p1.json
@@ -21,8 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from calibrate.stream_steps import StreamSteps, read_steps
+from calibrate.stream_steps import StreamSteps, admission_steps, read_steps
 from experiments.load_error import LoadErrorInput, runs_under
+from experiments.reprice import simulated
 from sim.request import Request, Status
 
 REQUEST_COLUMNS = ("id", "arrival_s", "prompt_tokens", "output_tokens", "status")
@@ -70,11 +74,15 @@ def read_requests(live: Path) -> list[Request]:
     return sorted(requests.values(), key=lambda r: r.arrival_s)
 
 
-def run_steps(run: Path, overhead_s: float, budget: int | None) -> list[StreamSteps]:
+def live_dirs(run: Path) -> list[Path]:
     lives = sorted(p for p in run.glob("live*") if p.is_dir())
     if not lives:
         raise LoadErrorInput(f"{run}: no live run (live/requests.csv)")
-    return [read_steps(read_requests(live), overhead_s, budget) for live in lives]
+    return lives
+
+
+def run_steps(run: Path, overhead_s: float, budget: int | None) -> list[StreamSteps]:
+    return [read_steps(read_requests(live), overhead_s, budget) for live in live_dirs(run)]
 
 
 def priced(steps: Sequence[StreamSteps], cost: Any) -> dict[str, Any]:
@@ -89,6 +97,22 @@ def priced(steps: Sequence[StreamSteps], cost: Any) -> dict[str, Any]:
             "pace": float(errors.measured_s.sum() / errors.predicted_s.sum()),
             "bands": {name: 1 / (1 + b["total_rel_error"]) for name, b in s["step_errors_by_batch"].items()},
             "left_out": sum(sum(run.excluded().values()) for run in steps)}
+
+
+def arrivals(requests: Sequence[Request], steps: StreamSteps) -> tuple[float | None, int]:
+    """The share of the requests that arrived while a step ran that the next step prefilled
+    (None: none did), and the number of steps that prefilled."""
+    after = admission_steps(requests, steps).values()
+    share = sum(n == 1 for n in after) / len(after) if after else None
+    return share, sum(s.shape.prefill_seqs > 0 for s in steps.steps)
+
+
+def describe_arrivals(live: Sequence[tuple[float | None, int]], sim: tuple[float | None, int]) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x * 100:.0f}%"
+
+    return (f"arrivals prefilled in the next step: live {', '.join(pct(a) for a, _ in live)}, sim {pct(sim[0])}; "
+            f"steps that prefilled: live {', '.join(str(n) for _, n in live)}, sim {sim[1]}")
 
 
 def describe(p: dict[str, Any]) -> str:
@@ -127,9 +151,16 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
                 profiles = [(Path(setup["profile"]), load_profile(setup["profile"]))]
             else:
                 raise LoadErrorInput(f"{run}/validation.json: no setup.profile; give --profile")
+            lives = [read_requests(live) for live in live_dirs(run)]
             for path, profile in profiles:
-                steps = run_steps(run, profile.request_overhead_s, budget)
-                echo(f"{run.name}  [{path.stem}]  {describe(priced(steps, CalibratedCost(profile)))}")
+                cost = CalibratedCost(profile)
+                steps = [read_steps(r, profile.request_overhead_s, budget) for r in lives]
+                echo(f"{run.name}  [{path.stem}]  {describe(priced(steps, cost))}")
+                sim = simulated(setup, cost, token_times=True).requests if {"workload", "kv"} <= set(setup) else None
+                if sim is not None:
+                    live = [arrivals(r, s) for r, s in zip(lives, steps, strict=True)]
+                    sim_arrivals = arrivals(sim, read_steps(sim, profile.request_overhead_s, budget))
+                    echo(f"{' ' * len(run.name)}  {describe_arrivals(live, sim_arrivals)}")
     except (ValueError, OSError) as e:  # LoadErrorInput, ProfileError, an unreadable file
         echo(f"error: {e}")
         return 2

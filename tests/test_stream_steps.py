@@ -5,12 +5,13 @@ prompt chunk, a missed decode) shows as a price that differs from its time."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import random
 
 import pytest
 
-from calibrate.stream_steps import read_steps
+from calibrate.stream_steps import admission_steps, read_steps
 from sim.batch import StepShape
 from sim.cluster import make_router
 from sim.engine import simulate
@@ -113,3 +114,19 @@ def test_the_overhead_decides_who_was_waiting(overhead_s):
     requests, cost = served(overhead_s=overhead_s)
     errors, _, _ = priced_errors(requests, cost, token_budget=2048)
     assert errors and max(abs(e) for e in errors) < 1e-9
+
+
+def test_admission_steps_tell_who_the_next_step_took():
+    """The simulator schedules a request at the first step boundary after it reached the
+    scheduler (arrival plus the overhead), so one that arrived during a step and reached it before
+    that step's end was taken by the next step (1), and one that reached it later waited (2)."""
+    requests, cost = served(overhead_s=0.004)
+    read = read_steps(requests, cost.request_overhead_s)
+    after = admission_steps(requests, read)
+    ends = [s.end_s for s in read.steps]
+    assert len(after) > len(requests) / 2 and set(after.values()) <= {1, 2} and 2 in after.values()
+    by_id = {r.id: r for r in requests}
+    for rid, n in after.items():
+        r = by_id[rid]
+        k = bisect.bisect_left(ends, r.arrival_s)  # the step it arrived in ended at ends[k]
+        assert (n == 1) == (r.arrival_s + cost.request_overhead_s <= ends[k]), (rid, n)

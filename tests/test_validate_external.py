@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -124,8 +125,11 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     assert sum(len(b.ratios) for b in bins) == decoded > 0
     lines = []
     assert stream_error.main([str(out)], echo=lines.append) == 0
-    assert f"{stream['steps']} steps (+{sum(stream['left_out'].values())} left out)" in lines[-1]
-    assert f"median |err| {stream['median_step_rel_error'] * 100:.1f}%" in lines[-1]
+    assert f"{stream['steps']} steps (+{sum(stream['left_out'].values())} left out)" in lines[-2]
+    assert f"median |err| {stream['median_step_rel_error'] * 100:.1f}%" in lines[-2]
+    # and how the server took its arrivals, each live run's beside the same requests simulated
+    assert re.search(r"arrivals prefilled in the next step: live (-|\d+%), (-|\d+%), sim (-|\d+%); "
+                     r"steps that prefilled: live \d+, \d+, sim \d+$", lines[-1]), lines[-1]
 
 
 @pytest.mark.parametrize("option", ["--warmup-runs", "--build-tokens"])
@@ -291,8 +295,7 @@ def test_url_checks_the_servers_speed_against_a_black_box_calibration(net, one_t
     from tests.serve_thread import ServerThread, tiny_engine
 
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
-                        join_batch=2, join_lengths=(16,), repeats=2, overhead_requests=2, warm_passes=0,
-                        crowd_requests=0)
+                        join_batch=2, join_lengths=(16,), repeats=2, overhead_requests=2, warm_passes=0)
     out = tmp_path / "out"
     with ServerThread(tiny_engine(net, policy="vllm", kv_blocks=256, max_num_seqs=32), ByteTokenizer()) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=2048,
