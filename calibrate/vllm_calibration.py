@@ -197,6 +197,7 @@ def profile_from_engine(samples: Sequence[Sample], info: dict, source: str, grid
         max_model_len=settings.get("max_model_len"),
         engine=info,
         request_overhead_s=_request_overhead_s(info),
+        wakes_alone=bool(((info.get("measured") or {}).get("burst") or {}).get("wakes_alone", False)),
     )
 
 

@@ -32,6 +32,15 @@ def request_overhead_s(cost: CostModel) -> float:
     return overhead_s
 
 
+def wakes_alone(cost: CostModel) -> bool:
+    """Whether requests that reach an idle engine together start it one at a time: the first
+    alone in a step, the others in the next (see :mod:`sim.engine`). A served vLLM does (its
+    frontend hands requests over one by one, and its idle engine core starts a step on the first;
+    :func:`calibrate.vllm_blackbox.burst_probe` measures it); servesim's engine does not. A cost
+    model may carry ``wakes_alone``; none: False."""
+    return bool(getattr(cost, "wakes_alone", False))
+
+
 def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> list[float]:
     """Step times of ``shape`` repeated ``n`` times with every decode one token further.
 

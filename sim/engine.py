@@ -12,6 +12,11 @@ sequence once more, so the loop prices them all at once - they differ only by co
 ends the run before the first arrival the policy (or a KV-reading router) would react to, and
 reports it with ``on_steps_done``. Times are summed in the same order as step by step, so both
 modes give the same timestamps.
+
+Waking alone (:func:`sim.cost.wakes_alone`, a served vLLM): of the requests that reach an idle
+replica at one instant, the first is scheduled alone and the others are queued just after, so
+they join the next step, as a served engine whose frontend hands requests over one at a time
+does; a busy replica queues them together, as it always does.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from simpy.core import URGENT
 
 from sim.batch import StepShape
 from sim.cluster import Router
-from sim.cost import CostModel, decode_run_times, request_overhead_s
+from sim.cost import CostModel, decode_run_times, request_overhead_s, wakes_alone
 from sim.fastpath import FastPolicy, fast_variant
 from sim.metrics import GapRecorder, TimeSeries, record_gaps
 from sim.policies.base import Policy
@@ -78,6 +83,7 @@ class Replica:
     def __init__(self, index: int, policy: Policy, cost: CostModel, feed: ArrivalFeed | None = None,
                  watch_arrivals: bool = False) -> None:
         self.index = index
+        self.wake_alone = wakes_alone(cost)
         self.fast: FastPolicy | None = fast_variant(policy) if feed is not None else None
         self.policy: Policy = self.fast or policy
         self.cost = cost
@@ -85,10 +91,20 @@ class Replica:
         self._wakeup: simpy.Event | None = None
         self.feed = feed
         self.watch_arrivals = watch_arrivals
+        self._idle = True
+        """No step runs (or none has yet): the next request to arrive wakes the replica."""
+        self._woken = False
+        self._held: list[Request] = []
+        """With ``wake_alone``: the requests that reached the idle replica after the one that woke
+        it, before it scheduled; queued once it has."""
 
     def admit(self, request: Request, now: float) -> None:
         request.replica = self.index
+        if self._woken:
+            self._held.append(request)
+            return
         self.policy.add(request, now)
+        self._woken = self.wake_alone and self._idle
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
 
@@ -98,6 +114,14 @@ class Replica:
         while True:
             now = env.now
             batch = policy.schedule(now)
+            if self._woken:
+                self._woken = False
+                for request in self._held:
+                    policy.add(request, now)
+                if self._held and batch is None:
+                    batch = policy.schedule(now)  # the first could not start: the others may
+                self._held = []
+            self._idle = batch is None
             record(now, batch.num_seqs if batch else 0, policy.num_waiting, policy.num_running, kv.num_used)
             if batch is None:
                 self._wakeup = env.event()

@@ -213,6 +213,9 @@ def test_blackbox_plan_fits_the_servers_limits():
     assert BlackboxPlan(warm_passes=0).fitted(budget=256, max_seqs=4, max_len=512).warm_passes == 0
     with pytest.raises(ValueError, match="warm_passes"):
         BlackboxPlan(warm_passes=-1)
+    assert plan.burst_size == 4 and plan.burst_repeats == 3  # within the sequence cap
+    with pytest.raises(ValueError, match="burst_size"):
+        BlackboxPlan(burst_size=1)
 
 
 def test_inproc_config_is_validated_naming_the_field():
@@ -304,7 +307,8 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
 
     tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
-                        join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1)
+                        join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1,
+                        burst_size=4, burst_repeats=3)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
                                      max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2, build_tokens=5)
@@ -328,6 +332,10 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
                                                              "decode 1x32", "decode 3x32", "join 16"}
     # Before them, lone prompts of 1..5 tokens built the server's kernels (their own client).
     assert written["measured"]["build_tokens"] == 5 and written["measured"]["build_s"] > 0
+    # After them, bursts of 4 at once: whether the first stepped alone in each, and the majority kept.
+    burst = written["measured"]["burst"]
+    assert burst["size"] == 4 and len(burst["first_alone"]) == 3
+    assert profile.wakes_alone is burst["wakes_alone"] is (sum(burst["first_alone"]) >= 2)
 
 
 def test_decode_batches_against_servesim_serve(net, one_torch_thread, tmp_path):
