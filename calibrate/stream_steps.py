@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -129,9 +130,10 @@ def read_steps(requests: Sequence[Request], overhead_s: float = 0.0, token_budge
     clock of their ``arrival_s``). ``overhead_s``: the server's time from a request's arrival to
     its scheduler (the profile's ``request_overhead_s``); ``token_budget``: its
     ``max_num_batched_tokens`` (None: not checked). Failed requests and ones without token
-    times are not read, and a step beside one is not clean."""
+    times are not read, and a step beside one (from its arrival to its end, when known) is not clean."""
     done = [r for r in requests if r.status is Status.FINISHED and r.token_times_s]
-    unseen = [r.arrival_s for r in requests if r.status is not Status.FINISHED or not r.token_times_s]
+    unseen = [(r.arrival_s, math.inf if r.finish_s is None else r.finish_s) for r in requests
+              if r.status is not Status.FINISHED or not r.token_times_s]
     bursts, ends, late = _bursts(done)
     index = {(k, i): b for b, burst in enumerate(bursts) for k, i in burst}
     last = {k: index[(k, len(r.token_times_s or []) - 1)] for k, r in enumerate(done)}
@@ -175,12 +177,12 @@ def _shape(done: Sequence[Request], burst: Sequence[tuple[int, int]],
 
 def _unclean(done: Sequence[Request], burst: Sequence[tuple[int, int]], b: int, ends: Sequence[float],
              index: dict[tuple[int, int], int], last: dict[int, int], ready: Sequence[float],
-             order: Sequence[int], unseen: Sequence[float], overhead_s: float) -> str | None:
+             order: Sequence[int], unseen: Sequence[tuple[float, float]], overhead_s: float) -> str | None:
     """Why burst ``b`` is not a clean step (None: it is)."""
     if b == 0:
         return "first step of the run"
     start = ends[b - 1]
-    if any(a + overhead_s <= start for a in unseen):
+    if any(a + overhead_s <= start <= end for a, end in unseen):
         return "beside a request without token times"
     members = {k for k, _ in burst}
     for k, i in burst:

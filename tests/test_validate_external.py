@@ -120,6 +120,9 @@ def test_url_against_servesim_serve_with_the_vllm_policy(net, one_torch_thread, 
     tpot = next(line for line in lines if line.endswith("TPOT")).split()
     assert float(tpot[1]) == pytest.approx(report["mean_tpot_ms"]["live"], abs=0.05)
     assert float(tpot[2]) == pytest.approx(report["mean_tpot_ms"]["sim"], abs=0.05)
+    p99 = next(line for line in lines if line.endswith("p99 TPOT")).split()
+    assert float(p99[0]) == pytest.approx(report["p99_tpot_ms"]["live"], abs=0.05)
+    assert float(p99[1]) == pytest.approx(report["p99_tpot_ms"]["sim"], abs=0.05)
     bins = load_error.load_bins(out)
     decoded = sum(1 for run in ("live", "live-2") for r in load_error.read_decoding(out / run / "requests.csv"))
     assert sum(len(b.ratios) for b in bins) == decoded > 0

@@ -10,7 +10,7 @@ import pytest
 from calibrate.profile import CalibratedCost, ProfileError, load_profile, save_profile
 from calibrate.vllm_calibration import profile_from_engine
 from sim.cluster import make_router
-from sim.cost import ConstantCost, wakes_alone
+from sim.cost import ConstantCost, ScaledCost, wakes_alone
 from sim.engine import simulate
 from sim.kv import BlockManager
 from sim.policies import SchedulerConfig, make_policy
@@ -44,6 +44,11 @@ def test_the_first_of_a_burst_to_an_idle_engine_steps_alone(policy, exact_steps)
     # A burst that finds the engine busy joins the next step together, as without the rule.
     assert {r.first_scheduled_s for r in served[4:]} == {r.first_scheduled_s for r in plain[4:]} == {2.25}
     assert [r.first_token_s for r in served[4:]] == [r.first_token_s for r in plain[4:]]
+
+
+def test_a_scaled_profile_wakes_as_its_engine_does():
+    """Pricing at the device's speed scales the steps, not how the engine takes its arrivals."""
+    assert wakes_alone(ScaledCost(Served(0.25), 1.1)) and not wakes_alone(ScaledCost(ConstantCost(0.25), 1.1))
 
 
 def test_fast_path_and_exact_steps_agree_when_waking_alone():

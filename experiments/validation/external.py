@@ -7,8 +7,8 @@ server reports (:mod:`experiments.engine_settings`).
 Such an engine is a black box: its streams are seen, its steps are not. The steps that the
 streams show whole (:mod:`calibrate.stream_steps`) are priced by the profile and reported
 (``stream_steps`` in ``validation.json``, ``stream-steps.csv`` in each live run), and left out
-of the verdict, which has no step-median check. Preemptions are read from ``vllm:num_preemptions_total`` before and
-after each run. The table, verdict and files are those of a live validation
+of the verdict, which has no step-median check. Preemptions are read from
+``vllm:num_preemptions_total`` before and after each run. The table, verdict and files are those of a live validation
 (:mod:`~experiments.validation.report`, :mod:`~experiments.validation.output`).
 """
 
