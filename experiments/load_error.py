@@ -46,25 +46,32 @@ class Bin:
         return f"{self.low}-{self.low + self.width - 1}: x{self.median:.2f} ({len(self.ratios)})"
 
 
+def csv_rows(path: Path, columns: Sequence[str],
+             writer: str = "a run of servesim validate") -> list[tuple[int, dict[str, str]]]:
+    """The rows of a run's CSV file with their line numbers; LoadErrorInput when it is missing
+    or lacks one of ``columns``."""
+    if not path.is_file():
+        raise LoadErrorInput(f"{path}: missing ({writer} writes it)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise LoadErrorInput(f"{path}: no column {missing[0]!r}")
+        return list(enumerate(reader, start=2))
+
+
 def read_decoding(path: Path) -> list[tuple[str, float, float, float]]:
     """(id, first token s, finish s, TPOT ms) of the finished requests of a run's ``requests.csv``
     that decoded (more than one token)."""
-    if not path.is_file():
-        raise LoadErrorInput(f"{path}: missing (a run of servesim validate writes it)")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise LoadErrorInput(f"{path}: no column {missing[0]!r}")
-        out = []
-        for line, r in enumerate(reader, start=2):
-            if r["status"] != "finished" or not r["tpot_ms"]:
-                continue
-            try:
-                out.append((r["id"], float(r["first_token_s"]), float(r["finish_s"]), float(r["tpot_ms"])))
-            except ValueError:
-                raise LoadErrorInput(f"{path}, line {line}: first_token_s, finish_s or tpot_ms "
-                                     "is not a number") from None
+    out = []
+    for line, r in csv_rows(path, COLUMNS):
+        if r["status"] != "finished" or not r["tpot_ms"]:
+            continue
+        try:
+            out.append((r["id"], float(r["first_token_s"]), float(r["finish_s"]), float(r["tpot_ms"])))
+        except ValueError:
+            raise LoadErrorInput(f"{path}, line {line}: first_token_s, finish_s or tpot_ms "
+                                 "is not a number") from None
     return out
 
 

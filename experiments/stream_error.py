@@ -17,7 +17,6 @@ prefilled in the next step (the rest waited a step or more), and the steps that 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.stream_steps import StreamSteps, admission_steps, read_steps
-from experiments.load_error import LoadErrorInput, runs_under
+from experiments.load_error import LoadErrorInput, csv_rows, runs_under
 from experiments.reprice import simulated
 from sim.request import Request, Status
 
@@ -34,14 +33,7 @@ TOKEN_COLUMNS = ("id", "token", "time_s")
 
 
 def _rows(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise LoadErrorInput(f"{path}: missing (validate --url writes it for each live run)")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
-        if missing:
-            raise LoadErrorInput(f"{path}: no column {missing[0]!r}")
-        return list(enumerate(reader, start=2))
+    return csv_rows(path, columns, "validate --url, for each live run,")
 
 
 def read_requests(live: Path) -> list[Request]:

@@ -76,6 +76,7 @@ def test_reprice_names_what_a_run_does_not_record(tmp_path: Path) -> None:
     profile = Path(__file__).resolve().parents[1] / "profiles" / "tiny-cpu.json"
     out: list[str] = []
     assert reprice.main([str(run), str(profile)], echo=out.append) == 2
-    assert out[-1].startswith(f"error: {run / 'validation.json'}: no workload, scheduler, kv, mean_tpot_ms, p99_tpot_ms, mean_ttft_ms")
+    assert out[-1].startswith(f"error: {run / 'validation.json'}: no workload, scheduler, kv, "
+                              "mean_tpot_ms, p99_tpot_ms, mean_ttft_ms")
     assert reprice.main([str(run), str(tmp_path / "nowhere.json")], echo=out.append) == 2
     assert out[-1].startswith("error: ") and "nowhere.json" in out[-1]

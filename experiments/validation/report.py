@@ -91,13 +91,7 @@ def format_table(v: Validation, verdict: Verdict | None = None) -> str:
                  f"{s['median_step_rel_error'] * 100:.1f}%, p90 |err| {s['p90_step_rel_error'] * 100:.1f}%, "
                  f"median signed {s['median_step_signed_error'] * 100:+.1f}%; summed step time "
                  f"{v.steps.total_rel_error * 100:+.1f}%")
-    kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
-                      for kind, k in s["step_errors_by_kind"].items())
-    lines.append(f"  median signed per kind: {kinds}")
-    bands = ", ".join(f"{name} {b['total_rel_error'] * 100:+.1f}% ({b['time_share'] * 100:.0f}% of time)"
-                      for name, b in s["step_errors_by_batch"].items())
-    if bands:
-        lines.append(f"  summed step time by decode batch size: {bands}")
+    lines += breakdown_lines(s)
     if v.profile_live is not None:
         own = v.profile_live
         lines.append(f"  the profile on its own {own['steps']} calibration live steps: median |err| "
@@ -133,11 +127,16 @@ def stream_step_lines(v: Validation) -> list[str]:
              f"{s['median_step_signed_error'] * 100:+.1f}%; summed step time "
              f"{stream.steps.total_rel_error * 100:+.1f}%; each run's steps took {paces} of their price "
              "(client-timed; the step-median check is left out of the verdict)"]
+    return lines + breakdown_lines(s)
+
+
+def breakdown_lines(summary: dict) -> list[str]:
+    """The step errors per kind of step and per decode batch band (:meth:`StepErrors.summary`)."""
     kinds = ", ".join(f"{kind} {k['median_step_signed_error'] * 100:+.1f}% (n={k['steps']})"
-                      for kind, k in s["step_errors_by_kind"].items())
-    lines.append(f"  median signed per kind: {kinds}")
+                      for kind, k in summary["step_errors_by_kind"].items())
+    lines = [f"  median signed per kind: {kinds}"]
     bands = ", ".join(f"{name} {b['total_rel_error'] * 100:+.1f}% ({b['time_share'] * 100:.0f}% of time)"
-                      for name, b in s["step_errors_by_batch"].items())
+                      for name, b in summary["step_errors_by_batch"].items())
     if bands:
         lines.append(f"  summed step time by decode batch size: {bands}")
     return lines
