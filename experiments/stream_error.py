@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
              "(x1.10: 10% longer than priced), overall and per decode batch band")
         for run in runs:
             data = json.loads((run / "validation.json").read_text())
-            setup = data.get("setup") or {}
+            setup = (data.get("setup") if isinstance(data, dict) else None) or {}
             budget = (setup.get("scheduler") or {}).get("token_budget")
             if given:
                 profiles = given
@@ -148,7 +148,13 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = print)
                 cost = CalibratedCost(profile)
                 steps = [read_steps(r, profile.request_overhead_s, budget) for r in lives]
                 echo(f"{run.name}  [{path.stem}]  {describe(priced(steps, cost))}")
-                sim = simulated(setup, cost, token_times=True).requests if {"workload", "kv"} <= set(setup) else None
+                sim = None
+                if {"workload", "scheduler", "kv"} <= set(setup):
+                    try:
+                        sim = simulated(setup, cost, token_times=True).requests
+                    except (TypeError, KeyError) as e:  # a setup this version does not read
+                        raise LoadErrorInput(f"{run}/validation.json: its setup cannot be simulated again "
+                                             f"({e})") from None
                 if sim is not None:
                     live = [arrivals(r, s) for r, s in zip(lives, steps, strict=True)]
                     sim_arrivals = arrivals(sim, read_steps(sim, profile.request_overhead_s, budget))

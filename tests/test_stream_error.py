@@ -67,3 +67,13 @@ def test_bad_input_is_named_with_exit_2(tmp_path: Path, edit, message: str) -> N
     lines: list[str] = []
     assert stream_error.main([str(run)], echo=lines.append) == 2
     assert lines[-1].startswith("error: ") and message in lines[-1]
+
+
+def test_a_setup_that_cannot_be_simulated_is_one_error_line(tmp_path: Path) -> None:
+    run, _ = make_run(tmp_path / "run")
+    setup = {"profile": str(TINY_PROFILE), "scheduler": {"token_budget": 2048, "no_such_knob": 1},
+             "workload": {"trace": "azure-conv"}, "kv": {"num_blocks": 64, "block_size": 16}}
+    (run / "validation.json").write_text(json.dumps({"setup": setup}))
+    lines: list[str] = []
+    assert stream_error.main([str(run)], echo=lines.append) == 2
+    assert lines[-1].startswith("error: ") and "its setup cannot be simulated again" in lines[-1]
