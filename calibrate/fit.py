@@ -171,6 +171,13 @@ ROWS = (*KINDS, "live", "all")
 MAX_KNEE_CANDIDATES = 48
 KNEE_MIN_GAIN = 0.02
 """A knee is kept only if it lowers the loss by at least this fraction."""
+KNEE_MIN_REACH = 1.25
+"""A knee is a candidate only where the largest measured value is at least this many times it:
+beyond it a hinge's slope is fitted to the samples past the knee, and a knee just below the
+largest value prices every larger step from a few points' noise. A served vLLM's quick
+calibration put the decode-context knee at 8,217 tokens with its only samples beyond at 8,233
+and 8,249 (16 sequences of 512 tokens; 32 such prompts exceed the token budget and never decode
+in lockstep), and priced 32 sequences of 512 tokens at 1.3-8.5 s against about 50 ms measured."""
 ROBUST_SCALE = 0.05
 """Relative error beyond which the loss grows linearly, not quadratically (Huber): ordinary
 timing noise is fitted in least squares; the skewed tail of steps slowed by the machine pulls
@@ -374,7 +381,7 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
 
 def _knee_candidates(values: np.ndarray) -> list[int]:
     distinct = np.unique(values)
-    inner = distinct[(distinct > distinct.min()) & (distinct < distinct.max())]
+    inner = distinct[(distinct > distinct.min()) & (distinct * KNEE_MIN_REACH <= distinct.max())]
     if len(inner) > MAX_KNEE_CANDIDATES:
         inner = np.unique(inner[np.linspace(0, len(inner) - 1, MAX_KNEE_CANDIDATES).round().astype(int)])
     return [int(v) for v in inner]

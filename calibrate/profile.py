@@ -53,9 +53,11 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     request_overhead_s    (optional, default 0) seconds from a request's arrival to its reaching
                           the scheduler, the same for every request (a served engine's frontend,
                           measured by calibrate --url); the simulator delays each admission by it
-    wakes_alone           (optional, default false) requests reaching the idle engine together start
-                          it one at a time: the first alone in a step (sim.cost.wakes_alone; measured
-                          by calibrate --url with bursts)
+    intake_gap_s          (optional, default 0) the least seconds between two requests reaching the
+                          scheduler: the frontend takes requests in one at a time (sim.cost.intake_gap_s;
+                          measured by calibrate --url with bursts). A profile from before it, with
+                          "wakes_alone": true, reads as a gap of 1 microsecond (the first of a burst
+                          steps alone, the others join the next step)
     engine                (optional, nullable) the external engine the steps were measured on
                           (calibrate --engine vllm): engine, vllm_version, mode (in-process |
                           http), settings {max_num_batched_tokens, max_num_seqs, block_size,
@@ -84,6 +86,9 @@ SCHEMA_VERSION = 3
 OLDER_SCHEMA_VERSIONS = (2,)
 """Versions still read: version 2 lacks only ``tp`` (its steps ran on one GPU)."""
 DEFAULT_HOST_LINK_BYTES_PER_S = 25e9
+LEGACY_WAKE_GAP_S = 1e-6
+"""The intake gap of a profile from before the gap was measured that says ``"wakes_alone": true``:
+small enough that a burst reaches the scheduler within one step, as the rule it replaces had it."""
 """Used when the host link was not measured: pinned copies over PCIe Gen4 x16 sustain ~25 GB/s."""
 
 
@@ -146,8 +151,8 @@ class Profile:
     request_overhead_s: float = 0.0
     """A served engine's per-request cost before its scheduler (:func:`sim.cost.request_overhead_s`);
     0 for an engine stepped in process."""
-    wakes_alone: bool = False
-    """Whether requests reaching the idle engine together start it one at a time (:func:`sim.cost.wakes_alone`)."""
+    intake_gap_s: float = 0.0
+    """A served engine's least time between two requests reaching its scheduler (:func:`sim.cost.intake_gap_s`)."""
 
     def to_dict(self) -> dict:
         return {
@@ -184,7 +189,7 @@ class Profile:
             "max_model_len": self.max_model_len,
             "engine": self.engine,
             "request_overhead_s": self.request_overhead_s,
-            "wakes_alone": self.wakes_alone,
+            "intake_gap_s": self.intake_gap_s,
             "samples": {"columns": list(CSV_COLUMNS), "rows": [s.row() for s in self.samples]},
         }
 
@@ -304,8 +309,12 @@ def profile_from_dict(data: object, path: Path) -> Profile:
         raise ProfileError(f"{path}: field 'request_overhead_s' must be >= 0, got {overhead_s}")
     wakes_alone = data.get("wakes_alone", False)
     _check(path, "wakes_alone", wakes_alone, (bool,), False)
+    gap_s = data.get("intake_gap_s", LEGACY_WAKE_GAP_S if wakes_alone else 0.0)
+    _check(path, "intake_gap_s", gap_s, _NUM, False)
+    if not (math.isfinite(gap_s) and gap_s >= 0):
+        raise ProfileError(f"{path}: field 'intake_gap_s' must be >= 0, got {gap_s}")
     return Profile(model_fit=_model_from_dict(data["fit"], path), samples=samples, tp=tp,
-                   max_model_len=max_model_len, request_overhead_s=float(overhead_s), wakes_alone=wakes_alone,
+                   max_model_len=max_model_len, request_overhead_s=float(overhead_s), intake_gap_s=float(gap_s),
                    **optional, **values)
 
 
@@ -400,7 +409,7 @@ class CalibratedCost:
         self.kv_bytes_per_token = profile.kv_bytes_per_token
         self.host_link_bytes_per_s = profile.host_link_bytes_per_s
         self.request_overhead_s = profile.request_overhead_s
-        self.wakes_alone = profile.wakes_alone
+        self.intake_gap_s = profile.intake_gap_s
 
     @classmethod
     def from_file(cls, path: str | Path) -> CalibratedCost:

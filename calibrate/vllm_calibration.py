@@ -197,8 +197,14 @@ def profile_from_engine(samples: Sequence[Sample], info: dict, source: str, grid
         max_model_len=settings.get("max_model_len"),
         engine=info,
         request_overhead_s=_request_overhead_s(info),
-        wakes_alone=bool(((info.get("measured") or {}).get("burst") or {}).get("wakes_alone", False)),
+        intake_gap_s=_intake_gap_s(info),
     )
+
+
+def _intake_gap_s(info: dict) -> float:
+    """The frontend's intake gap a black-box calibration's bursts measured (0 when none did)."""
+    gap_ms = ((info.get("measured") or {}).get("burst") or {}).get("intake_gap_ms")
+    return float(gap_ms) / 1000 if gap_ms else 0.0
 
 
 def _request_overhead_s(info: dict) -> float:

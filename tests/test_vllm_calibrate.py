@@ -202,20 +202,26 @@ def test_lone_prefill_takes_off_the_per_request_cost_of_one_token_prompts():
 
 def test_blackbox_plan_fits_the_servers_limits():
     """Patterns beyond the token budget, the sequence cap or the model length are left out."""
-    assert BlackboxPlan.make(quick=True).decode_batches == (1, 4, 16, 32)
+    assert BlackboxPlan.make(quick=True).decode_batches == (1, 4, 16, 32, 64)
     plan = BlackboxPlan.make(quick=True).fitted(budget=256, max_seqs=4, max_len=512)
     assert plan.prefill_lengths == (16, 64, 256)
     assert plan.decode_batches == (1, 4)
     assert plan.decode_contexts == (32,)
+    # Decode batches whose prompts take more prefill steps than leave lockstep gaps are not sent.
+    wide = BlackboxPlan.make(quick=True).fitted(budget=2048, max_seqs=128, max_len=2048)
+    assert wide.token_budget == 2048 and (16, 512) in wide.decode_patterns() and (64, 32) in wide.decode_patterns()
+    assert (32, 512) not in wide.decode_patterns() and BlackboxPlan().decode_patterns()[-1] == (64, 512)
     assert plan.join_lengths == (16, 128) and plan.join_batch == 3
     # One pass of every pattern first, not kept: vLLM's CPU backend builds a kernel per new token count.
     assert plan.warm_passes == 1
     assert BlackboxPlan(warm_passes=0).fitted(budget=256, max_seqs=4, max_len=512).warm_passes == 0
     with pytest.raises(ValueError, match="warm_passes"):
         BlackboxPlan(warm_passes=-1)
-    assert plan.burst_size == 4 and plan.burst_repeats == 3  # within the sequence cap
-    with pytest.raises(ValueError, match="burst_size"):
-        BlackboxPlan(burst_size=1)
+    # Bursts within the sequence cap and the budget: 32 x 2 and 8 x 64 tokens are beyond a cap of 4.
+    assert plan.bursts == () and plan.burst_repeats == 3
+    assert BlackboxPlan().fitted(budget=512, max_seqs=16, max_len=512).bursts == ((16, 24), (8, 64))
+    with pytest.raises(ValueError, match="bursts"):
+        BlackboxPlan(bursts=((1, 24),))
 
 
 def test_inproc_config_is_validated_naming_the_field():
@@ -308,7 +314,7 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
     tok = write_wordlevel_tokenizer(tmp_path / "tok", 4096)
     plan = BlackboxPlan(prefill_lengths=(64, 256), decode_batches=(1, 3), decode_contexts=(32,), decode_tokens=12,
                         join_batch=2, join_lengths=(16,), repeats=1, overhead_requests=2, warm_passes=1,
-                        burst_size=4, burst_repeats=3)
+                        bursts=((4, 2),), burst_repeats=3)
     with ServerThread(tiny_engine(net), load_tokenizer(tok), max_model_len=512) as server:
         profile = calibrate_blackbox(server.url, model="tiny", dtype="float32", max_num_batched_tokens=512,
                                      max_num_seqs=64, plan=plan, workdir=tmp_path / "work", folds=2, build_tokens=5)
@@ -332,10 +338,15 @@ def test_blackbox_calibration_against_servesim_serve(net, one_torch_thread, tmp_
                                                              "decode 1x32", "decode 3x32", "join 16"}
     # Before them, lone prompts of 1..5 tokens built the server's kernels (their own client).
     assert written["measured"]["build_tokens"] == 5 and written["measured"]["build_s"] > 0
-    # After them, bursts of 4 at once: whether the first stepped alone in each, and the majority kept.
+    # After them, bursts of 4 at once: whether the first stepped alone in each, each burst's bounds
+    # on the frontend's intake gap, and the gap kept, which the profile carries for the simulator.
     burst = written["measured"]["burst"]
-    assert burst["size"] == 4 and len(burst["first_alone"]) == 3
-    assert profile.wakes_alone is burst["wakes_alone"] is (sum(burst["first_alone"]) >= 2)
+    # (a burst whose first token came coalesced with the next tells nothing of the gap: left out)
+    assert burst["bursts"] == [[4, 2]] and len(burst["first_alone"]) == 3 and len(burst["intake_bounds_ms"]) <= 3
+    assert all(0 <= lo <= hi for lo, hi in burst["intake_bounds_ms"])
+    gap_ms = burst["intake_gap_ms"]  # None when no burst told
+    assert (gap_ms is None) == (not burst["intake_bounds_ms"])
+    assert profile.intake_gap_s == pytest.approx((gap_ms or 0.0) / 1000) and profile.intake_gap_s >= 0
 
 
 def test_decode_batches_against_servesim_serve(net, one_torch_thread, tmp_path):

@@ -453,9 +453,10 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
     if plan.profile.request_overhead_s:
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
-    if plan.profile.wakes_alone:
-        echo("the server's idle engine steps first on one of the requests that reach it together (the "
-             "profile's bursts): simulated so")
+    if plan.profile.intake_gap_s:
+        echo(f"server's intake (the profile's bursts): requests that arrive together reach the scheduler "
+             f"{plan.profile.intake_gap_s * 1000:.2f} ms apart, so the idle engine steps on the first alone: "
+             "simulated so")
     build_tokens = build_count(build_tokens, plan.scheduler.token_budget, plan.settings.max_model_len)
     try:
         build_kernels(plan.url, build_tokens, echo)
