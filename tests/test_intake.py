@@ -51,14 +51,22 @@ def test_the_first_of_a_burst_to_an_idle_engine_steps_alone(policy, exact_steps)
 
 
 @pytest.mark.parametrize("exact_steps", [True, False])
-def test_a_burst_longer_than_a_step_is_taken_in_over_several(exact_steps):
-    """Requests reach the scheduler a gap apart: 12 at once behind a 0.11 s gap come in over 1.21 s,
-    so each 0.25 s step prefills those that came in while the one before ran."""
-    served = run(Served(0.25, 0.11), "vllm", exact_steps, burst=12)
-    starts = sorted({r.first_scheduled_s for r in served[:12]})
-    assert starts == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25])
-    per_step = [sum(r.first_scheduled_s == pytest.approx(s) for r in served[:12]) for s in starts]
-    assert per_step == [1, 2, 2, 2, 3, 2]  # ready at 0, 0.11, ..., 1.21 s; a step takes those ready at its start
+def test_a_burst_is_taken_in_whole_once_its_last_request_is_in(exact_steps):
+    """Behind a 0.11 s gap the last of 12 requests sent at once is in at 1.21 s: the idle engine
+    steps on the first alone, and the other 11 start together in the step after 1.21 s. Three sent
+    at once at 2.6 s, while those decode, are in by 2.82 s and wait whole for the step at 3.0 s.
+    (Without a gap all 12 start at once and are done by 2.0 s; the three start when they come.)"""
+    def served(cost) -> list[Request]:
+        requests = [Request(i, 0.0, 8, 8) for i in range(12)] + [Request(12 + i, 2.6, 8, 2) for i in range(3)]
+        simulate(requests, lambda: make_policy(SchedulerConfig("vllm", token_budget=2048), BlockManager(256, 16)),
+                 cost, make_router("round_robin"), exact_steps=exact_steps)
+        return requests
+
+    gap, plain = served(Served(0.25, 0.11)), served(ConstantCost(0.25))
+    assert [r.first_scheduled_s for r in gap[:12]] == pytest.approx([0.0] + [1.25] * 11)
+    assert [r.first_scheduled_s for r in gap[12:]] == pytest.approx([3.0] * 3)
+    assert [r.first_scheduled_s for r in plain[:12]] == pytest.approx([0.0] * 12)
+    assert [r.first_scheduled_s for r in plain[12:]] == pytest.approx([2.6] * 3)
 
 
 def test_fast_path_and_exact_steps_agree_with_an_intake_gap():
@@ -78,12 +86,19 @@ def test_a_scaled_profile_keeps_its_engines_intake():
 def test_the_probe_bounds_the_gap_from_a_simulated_burst():
     """The simulator's own streams of a burst to an idle engine, read back as the probe reads a
     server's: the bounds hold the gap it was simulated with, and a burst taken in together gives 0."""
+    def burst(cost) -> list[Request]:
+        requests = [Request(i, 0.0, 8, 8) for i in range(12)]
+        simulate(requests, lambda: make_policy(SchedulerConfig("vllm", token_budget=2048), BlockManager(256, 16)),
+                 cost, make_router("round_robin"), token_times=True)
+        return requests
+
     for gap_s in (0.03, 0.11):
-        requests = run(Served(0.25, gap_s), "vllm", True, burst=12, token_times=True)[:12]
+        requests = burst(Served(0.25, gap_s))
         lo, hi = intake_bounds(requests, read_steps(requests).steps, 0.0)
         assert lo < gap_s <= hi
-    together = run(ConstantCost(0.25), "vllm", True, burst=12, token_times=True)[:12]
+    together = burst(ConstantCost(0.25))
     assert intake_bounds(together, read_steps(together).steps, 0.0) == (0.0, 0.0)
+    assert intake_bounds(together[:1], read_steps(together[:1]).steps, 0.0) is None  # one request tells nothing
 
 
 def test_the_profile_keeps_it_from_the_calibrations_bursts(tmp_path):
