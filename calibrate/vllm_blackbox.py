@@ -410,6 +410,9 @@ def burst_probe(client: _Client, plan: BlackboxPlan, overhead_s: float,
         log(f"bursts ({', '.join(f'{n} x {p} tokens' for n, p in plan.bursts)}) sent at once to the idle server: "
             f"the first request stepped alone in {sum(alone)} of {len(alone)}; the frontend hands requests to the "
             f"scheduler {gap_ms:.2f} ms apart; {len(samples)} steps that prefilled several kept")
+    elif plan.bursts and plan.burst_repeats:
+        log("bursts sent at once to the idle server: their streams did not tell the frontend's intake gap "
+            f"(simulated as none); {len(samples)} steps that prefilled several kept")
     return {"bursts": [list(b) for b in plan.bursts], "first_alone": alone,
             "intake_bounds_ms": [[1000 * a, 1000 * b] for a, b in bounds], "intake_gap_ms": gap_ms}, samples
 
