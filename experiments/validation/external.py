@@ -454,9 +454,9 @@ def execute_external(plan: ExternalPlan, config: BenchConfig, out: Path, repeats
         echo(f"server's per-request cost (the profile's, measured by calibrate --url): each simulated request "
              f"reaches the scheduler {plan.profile.request_overhead_s * 1000:.1f} ms after it arrives")
     if plan.profile.intake_gap_s:
-        echo(f"server's intake (the profile's bursts): requests that arrive together reach the scheduler "
-             f"{plan.profile.intake_gap_s * 1000:.2f} ms apart, so the idle engine steps on the first alone: "
-             "simulated so")
+        echo(f"server's intake (the profile's bursts): {plan.profile.intake_gap_s * 1000:.2f} ms a request; "
+             "requests that arrive together are simulated reaching the scheduler together once the last is "
+             "in, the first alone when the engine is idle")
     build_tokens = build_count(build_tokens, plan.scheduler.token_budget, plan.settings.max_model_len)
     try:
         build_kernels(plan.url, build_tokens, echo)
